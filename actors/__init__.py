@@ -1,0 +1,3 @@
+"""Ray actors: model replicas, tensor-parallel shard workers, the training actor."""
+
+import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)

@@ -1,0 +1,7 @@
+"""User-facing pipelines built on sd3_core."""
+
+import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
+
+from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
+
+__all__ = ["StableDiffusion3Pipeline", "StableDiffusion3PipelineOutput"]
