@@ -1,0 +1,235 @@
+"""AutoencoderKL reproduces diffusers' VAE on the tiny SD3 / SD3.5 fixtures.
+
+References: tests/fixtures/references (kind "vae"), made by diffusers 0.42.1 in float32 from
+the same `vae/` folders (16 latent channels, 4 levels, factor 8, no quant convs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from sd3_core import vae as vae_module
+from sd3_core.modeling import torch_state_from
+from sd3_core.safetensors_io import open_weights
+from sd3_core.vae import AutoencoderKL, DiagonalGaussian, GroupNorm, chunked_attention
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCES = FIXTURES / "references"
+TOLERANCE = 1e-4  # max abs difference to diffusers' float32 outputs
+
+
+def _cases() -> list:
+    cases = json.loads((REFERENCES / "cases.json").read_text(encoding="utf-8"))
+    return [pytest.param(c, id=c["name"]) for c in cases if c["kind"] == "vae"]
+
+
+def _reference(case: dict) -> dict[str, np.ndarray]:
+    with np.load(REFERENCES / case["file"], allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+_MODELS: dict[tuple[str, str], AutoencoderKL] = {}
+
+
+def _vae(fixture: str, dtype: str = "float32") -> AutoencoderKL:
+    if (fixture, dtype) not in _MODELS:
+        _MODELS[fixture, dtype] = AutoencoderKL.from_pretrained(FIXTURES / fixture / "vae", dtype=dtype)
+    return _MODELS[fixture, dtype]
+
+
+def _max_diff(a: paddle.Tensor, b: np.ndarray) -> float:
+    assert list(a.shape) == list(b.shape)
+    return float(np.abs(a.astype("float32").numpy() - b).max())
+
+
+def _tiny(**overrides) -> AutoencoderKL:
+    config = dict(
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[4, 8],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    paddle.seed(0)
+    return AutoencoderKL(**{**config, **overrides})
+
+
+# ---- parity with diffusers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", _cases())
+@paddle.no_grad()
+def test_matches_diffusers_float32(case):
+    ref = _reference(case)
+    vae = _vae(case["fixture"])
+    if case["args"]["op"] == "encode":
+        posterior = vae.encode(paddle.to_tensor(ref["in_image"]))
+        for name in ("mean", "logvar", "std"):
+            assert _max_diff(getattr(posterior, name), ref[f"out_{name}"]) < TOLERANCE, name
+    else:
+        assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@paddle.no_grad()
+def test_half_precision_weights_load_and_stay_close(dtype):
+    case = next(c.values[0] for c in _cases() if c.values[0]["name"] == "vae_sd3-tiny_decode_h64w64")
+    ref = _reference(case)
+    vae = _vae("sd3-tiny", dtype)
+    assert vae.dtype == getattr(paddle, dtype)
+    out = vae.decode(paddle.to_tensor(ref["in_z"]))
+    assert _max_diff(out, ref["out_sample"]) < (0.02 if dtype == "float16" else 0.1)
+
+
+def test_state_dict_names_are_diffusers_and_round_trip(tmp_path):
+    vae = _vae("sd3-tiny")
+    index = open_weights(FIXTURES / "sd3-tiny" / "vae", AutoencoderKL.weights_name)
+    try:
+        assert set(torch_state_from(vae)) == set(index)
+    finally:
+        index.close()
+    assert "encoder.down_blocks.0.downsamplers.0.conv.weight" in set(torch_state_from(vae))
+    assert "decoder.mid_block.attentions.0.to_out.0.weight" in set(torch_state_from(vae))
+    vae.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["latent_channels"] == 16
+    again = AutoencoderKL.from_pretrained(tmp_path)
+    for key, value in torch_state_from(vae).items():
+        np.testing.assert_array_equal(torch_state_from(again)[key], value)
+
+
+# ---- posterior ---------------------------------------------------------------------------------
+
+
+def test_posterior_clamps_logvar_and_samples_reproducibly():
+    mean = np.arange(8, dtype=np.float32).reshape(2, 1, 2, 2)
+    logvar = np.array([-50.0, 0.0, 1.0, 40.0] * 2, np.float32).reshape(2, 1, 2, 2)
+    post = DiagonalGaussian(paddle.to_tensor(np.concatenate([mean, logvar], axis=1)))
+    np.testing.assert_array_equal(post.logvar.numpy().reshape(-1)[:4], [-30.0, 0.0, 1.0, 20.0])
+    np.testing.assert_allclose(post.std.numpy(), np.exp(0.5 * post.logvar.numpy()), rtol=1e-6)
+    np.testing.assert_array_equal(post.mode().numpy(), mean)
+    noise = np.ones((2, 1, 2, 2), np.float32)
+    np.testing.assert_allclose(
+        post.sample(noise=paddle.to_tensor(noise)).numpy(), mean + post.std.numpy(), rtol=1e-6
+    )
+    a = post.sample(generator=np.random.default_rng(3)).numpy()
+    b = post.sample(generator=np.random.default_rng(3)).numpy()
+    np.testing.assert_array_equal(a, b)
+    rows = post.sample(generator=[np.random.default_rng(3), np.random.default_rng(4)]).numpy()
+    assert rows.shape == (2, 1, 2, 2)
+    with pytest.raises(ValueError, match="noise shape"):
+        post.sample(noise=paddle.zeros([1, 1, 2, 2]))
+    with pytest.raises(ValueError, match="3 generators"):
+        post.sample(generator=[np.random.default_rng(i) for i in range(3)])
+
+
+# ---- numerics of the building blocks ----------------------------------------------------------
+
+
+@paddle.no_grad()
+def test_attention_in_query_blocks_equals_full_attention(monkeypatch):
+    ref = _reference(next(c.values[0] for c in _cases() if c.values[0]["args"]["op"] == "encode"))
+    vae = _vae("sd3-tiny")
+    x = paddle.to_tensor(ref["in_image"][:1])
+    full = vae.encode(x).mean.numpy()
+    monkeypatch.setattr(vae_module, "_ATTENTION_CHUNK_ELEMENTS", 20)  # 64 tokens -> blocks of 1 query
+    np.testing.assert_allclose(vae.encode(x).mean.numpy(), full, atol=1e-6)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 5, 3)).astype(np.float32) for _ in range(3))
+    s = q @ k.transpose(0, 2, 1) / np.sqrt(3)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v
+    got = chunked_attention(paddle.to_tensor(q), paddle.to_tensor(k), paddle.to_tensor(v))
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+
+
+@paddle.no_grad()
+def test_convolution_in_row_bands_equals_one_call(monkeypatch):
+    case = next(c.values[0] for c in _cases() if c.values[0]["name"] == "vae_sd3-tiny_decode_h64w96")
+    ref = _reference(case)
+    vae = _vae("sd3-tiny")
+    z = paddle.to_tensor(ref["in_z"])
+    whole = vae.decode(z).numpy()
+    monkeypatch.setattr(vae_module, "_IM2COL_ELEMENTS", 5000)  # bands of 1-2 rows (some uneven)
+    banded = vae.decode(z)
+    np.testing.assert_allclose(banded.numpy(), whole, atol=1e-5)
+    assert _max_diff(banded, ref["out_sample"]) < TOLERANCE
+    image = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (1, 3, 40, 24)).astype(np.float32))
+    banded_mean = vae.encode(image).mean.numpy()  # stride-2 (0, 1, 0, 1)-padded convs too
+    monkeypatch.setattr(vae_module, "_IM2COL_ELEMENTS", 1 << 30)
+    np.testing.assert_allclose(banded_mean, vae.encode(image).mean.numpy(), atol=1e-5)
+
+
+def test_group_norm_is_accurate_for_offset_activations():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, 8, 16, 16)) + 500.0).astype(np.float32)
+    norm = GroupNorm(2, 8, epsilon=1e-6)
+    xd = x.astype(np.float64).reshape(1, 2, -1)
+    want = ((xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-6)).reshape(x.shape)
+    np.testing.assert_allclose(norm(paddle.to_tensor(x)).numpy(), want, atol=1e-4)
+
+
+@paddle.no_grad()
+def test_odd_sizes_downsample_like_diffusers_padding():
+    vae = _tiny(
+        block_out_channels=[4, 8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+    )
+    # pad one row/column at the bottom/right, 3x3 stride 2: out = (n - 2) // 2 + 1
+    assert vae.encode(paddle.zeros([1, 3, 37, 20])).mean.shape == [1, 4, 9, 5]
+    assert vae.decode(paddle.zeros([1, 4, 3, 5])).shape == [1, 3, 12, 20]
+
+
+@paddle.no_grad()
+def test_quant_convs_exist_only_when_enabled_and_are_applied():
+    plain = _tiny(use_quant_conv=False, use_post_quant_conv=False)
+    quant = _tiny(use_quant_conv=True, use_post_quant_conv=True)
+    assert "quant_conv.weight" not in torch_state_from(plain)
+    state = torch_state_from(quant)
+    assert state["quant_conv.weight"].shape == (8, 8, 1, 1) and state["post_quant_conv.weight"].shape == (
+        4,
+        4,
+        1,
+        1,
+    )
+    for conv, n in ((quant.quant_conv, 8), (quant.post_quant_conv, 4)):  # identity 1x1 convs
+        conv.weight.set_value(paddle.eye(n).reshape([n, n, 1, 1]))
+        conv.bias.set_value(paddle.zeros([n]))
+    quant.set_state_dict({**quant.state_dict(), **plain.state_dict()})
+    x = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32))
+    np.testing.assert_allclose(quant.encode(x).mean.numpy(), plain.encode(x).mean.numpy(), atol=1e-6)
+    z = paddle.to_tensor(np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32))
+    np.testing.assert_allclose(quant.decode(z).numpy(), plain.decode(z).numpy(), atol=1e-6)
+    np.testing.assert_allclose(quant(x).numpy(), quant.decode(quant.encode(x).mode()).numpy(), atol=1e-6)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"up_block_types": ["UpDecoderBlock2D"]}, "up_block_types has 1 entries"),
+        ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "AttnDownEncoderBlock2D"),
+        ({"block_out_channels": [4, 6], "norm_num_groups": 4}, "multiples of norm_num_groups"),
+        ({"act_fn": "tanh"}, "act_fn"),
+    ],
+)
+def test_bad_configs_are_rejected(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(**overrides)
+
+
+def test_inputs_with_the_wrong_channel_count_are_rejected():
+    vae = _tiny()
+    with pytest.raises(ValueError, match=r"encode: expected \[B, 3, H, W\], got shape \[1, 4, 8, 8\]"):
+        vae.encode(paddle.zeros([1, 4, 8, 8]))
+    with pytest.raises(ValueError, match="decode"):
+        vae.decode(paddle.zeros([1, 16, 2, 2]))
