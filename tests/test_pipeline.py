@@ -1,0 +1,166 @@
+"""StableDiffusion3Pipeline against diffusers' own outputs on the same weights and latents."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import paddle
+import pytest
+
+from pipelines import StableDiffusion3Pipeline
+from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
+from tests.reference_cases import arrays, cases, fixture_path
+
+MODULE_TOL = 1e-4
+IMAGE_TOL = 2e-3
+
+
+@functools.cache
+def pipeline(fixture: str, drop_t5: bool = False) -> StableDiffusion3Pipeline:
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path(fixture), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_PROMPT_KEYS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+@pytest.mark.parametrize("case", cases("encode_prompt"), ids=lambda c: c["name"])
+def test_encode_prompt_matches_diffusers(case):
+    args, ref = case["args"], arrays(case)
+    pipe = pipeline(case["fixture"], args["drop_t5"])
+    out = pipe.encode_prompt(
+        **{k: args[k] for k in _PROMPT_KEYS if k in args and k != "prompt"},
+        prompt=args["prompt"],
+        num_images_per_prompt=args["num_images_per_prompt"],
+        do_classifier_free_guidance=args["do_classifier_free_guidance"],
+        clip_skip=args["clip_skip"],
+        max_sequence_length=args["max_sequence_length"],
+    )
+    names = (
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    )
+    for name, value in zip(names, out, strict=True):
+        if f"out_{name}" not in ref:
+            assert value is None, name
+            continue
+        expected = ref[f"out_{name}"]
+        assert list(value.shape) == list(expected.shape), name
+        np.testing.assert_allclose(value.numpy(), expected, rtol=0, atol=MODULE_TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("case", cases("pipeline"), ids=lambda c: c["name"])
+def test_pipeline_matches_diffusers(case):
+    args, ref = dict(case["args"]), arrays(case)
+    pipe = pipeline(case["fixture"], args.pop("drop_t5"))
+    args.pop("note", None)
+    images = pipe(**args, latents=ref["in_latents"], output_type="np").images
+    np.testing.assert_allclose(images, ref["out_images"], rtol=0, atol=IMAGE_TOL)
+    latents = pipe(**args, latents=paddle.to_tensor(ref["in_latents"]), output_type="latent").images
+    np.testing.assert_allclose(latents.numpy(), ref["out_latents"], rtol=0, atol=IMAGE_TOL)
+
+
+def test_long_prompt_warns_with_removed_text(caplog):
+    pipe = pipeline("sd3-tiny")
+    long_prompt = " ".join(["lighthouse"] * 100) + " zebra"
+    with caplog.at_level(logging.WARNING):
+        pipe.encode_prompt(long_prompt, do_classifier_free_guidance=False, max_sequence_length=32)
+    messages = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert any("CLIP" in m and "zebra" in m for m in messages), messages
+
+
+def test_pil_output_and_seed_reproducibility():
+    pipe = pipeline("sd3-tiny")
+    kwargs = dict(prompt="a red fox", height=64, width=96, num_inference_steps=2, guidance_scale=3.0)
+    first = pipe(**kwargs, seed=[7]).images
+    again = pipe(**kwargs, seed=[7]).images
+    other = pipe(**kwargs, seed=[8]).images
+    assert first[0].size == (96, 64) and first[0].mode == "RGB"
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_per_image_seeds_do_not_depend_on_batch_composition():
+    pipe = pipeline("sd3-tiny")
+    kwargs = dict(height=64, width=64, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    alone = pipe(prompt="a cat", seed=[11], **kwargs).images
+    batched = pipe(prompt=["a dog", "a cat"], seed=[5, 11], **kwargs).images
+    np.testing.assert_allclose(batched[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=70), "height=70 is not a multiple of 16"),
+        (dict(width=100), "width=100 is not a multiple of 16"),
+        (dict(num_inference_steps=0), "num_inference_steps=0"),
+        (dict(max_sequence_length=513), "max_sequence_length=513"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt=0"),
+        (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "`negative_prompt` has 3 entries"),
+        (dict(prompt=["a", "b"], prompt_2=["x", "y", "z"]), "`prompt_2` has 3 entries"),
+        (dict(prompt=None), "`prompt` is required"),
+        (dict(output_type="jpeg"), "output_type='jpeg'"),
+        (dict(latents=np.zeros((1, 16, 4, 4), np.float32)), "`latents` has shape [1, 16, 4, 4]"),
+        (dict(seed=[1, 2]), "got 2 seeds/generators for a batch of 1"),
+        (dict(skip_guidance_layers=[7]), "skip_guidance_layers [7]"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    pipe = pipeline("sd3-tiny")
+    call = dict(prompt="a cat", height=64, width=64, num_inference_steps=1, guidance_scale=2.0)
+    call.update(kwargs)
+    with pytest.raises((ValueError, TypeError)) as info:
+        pipe(**call)
+    assert message in str(info.value)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    pipe = pipeline("sd35-tiny")
+    target = tmp_path / "copy"
+    pipe.save_pretrained(target)
+    reloaded = StableDiffusion3Pipeline.from_pretrained(target)
+    reloaded.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt="a snowy forest", height=64, width=64, num_inference_steps=2, seed=3, output_type="np"
+    )
+    np.testing.assert_array_equal(pipe(**kwargs).images, reloaded(**kwargs).images)
+    with pytest.raises(FileExistsError):
+        pipe.save_pretrained(target)
+
+
+def test_dynamic_shifting_uses_the_resolution_dependent_mu():
+    base = pipeline("sd3-tiny")
+    config = dict(base.scheduler.config, use_dynamic_shifting=True)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    pipe = StableDiffusion3Pipeline(**dict(base.components, scheduler=scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a cat", height=64, width=96, num_inference_steps=3, guidance_scale=1.0, output_type="latent")
+    tokens = (64 // 8 // 2) * (96 // 8 // 2)
+    c = scheduler.config
+    mu = c.base_shift + (tokens - c.base_image_seq_len) * (c.max_shift - c.base_shift) / (
+        c.max_image_seq_len - c.base_image_seq_len
+    )
+    expected = FlowMatchEulerDiscreteScheduler.from_config(config)
+    expected.set_timesteps(3, mu=mu)
+    np.testing.assert_array_equal(pipe.scheduler.sigmas.numpy(), expected.sigmas.numpy())
+    static = FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config)
+    static.set_timesteps(3)
+    assert np.abs(pipe.scheduler.sigmas.numpy() - static.sigmas.numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 1e-2), ("bfloat16", 5e-2)])
+def test_half_precision_weights_stay_close_to_float32(dtype, tolerance):
+    half = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd35-tiny"), dtype=dtype)
+    half.set_progress_bar_config(disable=True)
+    assert str(half.transformer.dtype) == f"paddle.{dtype}"
+    kwargs = dict(prompt="a cat", height=64, width=64, num_inference_steps=3, seed=1, output_type="np")
+    reference = pipeline("sd35-tiny")(**kwargs).images
+    images = half(**kwargs).images
+    difference = np.abs(images - reference).max()
+    assert 0 < difference < tolerance  # rounded weights change the result, but only slightly
