@@ -1,0 +1,37 @@
+"""The `sd3` command line."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs.cli import main
+from tests.reference_cases import fixture_path
+
+TINY = ["--model", fixture_path("sd3-tiny"), "--steps", "1", "--height", "64", "--width", "64"]
+
+
+def test_generate_from_prompts_writes_pngs(tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "a red fox", "--prompt", "a cat", "--output", str(out), *TINY]) == 0
+    files = sorted(p.name for p in (out / "images").iterdir())
+    assert files == ["prompt0000_0.png", "prompt0001_0.png"]
+    assert Image.open(out / "images" / files[0]).size == (64, 64)
+
+
+def test_generate_from_parquet_table(tmp_path):
+    table = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["fox", "../../etc"], "prompt": ["a fox", "a cat"]}), table)
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts", str(table), "--output", str(out), "--num-images", "2", *TINY]) == 0
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert "fox_0.png" in names and "fox_1.png" in names and len(names) == 4
+    assert all("/" not in n and not n.startswith(".") for n in names)  # the unsafe id was encoded
+
+
+def test_generate_reports_bad_input(tmp_path, capsys):
+    table = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"text": ["a fox"]}), table)
+    assert main(["generate", "--prompts", str(table), "--output", str(tmp_path / "o"), *TINY]) == 2
+    assert "no `prompt` column" in capsys.readouterr().err
