@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sd3_core import text_encoders
-from sd3_core.modeling import resolve_dtype
+from sd3_core.modeling import read_json_object, resolve_dtype
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
@@ -133,11 +133,7 @@ class StableDiffusion3Pipeline:
             raise FileNotFoundError(
                 f"{path!r} is not a diffusers pipeline folder: {index_file} does not exist"
             )
-        with open(index_file, encoding="utf-8") as f:
-            try:
-                index = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{index_file} is not valid JSON: {e}") from e
+        index = read_json_object(index_file)
         dtype_name = resolve_dtype(dtype)
         loaded = {}
         for name in _LIBRARY_CLASSES:

@@ -51,6 +51,20 @@ _DTYPES = {
 _NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
+def read_json_object(file: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from `file`; a missing file, bad JSON or a non-object names the file."""
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return data
+
+
 class WeightLoadError(ValueError):
     """A checkpoint does not fit the model (missing/unexpected keys, shapes, dtypes)."""
 
@@ -383,16 +397,7 @@ class ModelMixin(paddle.nn.Layer):
     @classmethod
     def load_config(cls, path: str | os.PathLike, subfolder: str | None = None) -> dict[str, Any]:
         folder = Path(path) / subfolder if subfolder else Path(path)
-        file = folder / cls.config_name
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{file}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{file}: config must be a JSON object")
-        return config
+        return read_json_object(folder / cls.config_name)
 
     @classmethod
     def from_pretrained(

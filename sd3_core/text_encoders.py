@@ -31,6 +31,7 @@ from sd3_core.modeling import (
     Config,
     compute_dtype,
     load_torch_state,
+    read_json_object,
     resolve_dtype,
     torch_state_from,
 )
@@ -104,18 +105,6 @@ def _folder(folder: str | os.PathLike, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: {what} folder not found")
     return path
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return data
 
 
 def _run_dtype(dtype: str | paddle.dtype) -> str:
@@ -259,7 +248,7 @@ def load_clip_text_encoder(
     """Load a transformers ``CLIPTextModelWithProjection`` folder (SD3's text_encoder / _2)."""
     path = _folder(folder, "CLIP text encoder")
     run = _run_dtype(dtype)
-    config = _read_json(path / CONFIG_NAME)
+    config = read_json_object(path / CONFIG_NAME)
     with _default_dtype(run):
         model = _build_lazily(lambda: ClipTextEncoder(config, str(path)))
     _load_model(
@@ -404,7 +393,7 @@ def load_t5_encoder(folder: str | os.PathLike, dtype: str | paddle.dtype = "floa
     """Load a transformers ``T5EncoderModel`` folder (SD3's text_encoder_3, T5 v1.1 XXL)."""
     path = _folder(folder, "T5 encoder")
     run = _run_dtype(dtype)
-    config = _read_json(path / CONFIG_NAME)
+    config = read_json_object(path / CONFIG_NAME)
     with _default_dtype(run):
         model = _build_lazily(lambda: T5Encoder(config, str(path)))
     index = open_weights(path, WEIGHTS_NAME)
@@ -595,7 +584,7 @@ def _special_tokens(path: Path) -> tuple[dict[str, Any], list[Path]]:
     for name in _CONFIG_FILES:
         file = path / name
         if file.is_file():
-            merged.update(_read_json(file))
+            merged.update(read_json_object(file))
             files.append(file)
 
     def plain(v: Any) -> Any:

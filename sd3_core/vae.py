@@ -205,46 +205,48 @@ class UNetMidBlock2D(paddle.nn.Layer):
         return self.resnets[1](x)
 
 
-class DownEncoderBlock2D(paddle.nn.Layer):
+class _ResnetStack(paddle.nn.Layer):
+    """``num_layers`` resnets, then an optional resampler stored under diffusers' key name."""
+
+    resampler_key = ""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, groups: int, act: str, resampler
+    ):
+        super().__init__()
+        self.resnets = paddle.nn.LayerList(
+            [
+                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act)
+                for i in range(num_layers)
+            ]
+        )
+        setattr(self, self.resampler_key, paddle.nn.LayerList([resampler]) if resampler else None)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        resamplers = getattr(self, self.resampler_key)
+        return x if resamplers is None else resamplers[0](x)
+
+
+class DownEncoderBlock2D(_ResnetStack):
+    resampler_key = "downsamplers"
+
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, groups: int, act: str, downsample: bool
     ):
-        super().__init__()
-        self.resnets = paddle.nn.LayerList(
-            [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act)
-                for i in range(num_layers)
-            ]
-        )
-        self.downsamplers = paddle.nn.LayerList([Downsample2D(out_channels)]) if downsample else None
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        sampler = Downsample2D(out_channels) if downsample else None
+        super().__init__(in_channels, out_channels, num_layers, groups, act, sampler)
 
 
-class UpDecoderBlock2D(paddle.nn.Layer):
+class UpDecoderBlock2D(_ResnetStack):
+    resampler_key = "upsamplers"
+
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, groups: int, act: str, upsample: bool
     ):
-        super().__init__()
-        self.resnets = paddle.nn.LayerList(
-            [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act)
-                for i in range(num_layers)
-            ]
-        )
-        self.upsamplers = paddle.nn.LayerList([Upsample2D(out_channels)]) if upsample else None
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        sampler = Upsample2D(out_channels) if upsample else None
+        super().__init__(in_channels, out_channels, num_layers, groups, act, sampler)
 
 
 # ---- encoder and decoder ----------------------------------------------------------------------
