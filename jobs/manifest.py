@@ -1,0 +1,399 @@
+"""The job manifest: one row per image (status "ok" or "error"), written as parts while the job runs.
+
+Layout under the output URL `out`:
+  images/{key}_{k}.{ext}                  the images (written before the part that names them)
+  manifest/parts/{part_id}.parquet        one part per written batch, each written atomically
+  manifest.parquet                        `finalize`: one row per (key, k), ok beats error, latest wins
+  job.json                                configuration, versions, counts, start/end times
+
+Resume: `done_keys` is the set of (key, k) with an "ok" row in some part; the job skips those. A
+part is only written after all of its images exist, so an "ok" row always names a complete image.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import logging
+import platform
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.prompt_table import WorkRow
+from jobs.storage import StorageOptions, get_fs, join_url, list_files, normalize_url, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+PART_FETCH_BATCH = 256
+_PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+PARTS_DIR = "manifest/parts"
+MANIFEST_NAME = "manifest.parquet"
+JOB_JSON_NAME = "job.json"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("key", pa.string()),
+        ("k", pa.int32()),
+        ("position", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_2", pa.string()),
+        ("prompt_3", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("negative_prompt_2", pa.string()),
+        ("negative_prompt_3", pa.string()),
+        ("seed", pa.int64()),  # the per-image seed actually used (row seed + k)
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_inference_steps", pa.int32()),
+        ("guidance_scale", pa.float64()),
+        ("max_sequence_length", pa.int32()),
+        ("image", pa.string()),  # URI of the image (null for an error row)
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("seconds", pa.float64()),  # compute time attributed to this image
+        ("replica", pa.string()),
+        ("model", pa.string()),  # model identity: URI + content hash (model_cache.model_identity)
+        ("extra", pa.string()),  # JSON of the input's other columns
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+
+def image_url(out: str, key: str, k: int, ext: str = "png") -> str:
+    """Where image k of the row with `key` goes: `{out}/images/{key}_{k}.{ext}`."""
+    return join_url(out, "images", f"{key}_{k}.{ext}")
+
+
+def parts_url(out: str) -> str:
+    return join_url(out, PARTS_DIR)
+
+
+def manifest_url(out: str) -> str:
+    return join_url(out, MANIFEST_NAME)
+
+
+def new_part_id() -> str:
+    """A unique, time-sortable part id (safe as a file name)."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{now}-{uuid.uuid4().hex[:12]}"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def manifest_row(
+    row: WorkRow,
+    k: int,
+    *,
+    image: str | None = None,
+    status: str = STATUS_OK,
+    error: str | None = None,
+    seconds: float | None = None,
+    replica: str | None = None,
+    model: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The manifest row of image `k` of `row` (`seed` defaults to row seed + k)."""
+    if status not in (STATUS_OK, STATUS_ERROR):
+        raise ValueError(f"status must be 'ok' or 'error', not {status!r}")
+    if seed is None and row.seed is not None and k >= 0:
+        seed = row.seed + k
+    return {
+        "id": row.id,
+        "key": row.key,
+        "k": k,
+        "position": row.position,
+        "prompt": row.prompt,
+        "prompt_2": row.prompt_2,
+        "prompt_3": row.prompt_3,
+        "negative_prompt": row.negative_prompt,
+        "negative_prompt_2": row.negative_prompt_2,
+        "negative_prompt_3": row.negative_prompt_3,
+        "seed": seed,
+        "height": row.height,
+        "width": row.width,
+        "num_inference_steps": row.num_inference_steps,
+        "guidance_scale": row.guidance_scale,
+        "max_sequence_length": row.max_sequence_length,
+        "image": image,
+        "status": status,
+        "error": error,
+        "seconds": seconds,
+        "replica": replica,
+        "model": model,
+        "extra": row.extra,
+        "finished_at": _now(),
+    }
+
+
+def error_rows(
+    row: WorkRow,
+    error: str | None = None,
+    *,
+    seconds: float | None = None,
+    replica: str | None = None,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Error rows for every image of `row` (k = 0..num_images-1; one k=0 row when num_images is
+    itself invalid). `error` defaults to the row's validation error."""
+    n = row.num_images if row.num_images is not None and row.num_images >= 1 else 1
+    message = error or row.error or "unknown error"
+    seed_ok = row.seed is not None and 0 <= row.seed and row.seed + n - 1 < 2**63
+    return [
+        manifest_row(
+            row,
+            k,
+            status=STATUS_ERROR,
+            error=message,
+            seconds=seconds,
+            replica=replica,
+            model=model,
+            seed=row.seed + k if seed_ok else None,
+        )
+        for k in range(n)
+    ]
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Manifest rows (dicts) as an Arrow table with `MANIFEST_SCHEMA`; missing keys are null."""
+    cols = {name: [r.get(name) for r in rows] for name in MANIFEST_COLUMNS}
+    seeds = cols["seed"]
+    if any(s is not None and not 0 <= s < 2**63 for s in seeds):
+        raise ValueError("manifest seed outside 0..2**63-1")
+    return pa.table(cols, schema=MANIFEST_SCHEMA)
+
+
+def write_part(
+    out: str,
+    rows: Sequence[Mapping[str, Any]] | pa.Table,
+    options: StorageOptions | None = None,
+    part_id: str | None = None,
+) -> str:
+    """Write `rows` as one manifest part atomically (call it after their images exist); returns its URL."""
+    table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
+    table = table.select(list(MANIFEST_COLUMNS)).cast(MANIFEST_SCHEMA)
+    part_id = new_part_id() if part_id is None else part_id
+    if not _PART_ID.match(part_id) or ".." in part_id:
+        raise ValueError(f"part id {part_id!r} is not a plain file name ([A-Za-z0-9._-], no '..')")
+    url = join_url(normalize_url(out), PARTS_DIR, f"{part_id}.parquet")
+    write_bytes_atomic(url, _parquet_bytes(table), options)
+    return url
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def part_urls(out: str, options: StorageOptions | None = None) -> list[str]:
+    """URLs of the manifest parts under `out`, sorted (hidden/temporary files skipped)."""
+    return list_files(parts_url(normalize_url(out)), options, suffix=".parquet")
+
+
+def read_parts(
+    out: str, options: StorageOptions | None = None, columns: Sequence[str] | None = None
+) -> tuple[pa.Table, list[str]]:
+    """All parts as one table (plus `_part`, its part URL) and the list of unreadable parts (not
+    Parquet: skipped with a warning, their rows are recomputed as if never written). A part that
+    cannot be fetched (storage down beyond the retries) raises OSError instead."""
+    urls = part_urls(out, options)
+    wanted = list(columns) if columns is not None else list(MANIFEST_COLUMNS)
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in wanted])
+    tables, bad = [], []
+    if urls:
+        fs, _ = get_fs(urls[0], options)
+        paths = {get_fs(u, options)[1]: u for u in urls}
+        names = list(paths)
+        # Parts are small and many: fetch them in batches (concurrent GETs on s3fs), parse locally.
+        for start in range(0, len(names), PART_FETCH_BATCH):
+            chunk = names[start : start + PART_FETCH_BATCH]
+            fetched = (
+                fs.cat(chunk, on_error="return") if len(chunk) > 1 else {chunk[0]: _cat_one(fs, chunk[0])}
+            )
+            for path in chunk:
+                url, data = paths[path], fetched.get(path)
+                if isinstance(data, FileNotFoundError) or data is None:
+                    continue  # removed since the listing
+                if isinstance(data, BaseException):
+                    # Storage failed even after botocore's retries: fail loudly rather than
+                    # finalize a manifest that silently lacks this part's rows.
+                    raise OSError(f"cannot read manifest part {url}: {data}") from data
+                try:
+                    t = pq.read_table(pa.BufferReader(data), columns=wanted).cast(schema)
+                except (pa.ArrowException, KeyError, ValueError) as e:
+                    # Parts are written atomically, so this is a foreign or damaged file.
+                    log.warning("skipping unreadable manifest part %s: %s", url, e)
+                    bad.append(url)
+                    continue
+                tables.append(t.append_column("_part", pa.array([url] * t.num_rows, pa.string())))
+    if not tables:
+        return pa.schema([*schema, pa.field("_part", pa.string())]).empty_table(), bad
+    return pa.concat_tables(tables), bad
+
+
+def _cat_one(fs, path: str) -> bytes | BaseException:
+    try:
+        return fs.cat_file(path)
+    except Exception as e:  # noqa: BLE001 - handled like fs.cat(on_error="return")
+        return e
+
+
+def done_keys(out: str, options: StorageOptions | None = None) -> set[tuple[str, int]]:
+    """(key, k) of every image with an "ok" row in some part: the work a rerun skips."""
+    table, _ = read_parts(out, options, columns=["key", "k", "status"])
+    keys = table.column("key").to_pylist()
+    ks = table.column("k").to_pylist()
+    status = table.column("status").to_pylist()
+    return {(key, k) for key, k, s in zip(keys, ks, status, strict=True) if s == STATUS_OK}
+
+
+def _position_sort_key(position: str | None, key: str, k: int) -> tuple:
+    if position and "#" in position:
+        file, _, idx = position.rpartition("#")
+        if idx.isdigit():
+            return (0, file, int(idx), key, k)
+    return (1, position or "", 0, key, k)
+
+
+def finalize(out: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """Merge all parts into `{out}/manifest.parquet` (written atomically): one row per (key, k),
+    an ok row beats an error row, else the latest wins; rows in input order. Returns counts."""
+    table, bad = read_parts(out, options)
+    n_parts = len(part_urls(out, options))
+    keep: dict[tuple[str, int], tuple[tuple, int]] = {}
+    if table.num_rows:
+        keys = table.column("key").to_pylist()
+        ks = table.column("k").to_pylist()
+        status = table.column("status").to_pylist()
+        finished = table.column("finished_at").cast(pa.int64()).to_pylist()
+        parts = table.column("_part").to_pylist()
+        for i in range(table.num_rows):
+            rank = (status[i] == STATUS_OK, finished[i] or 0, parts[i], i)
+            best = keep.get((keys[i], ks[i]))
+            if best is None or rank > best[0]:
+                keep[(keys[i], ks[i])] = (rank, i)
+        positions = table.column("position").to_pylist()
+        order = sorted(
+            (i for _, i in keep.values()), key=lambda i: _position_sort_key(positions[i], keys[i], ks[i])
+        )
+        merged = table.take(pa.array(order, pa.int64())).drop_columns(["_part"])
+    else:
+        merged = MANIFEST_SCHEMA.empty_table()
+    url = manifest_url(normalize_url(out))
+    write_bytes_atomic(url, _parquet_bytes(merged), options)
+    return summarize(merged, manifest=url, parts=n_parts, unreadable_parts=bad)
+
+
+def summarize(merged: pa.Table, **more: Any) -> dict[str, Any]:
+    """Counts of a merged manifest: rows (ids), images ok, error images, failed rows + examples."""
+    ids = merged.column("id").to_pylist()
+    status = merged.column("status").to_pylist()
+    errors = merged.column("error").to_pylist()
+    failed: dict[str, str] = {}
+    for i, s in enumerate(status):
+        if s != STATUS_OK and ids[i] not in failed:
+            failed[ids[i]] = errors[i] or ""
+    return {
+        "rows": len(set(ids)),
+        "images": len(ids),
+        "images_ok": sum(1 for s in status if s == STATUS_OK),
+        "images_error": sum(1 for s in status if s != STATUS_OK),
+        "rows_failed": len(failed),
+        "error_examples": [{"id": i, "error": e} for i, e in list(failed.items())[:5]],
+        **more,
+    }
+
+
+def read_manifest(out: str, options: StorageOptions | None = None) -> pa.Table:
+    """The finalized `{out}/manifest.parquet`."""
+    url = manifest_url(normalize_url(out))
+    fs, path = get_fs(url, options)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+# --------------------------------------------------------------------------- job.json
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the software that made the images (from package metadata: no heavy imports)."""
+    from importlib import metadata
+
+    def version(*names: str) -> str | None:
+        for name in names:
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "sd3-ray": version("sd3-ray"),
+        "paddle": version("paddlepaddle", "paddlepaddle-gpu"),
+        "ray": version("ray"),
+        "pyarrow": version("pyarrow"),
+        "python": platform.python_version(),
+    }
+
+
+def _iso(t: _dt.datetime | float | None) -> str | None:
+    if t is None:
+        return None
+    if isinstance(t, int | float):
+        t = _dt.datetime.fromtimestamp(t, _dt.timezone.utc)
+    return t.isoformat()
+
+
+def write_job_json(
+    out: str,
+    config: Mapping[str, Any],
+    counts: Mapping[str, Any] | None = None,
+    *,
+    started: _dt.datetime | float | None = None,
+    finished: _dt.datetime | float | None = None,
+    options: StorageOptions | None = None,
+    **more: Any,
+) -> str:
+    """Write `{out}/job.json` atomically (configuration, versions, counts, start/end); returns its URL.
+
+    Never put credentials in `config` (use `StorageOptions.public_dict()`)."""
+    doc = {
+        "config": dict(config),
+        "versions": versions(),
+        "counts": dict(counts or {}),
+        "started": _iso(started),
+        "finished": _iso(finished),
+        **more,
+    }
+    url = join_url(normalize_url(out), JOB_JSON_NAME)
+    data = json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
+    write_bytes_atomic(url, data, options)
+    return url
+
+
+def iter_ok_images(merged: pa.Table, limit: int | None = None) -> Iterable[tuple[str, str]]:
+    """(image URI, prompt) of the ok rows of a merged manifest, in manifest order."""
+    n = 0
+    for image, prompt, status in zip(
+        merged.column("image").to_pylist(),
+        merged.column("prompt").to_pylist(),
+        merged.column("status").to_pylist(),
+        strict=True,
+    ):
+        if status == STATUS_OK and image:
+            yield image, prompt or ""
+            n += 1
+            if limit is not None and n >= limit:
+                return

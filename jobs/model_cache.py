@@ -1,0 +1,136 @@
+"""Model folders for replicas: a local folder is used as is; an object-storage prefix is downloaded
+once per node into a local cache.
+
+The download happens under a file lock (so concurrent actors on one node download once) into a
+temporary sibling folder that is renamed into place when complete (so nobody ever sees half a
+model). The cache folder's existence is the "complete" marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+
+from jobs.storage import StorageOptions, get_fs, normalize_url, split_url
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SD3_RAY_MODEL_CACHE"
+INFO_NAME = ".sd3-ray-download.json"
+
+
+def default_cache_dir() -> str:
+    """`$SD3_RAY_MODEL_CACHE`, else `~/.cache/sd3-ray/models`."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "sd3-ray", "models")
+
+
+def cache_path(uri: str, cache_dir: str | None = None) -> str:
+    """The local folder an object-storage model `uri` is cached in."""
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:20]
+    return os.path.join(cache_dir or default_cache_dir(), digest)
+
+
+def local_model_path(
+    uri: str,
+    options: StorageOptions | None = None,
+    cache_dir: str | None = None,
+    lock_timeout: float = -1,
+) -> str:
+    """A local folder holding the model at `uri` (downloading it once per node when remote)."""
+    scheme, path = split_url(uri)
+    if scheme == "":
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model {uri}: no such folder")
+        return path
+    uri = normalize_url(uri).rstrip("/")
+    dest = cache_path(uri, cache_dir)
+    if os.path.isdir(dest):
+        return dest
+    from filelock import FileLock
+
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    lock = FileLock(dest + ".lock", timeout=lock_timeout)
+    t0 = time.monotonic()
+    with lock:
+        if os.path.isdir(dest):  # another process finished it while we waited
+            log.info("model %s: cached by another process (waited %.1fs)", uri, time.monotonic() - t0)
+            return dest
+        _remove_stale_temps(dest)  # leftovers of a killed download (we hold the lock: nobody else writes)
+        tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _download(uri, tmp, options)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
+def _remove_stale_temps(dest: str) -> None:
+    parent, name = os.path.split(dest)
+    for entry in os.listdir(parent):
+        if entry.startswith(name + ".tmp-"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _download(uri: str, target: str, options: StorageOptions | None) -> None:
+    """Copy every object under `uri` into the new folder `target` (s3fs fetches them concurrently)."""
+    fs, root = get_fs(uri, options)
+    root = root.rstrip("/")
+    files = sorted(p for p in fs.find(root) if p != root)
+    rels = [p[len(root) :].lstrip("/") for p in files]
+    if "model_index.json" not in rels:
+        raise FileNotFoundError(
+            f"model {uri}: no model_index.json under this prefix (is it a diffusers folder?)"
+        )
+    total = sum(fs.info(p).get("size", 0) or 0 for p in files)
+    log.info("downloading model %s (%d files, %.1f MB) to %s", uri, len(files), total / 1e6, target)
+    t0 = time.monotonic()
+    locals_ = [os.path.join(target, *rel.split("/")) for rel in rels]
+    for d in {os.path.dirname(p) for p in locals_}:
+        os.makedirs(d, exist_ok=True)
+    fs.get(files, locals_)
+    missing = [r for r, p in zip(rels, locals_, strict=True) if not os.path.isfile(p)]
+    if missing:
+        raise OSError(f"model {uri}: download incomplete, missing {missing[:5]}")
+    with open(os.path.join(target, INFO_NAME), "w") as f:
+        json.dump(
+            {
+                "uri": uri,
+                "files": len(files),
+                "bytes": total,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "seconds": round(time.monotonic() - t0, 3),
+                "time": time.time(),
+            },
+            f,
+        )
+    log.info("model %s downloaded in %.1fs", uri, time.monotonic() - t0)
+
+
+def model_identity(local_path: str, uri: str | None = None) -> str:
+    """`{uri}#sha256:{16 hex}` hashing model_index.json and every config JSON of the folder, so a
+    manifest says which model (and configuration) made an image without hashing the weights."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(local_path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if (
+                name.endswith(".json")
+                and name != INFO_NAME
+                and ("config" in name or name == "model_index.json")
+            ):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, local_path).replace(os.sep, "/")
+                h.update(rel.encode() + b"\0")
+                with open(full, "rb") as f:
+                    h.update(f.read())
+                h.update(b"\0")
+    return f"{uri or local_path}#sha256:{h.hexdigest()[:16]}"

@@ -1,0 +1,590 @@
+"""Prompt tables: planning, reading and validating the Parquet input of a batch job.
+
+A table is one Parquet file or a dataset directory (hive partitions `key=value/` become columns),
+at any storage URL. Work is planned as one `ReadUnit` per (file, row group), in sorted file order, so
+every row has a stable POSITION `"{relative file path}#{row index in file}"` (for a single file the
+relative path is its base name). Job-level problems (missing input, not Parquet, no `prompt` column,
+wrong column types, duplicate ids) raise `PromptTableError` before any work; a bad row never
+raises: `resolve_rows` gives it an `error` and the job writes it to the manifest as an error row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.storage import StorageOptions, get_fs, join_url, normalize_url
+
+STRING_COLUMNS = (
+    "prompt",
+    "prompt_2",
+    "prompt_3",
+    "negative_prompt",
+    "negative_prompt_2",
+    "negative_prompt_3",
+)
+INT_COLUMNS = ("seed", "height", "width", "num_inference_steps", "num_images", "max_sequence_length")
+FLOAT_COLUMNS = ("guidance_scale",)
+KNOWN_COLUMNS = ("id", *STRING_COLUMNS, *INT_COLUMNS, *FLOAT_COLUMNS)
+POSITION_COLUMN = "_position"
+MAX_SEED = 2**63 - 1
+SIZE_MULTIPLE = 16  # VAE factor 8 x transformer patch 2
+MAX_SEQUENCE_LENGTH = 512  # T5 limit of the pipeline
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Encoded keys end with "--" + 20 hex digits; a raw id of that shape is encoded too, so an encoded
+# key can never equal a raw one.
+_ENCODED_TAIL = re.compile(r"--[0-9a-f]{20}$")
+
+
+class PromptTableError(ValueError):
+    """A job-level problem with the prompt table (raised before any work is done)."""
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """Job-level defaults for every optional column (a row's own non-null value wins).
+
+    `seed=None` derives each row's seed from (`job_seed`, id); `height`/`width` None means the
+    model's default size (resolve it from the model before `resolve_rows` so manifests hold
+    concrete sizes); `max_sequence_length` None means the pipeline default (256)."""
+
+    prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt: str | None = None
+    negative_prompt_2: str | None = None
+    negative_prompt_3: str | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 28
+    guidance_scale: float = 7.0
+    num_images: int = 1
+    max_sequence_length: int | None = None
+    job_seed: int = 0
+    model: str | None = None
+    # Limits that turn an absurd row into an error row instead of an out-of-memory replica.
+    max_size: int = 4096
+    max_num_images: int = 64
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One row group of one file: the unit of reading (picklable; `as_dict` for Ray Data items)."""
+
+    url: str  # the file
+    relpath: str  # path relative to the table root (base name for a single file)
+    row_group: int
+    first_row: int  # row index in the file of the group's first row
+    num_rows: int
+    partition: tuple[tuple[str, str | None], ...] = ()  # hive (key, value) pairs of the file's folders
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["partition"] = json.dumps(list(self.partition))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReadUnit:
+        part = d.get("partition") or "[]"
+        part = json.loads(part) if isinstance(part, str) else part
+        return cls(
+            url=str(d["url"]),
+            relpath=str(d["relpath"]),
+            row_group=int(d["row_group"]),
+            first_row=int(d["first_row"]),
+            num_rows=int(d["num_rows"]),
+            partition=tuple((str(k), None if v is None else str(v)) for k, v in part),
+        )
+
+
+@dataclass
+class WorkRow:
+    """One validated input row: what a replica renders (or an `error` saying why it cannot)."""
+
+    id: str
+    key: str
+    position: str
+    prompt: str | None
+    prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt: str | None = None
+    negative_prompt_2: str | None = None
+    negative_prompt_3: str | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    max_sequence_length: int | None = None
+    num_images: int | None = None
+    extra: str = "{}"
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def image_seeds(self) -> list[int]:
+        """The per-image seeds (seed + k) of a valid row."""
+        return [self.seed + k for k in range(self.num_images)]
+
+    def shape_key(self) -> tuple:
+        """Rows with equal keys can share one pipeline call."""
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.max_sequence_length,
+        )
+
+
+WORK_ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("key", pa.string()),
+        ("position", pa.string()),
+        *[(c, pa.string()) for c in STRING_COLUMNS],
+        ("seed", pa.int64()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("num_inference_steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("max_sequence_length", pa.int64()),
+        ("num_images", pa.int64()),
+        ("extra", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+assert [f.name for f in fields(WorkRow)] == WORK_ROW_SCHEMA.names
+
+
+def work_rows_to_table(rows: Sequence[WorkRow]) -> pa.Table:
+    """WorkRows as an Arrow table with the fixed `WORK_ROW_SCHEMA` (the same for every batch)."""
+    cols = {name: [getattr(r, name) for r in rows] for name in WORK_ROW_SCHEMA.names}
+    return pa.table(cols, schema=WORK_ROW_SCHEMA)
+
+
+def work_rows_from_batch(batch: pa.Table | Mapping[str, Any]) -> list[WorkRow]:
+    """WorkRows back from a table or a column dict (pyarrow, pandas or numpy batch format)."""
+    if isinstance(batch, pa.Table):
+        cols = batch.to_pydict()
+    else:
+        cols = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
+    n = len(cols["id"])
+    out = []
+    for i in range(n):
+        values = {}
+        for f in fields(WorkRow):
+            v = cols[f.name][i] if f.name in cols else None
+            if isinstance(v, float) and math.isnan(v) and f.name != "guidance_scale":
+                v = None  # pandas turns missing ints into NaN
+            if v is not None and f.name in INT_COLUMNS:
+                v = int(v)
+            values[f.name] = v
+        if values["extra"] is None:
+            values["extra"] = "{}"
+        out.append(WorkRow(**values))
+    return out
+
+
+# --------------------------------------------------------------------------- ids, keys and seeds
+
+
+def safe_key(value: str) -> str:
+    """`value` if it is a safe path component, else a readable prefix plus a hash of it.
+
+    Safe: 1-128 chars of [A-Za-z0-9._-], starting alphanumeric, without "..". Anything else (path
+    separators, "..", control characters, unicode, empty, too long) becomes
+    `{sanitised prefix}--{20 hex of sha256}`; distinct ids give distinct keys."""
+    if _SAFE_KEY.match(value) and ".." not in value and not _ENCODED_TAIL.search(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", value)[:40]
+    stem = re.sub(r"\.{2,}", "_", stem).strip("._-") or "id"
+    return f"{stem}--{digest}"
+
+
+safe_id = safe_key  # the name used by the old single-process path
+
+
+def row_seed(job_seed: int, row_id: str) -> int:
+    """A stable 63-bit seed derived from (job seed, id), so a rerun makes the same image."""
+    digest = hashlib.sha256(f"{job_seed}:{row_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") & MAX_SEED
+
+
+def position_id(position: str) -> str:
+    """The id of a row without an `id`: stable, derived from its position, always a safe key."""
+    return "r-" + hashlib.sha256(position.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_read_units(url: str, options: StorageOptions | None = None) -> list[ReadUnit]:
+    """One ReadUnit per non-empty row group of the table at `url`, in a deterministic order.
+
+    Checks every file's footer first: PromptTableError for a missing input, a file that is not
+    Parquet, a file without a `prompt` column, or a known column of the wrong type."""
+    url = normalize_url(url)
+    files = _table_files(url, options)
+    fs, _ = get_fs(url, options)
+    units: list[ReadUnit] = []
+    for file_url, relpath, partition in files:
+        meta, schema = _footer(fs, file_url, options)
+        check_schema(schema, f"{url} ({relpath})" if relpath != _basename(url) else url)
+        _check_partition(partition, schema, url, relpath)
+        first = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if n:
+                units.append(ReadUnit(file_url, relpath, g, first, n, partition))
+            first += n
+    return units
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """PromptTableError unless `schema` has a `prompt` column and the known columns have usable types."""
+    if "prompt" not in schema.names:
+        raise PromptTableError(
+            f"{where}: the table has no `prompt` column (columns: {', '.join(schema.names) or 'none'})"
+        )
+    for name in KNOWN_COLUMNS:
+        if name not in schema.names:
+            continue
+        if schema.names.count(name) > 1:
+            raise PromptTableError(f"{where}: column `{name}` appears more than once")
+        t = schema.field(name).type
+        want = _expected(name)
+        if not _type_ok(name, t):
+            raise PromptTableError(f"{where}: column `{name}` has type {t}; expected {want}")
+
+
+def _expected(name: str) -> str:
+    if name == "id":
+        return "string or integer"
+    if name in STRING_COLUMNS:
+        return "string"
+    if name in INT_COLUMNS:
+        return "integer"
+    return "number"
+
+
+def _type_ok(name: str, t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_null(t):
+        return True  # an all-null column: every row uses the default (or is a bad row for `prompt`)
+    is_str = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    if name == "id":
+        return is_str or pa.types.is_integer(t)
+    if name in STRING_COLUMNS:
+        return is_str
+    # Integral floats are accepted for integer columns: pandas stores an int column with gaps as float.
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _check_partition(partition: tuple, schema: pa.Schema, url: str, relpath: str) -> None:
+    for k, v in partition:
+        if k in schema.names:
+            raise PromptTableError(
+                f"{url}: partition folder `{k}=` of {relpath} repeats a column that is in the file"
+            )
+        if k == POSITION_COLUMN:
+            raise PromptTableError(f"{url}: `{k}` is a reserved column name")
+        if k in KNOWN_COLUMNS and k not in ("id", *STRING_COLUMNS) and v is not None:
+            try:
+                float(v) if k in FLOAT_COLUMNS else int(v)
+            except ValueError:
+                raise PromptTableError(
+                    f"{url}: partition `{k}={v}` of {relpath} is not a valid {_expected(k)}"
+                ) from None
+
+
+def _table_files(url: str, options: StorageOptions | None) -> list[tuple[str, str, tuple]]:
+    """(file url, relative path, partition pairs) of the table, sorted by relative path."""
+    fs, path = get_fs(url, options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise PromptTableError(f"{url}: no such file or directory") from None
+    except PermissionError as e:
+        raise PromptTableError(f"{url}: permission denied ({e})") from None
+    if info["type"] != "directory":
+        return [(url, _basename(url), ())]
+    root = path.rstrip("/")
+    rels = []
+    for p in fs.find(root):
+        rel = p[len(root) :].lstrip("/")
+        # The pyarrow/Spark convention: "_SUCCESS", "_metadata", ".crc", temp files are not data.
+        if not rel or any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        rels.append(rel)
+    if not rels:
+        raise PromptTableError(f"{url}: the directory holds no Parquet files")
+    out = []
+    for rel in sorted(rels):
+        partition = []
+        for folder in rel.split("/")[:-1]:
+            if "=" in folder:
+                k, v = folder.split("=", 1)
+                v = unquote(v)
+                partition.append((unquote(k), None if v == "__HIVE_DEFAULT_PARTITION__" else v))
+        out.append((join_url(url, rel), rel, tuple(partition)))
+    return out
+
+
+def _basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _footer(fs, file_url: str, options) -> tuple[pq.FileMetaData, pa.Schema]:
+    _, path = get_fs(file_url, options)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            return pf.metadata, pf.schema_arrow
+    except FileNotFoundError:
+        raise PromptTableError(f"{file_url}: no such file") from None
+    except PermissionError as e:
+        raise PromptTableError(f"{file_url}: permission denied ({e})") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise PromptTableError(f"{file_url}: not a readable Parquet file ({e})") from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_unit(unit: ReadUnit, options: StorageOptions | None = None) -> pa.Table:
+    """The rows of `unit` (its file's columns, its partition columns as strings, `_position`)."""
+    fs, path = get_fs(unit.url, options)
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(unit.row_group)
+    n = table.num_rows
+    for k, v in unit.partition:
+        table = table.append_column(k, pa.array([v] * n, pa.string()))
+    positions = [f"{unit.relpath}#{unit.first_row + i}" for i in range(n)]
+    return table.append_column(POSITION_COLUMN, pa.array(positions, pa.string()))
+
+
+def prompts_table(prompts: Sequence[str], negative_prompt: str | None = None) -> pa.Table:
+    """An in-memory prompt table (for `--prompt "..."`): ids prompt0000.., with `_position`."""
+    n = len(prompts)
+    cols: dict[str, Any] = {
+        "id": [f"prompt{i:04d}" for i in range(n)],
+        "prompt": list(prompts),
+        POSITION_COLUMN: [f"prompt#{i}" for i in range(n)],
+    }
+    if negative_prompt is not None:
+        cols["negative_prompt"] = [negative_prompt] * n
+    return pa.table(cols)
+
+
+def resolve_rows(table: pa.Table, defaults: JobDefaults) -> list[WorkRow]:
+    """Validated WorkRows of a table from `read_unit`; never raises for a bad row (see `error`)."""
+    data = table.to_pydict()
+    n = table.num_rows
+    if POSITION_COLUMN in data:
+        positions = [str(p) for p in data[POSITION_COLUMN]]
+    elif "id" in data and all(v is not None for v in data["id"]):
+        positions = [""] * n
+    else:
+        # Ids derived from a batch-local index would repeat across batches (and be skipped as done).
+        raise ValueError(
+            f"resolve_rows: rows without an `id` need the `{POSITION_COLUMN}` column of read_unit"
+        )
+    extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS and c != POSITION_COLUMN]
+    return [_resolve_one(data, i, positions[i], extra_names, defaults) for i in range(n)]
+
+
+def _resolve_one(data: dict, i: int, position: str, extra_names: list[str], d: JobDefaults) -> WorkRow:
+    problems: list[str] = []
+
+    def get(name: str):
+        col = data.get(name)
+        return None if col is None else col[i]
+
+    raw_id = get("id")
+    row_id = position_id(position) if raw_id is None else str(raw_id)
+
+    def text(name: str) -> str | None:
+        v = get(name)
+        return getattr(d, name) if v is None else v
+
+    prompt = get("prompt")
+    if prompt is None:
+        problems.append("prompt: null")
+    elif not prompt.strip():
+        problems.append("prompt: empty")
+
+    def integer(name: str, default: int | None) -> int | None:
+        v = get(name)
+        if v is None:
+            return default
+        if isinstance(v, str):  # a hive partition value
+            try:
+                return int(v)
+            except ValueError:
+                problems.append(f"{name}: {v!r} is not an integer")
+                return None
+        if isinstance(v, float):
+            if not math.isfinite(v) or v != int(v):
+                problems.append(f"{name}: {v} is not an integer")
+                return None
+            return int(v)
+        return int(v)
+
+    seed = integer("seed", d.seed)
+    height = integer("height", d.height)
+    width = integer("width", d.width)
+    steps = integer("num_inference_steps", d.num_inference_steps)
+    num_images = integer("num_images", d.num_images)
+    max_seq = integer("max_sequence_length", d.max_sequence_length)
+    guidance = get("guidance_scale")
+    guidance = d.guidance_scale if guidance is None else float(guidance)
+
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        if v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
+            problems.append(f"{name}: {v} is not a positive multiple of {SIZE_MULTIPLE}")
+        elif v > d.max_size:
+            problems.append(f"{name}: {v} exceeds the job limit {d.max_size}")
+    if steps is not None and steps < 1:
+        problems.append(f"num_inference_steps: {steps} is < 1")
+    if num_images is not None:
+        if num_images < 1:
+            problems.append(f"num_images: {num_images} is < 1")
+        elif num_images > d.max_num_images:
+            problems.append(f"num_images: {num_images} exceeds the job limit {d.max_num_images}")
+    if max_seq is not None and not 1 <= max_seq <= MAX_SEQUENCE_LENGTH:
+        problems.append(f"max_sequence_length: {max_seq} is not in 1..{MAX_SEQUENCE_LENGTH}")
+    if not math.isfinite(guidance):
+        problems.append(f"guidance_scale: {guidance} is not finite")
+    if seed is None and not any(p.startswith("seed:") for p in problems):
+        seed = row_seed(d.job_seed, row_id)
+    elif seed is not None:
+        last = seed + max(num_images or 1, 1) - 1
+        if seed < 0 or last > MAX_SEED:
+            problems.append(f"seed: {seed} is outside 0..2**63-1 (for all {num_images} image seeds)")
+
+    extra = {name: _jsonable(get(name)) for name in extra_names}
+    error = None
+    if problems:
+        error = f"row id {row_id!r} (position {position}): " + "; ".join(problems)
+    return WorkRow(
+        id=row_id,
+        key=safe_key(row_id),
+        position=position,
+        prompt=prompt,
+        prompt_2=text("prompt_2"),
+        prompt_3=text("prompt_3"),
+        negative_prompt=text("negative_prompt"),
+        negative_prompt_2=text("negative_prompt_2"),
+        negative_prompt_3=text("negative_prompt_3"),
+        seed=seed,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        max_sequence_length=max_seq,
+        num_images=num_images,
+        extra=json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str),
+        error=error,
+    )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+# --------------------------------------------------------------------------- whole-table checks
+
+
+def check_unique_ids(url: str, options: StorageOptions | None = None, show: int = 5) -> int:
+    """PromptTableError listing a few duplicated ids (reads only the `id` column); returns the number
+    of rows with an id. Run before any work."""
+    import pyarrow.compute as pc
+
+    fs, _ = get_fs(url, options)
+    chunks = []
+    for file_url, _rel, partition in _table_files(url, options):
+        _, path = get_fs(file_url, options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            part_id = [v for k, v in partition if k == "id"]
+            if part_id:  # every row of the file has its folder's id
+                chunks.append(pa.array(part_id * pf.metadata.num_rows, pa.string()))
+                continue
+            if "id" not in pf.schema_arrow.names:
+                continue
+            col = pf.read(columns=["id"]).column("id")
+        for chunk in col.chunks:
+            if pa.types.is_dictionary(chunk.type):
+                chunk = chunk.dictionary_decode()
+            chunks.append(pc.cast(chunk, pa.string()) if not pa.types.is_null(chunk.type) else chunk)
+    ids = [c for c in chunks if not pa.types.is_null(c.type)]
+    if not ids:
+        return 0
+    all_ids = pa.chunked_array(ids, pa.string()).drop_null()
+    counts = pc.value_counts(all_ids)
+    dup_mask = pc.greater(counts.field("counts"), 1)
+    dups = counts.filter(dup_mask)
+    if len(dups):
+        listed = ", ".join(
+            f"{v!r} ({c}x)"
+            for v, c in zip(
+                dups.field("values").to_pylist()[:show], dups.field("counts").to_pylist()[:show], strict=True
+            )
+        )
+        more = f" and {len(dups) - show} more" if len(dups) > show else ""
+        raise PromptTableError(f"{url}: {len(dups)} duplicate id(s): {listed}{more}; ids must be unique")
+    return len(all_ids)
+
+
+def iter_work_rows(
+    url: str, defaults: JobDefaults, options: StorageOptions | None = None
+) -> Iterable[WorkRow]:
+    """All WorkRows of a table in order (a convenience for small tables and tests)."""
+    for unit in plan_read_units(url, options):
+        yield from resolve_rows(read_unit(unit, options), defaults)
+
+
+__all__ = [
+    "JobDefaults",
+    "PromptTableError",
+    "ReadUnit",
+    "WorkRow",
+    "WORK_ROW_SCHEMA",
+    "check_schema",
+    "check_unique_ids",
+    "iter_work_rows",
+    "plan_read_units",
+    "position_id",
+    "prompts_table",
+    "read_unit",
+    "resolve_rows",
+    "row_seed",
+    "safe_id",
+    "safe_key",
+    "work_rows_from_batch",
+    "work_rows_to_table",
+]

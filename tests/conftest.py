@@ -1,0 +1,18 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.s3_server import aws_env, moto_server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 endpoint on loopback (moto_server subprocess) for the whole session; sets the
+    standard AWS variables (endpoint, test credentials) while it runs. Use
+    `tests.s3_server.make_bucket(s3_endpoint)` for a fresh bucket per test."""
+    with moto_server() as endpoint, aws_env(endpoint):
+        yield endpoint
