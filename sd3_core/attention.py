@@ -12,7 +12,7 @@ import paddle
 import paddle.nn.functional as F
 
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
-from sd3_core.modeling import Linear
+from sd3_core.modeling import Linear, PartialSumLinear
 
 __all__ = ["Attention", "RMSNorm", "attention", "split_heads_norm"]
 
@@ -83,6 +83,9 @@ class Attention(paddle.nn.Layer):
     Image stream: ``to_q/to_k/to_v``, ``norm_q/norm_k``, ``to_out.0``. Context stream (only
     when ``context_dim`` is given): ``add_q_proj/add_k_proj/add_v_proj``,
     ``norm_added_q/norm_added_k``, and ``to_add_out`` unless ``context_pre_only``.
+
+    With ``partial_out`` the layer is a tensor-parallel shard: ``heads`` are this rank's heads,
+    and the out projections return partial sums (see :class:`PartialSumLinear`).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class Attention(paddle.nn.Layer):
         context_dim: int | None = None,
         context_pre_only: bool = False,
         eps: float = 1e-6,
+        partial_out: bool = False,
     ):
         super().__init__()
         if qk_norm not in (None, "rms_norm"):
@@ -101,12 +105,13 @@ class Attention(paddle.nn.Layer):
         self.heads = heads
         self.head_dim = head_dim
         inner = heads * head_dim
+        out_linear = PartialSumLinear if partial_out else Linear
         self.to_q = Linear(dim, inner)
         self.to_k = Linear(dim, inner)
         self.to_v = Linear(dim, inner)
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else None
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else None
-        self.to_out = paddle.nn.LayerList([Linear(inner, dim)])  # diffusers' to_out.1 is a no-op Dropout
+        self.to_out = paddle.nn.LayerList([out_linear(inner, dim)])  # diffusers' to_out.1 is a no-op Dropout
         self.has_context = context_dim is not None
         if self.has_context:
             self.add_q_proj = Linear(context_dim, inner)
@@ -114,7 +119,7 @@ class Attention(paddle.nn.Layer):
             self.add_v_proj = Linear(context_dim, inner)
             self.norm_added_q = RMSNorm(head_dim, eps) if qk_norm else None
             self.norm_added_k = RMSNorm(head_dim, eps) if qk_norm else None
-            self.to_add_out = None if context_pre_only else Linear(inner, dim)
+            self.to_add_out = None if context_pre_only else out_linear(inner, dim)
 
     def qkv(self, x: paddle.Tensor, context: bool = False, need_q: bool = True):
         """q (or None), k, v of one stream, each ``[L, H*Dh]`` with the qk-norm applied."""

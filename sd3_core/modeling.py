@@ -32,6 +32,7 @@ __all__ = [
     "Conv2D",
     "Linear",
     "ModelMixin",
+    "PartialSumLinear",
     "WeightLoadError",
     "compute_dtype",
     "load_torch_state",
@@ -112,6 +113,12 @@ def _as(t: paddle.Tensor | None, dtype: paddle.dtype) -> paddle.Tensor | None:
     return t if t is None or t.dtype == dtype else t.astype(dtype)
 
 
+def _addmm_grad_would_crash(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> bool:
+    # Paddle 3.3's CPU addmm backward segfaults when the bias stops gradient but x or the weight
+    # needs one (a frozen Linear inside a LoRA-trained model, or downstream of one).
+    return bias.stop_gradient and paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient)
+
+
 class Linear(paddle.nn.Linear):
     """``nn.Linear`` that runs half-precision weights in the input's dtype when they differ.
 
@@ -120,12 +127,23 @@ class Linear(paddle.nn.Linear):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         weight, bias = _as(self.weight, x.dtype), _as(self.bias, x.dtype)
-        if bias is None or _device_has_half_kernels():
+        if bias is None or _device_has_half_kernels() or _addmm_grad_would_crash(x, weight, bias):
             return F.linear(x, weight, bias)
         # On CPU F.linear is a GEMM plus a separate bias pass over the output; addmm lets the
         # GEMM accumulate onto the bias (beta=1), which is ~20% cheaper for SD3's shapes.
         out = paddle.addmm(bias, x.reshape([-1, x.shape[-1]]), weight)
         return out.reshape([*x.shape[:-1], weight.shape[1]])
+
+
+class PartialSumLinear(Linear):
+    """A row-parallel shard of a Linear: ``forward`` is this rank's partial product, no bias.
+
+    The weight holds this rank's rows of the input features; the partial products of all ranks
+    sum to the full ``x @ W``, and the (replicated) bias is added once, after that sum.
+    """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(x, _as(self.weight, x.dtype))
 
 
 class Conv2D(paddle.nn.Conv2D):

@@ -13,7 +13,7 @@ modulation fuses into LayerNorm's affine step (one pass instead of three).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import paddle
 import paddle.nn.functional as F
@@ -21,7 +21,7 @@ import paddle.nn.functional as F
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.attention import Attention, attention
 from sd3_core.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
-from sd3_core.modeling import Linear, ModelMixin, compute_dtype
+from sd3_core.modeling import Linear, ModelMixin, PartialSumLinear, compute_dtype
 
 __all__ = [
     "FeedForward",
@@ -51,25 +51,23 @@ def modulated_norm(x: paddle.Tensor, shift: paddle.Tensor, scale: paddle.Tensor)
 
 
 class AdaLNModulation(paddle.nn.Layer):
-    """``Linear(SiLU(temb))`` of one sample split into ``chunks`` ``[D]`` vectors.
+    """``Linear(SiLU(temb))`` producing ``chunks`` modulation vectors of width D per sample.
 
     Stands in for diffusers' AdaLayerNormZero (6 chunks), SD35AdaLayerNormZeroX (9) and
-    AdaLayerNormContinuous (2, ordered scale, shift); all three hold only ``linear``.
-    The caller passes ``SiLU(temb)``, computed once per forward.
+    AdaLayerNormContinuous (2, ordered scale, shift); all three hold only ``linear``. The model
+    runs every such layer on ``SiLU(temb)`` once per forward (:meth:`SD3Transformer2DModel.modulations`).
+    In a tensor-parallel shard (``shards > 1``) the layer holds a contiguous ``1/shards`` of the
+    output features, and the model gathers all layers' slices in one collective.
     """
 
-    def __init__(self, dim: int, chunks: int):
+    def __init__(self, dim: int, chunks: int, shards: int = 1):
         super().__init__()
         self.chunks = chunks
-        self.linear = Linear(dim, chunks * dim)
+        self.linear = Linear(dim, chunks * dim // shards)
 
-    def forward(self, temb_act: paddle.Tensor) -> list[paddle.Tensor]:
-        """``temb_act`` is ``[1, D]`` (one sample)."""
-        if temb_act.shape[0] != 1:
-            raise ValueError(
-                f"adaLN modulates one sample at a time; got temb of shape {list(temb_act.shape)}"
-            )
-        return paddle.chunk(self.linear(temb_act).reshape([-1]), self.chunks)
+    def per_sample(self, modulation: paddle.Tensor) -> list[list[paddle.Tensor]]:
+        """``[B, chunks*D]`` full modulation -> per sample, ``chunks`` ``[D]`` vectors."""
+        return [paddle.chunk(modulation[i], self.chunks) for i in range(modulation.shape[0])]
 
 
 class _GELUProj(paddle.nn.Layer):
@@ -82,20 +80,39 @@ class _GELUProj(paddle.nn.Layer):
 
 
 class FeedForward(paddle.nn.Layer):
-    """D -> 4D (tanh-GELU) -> D; keys ``net.0.proj`` and ``net.2`` as in diffusers."""
+    """D -> 4D (tanh-GELU) -> D; keys ``net.0.proj`` and ``net.2`` as in diffusers.
 
-    def __init__(self, dim: int, mult: int = 4):
+    A tensor-parallel shard (``shards > 1``) holds ``4D/shards`` hidden features: ``net.0`` is
+    column-parallel, ``net.2`` row-parallel and returns a partial sum.
+    """
+
+    def __init__(self, dim: int, mult: int = 4, shards: int = 1):
         super().__init__()
+        hidden = dim * mult // shards
+        out = PartialSumLinear if shards > 1 else Linear
         # net.1 is diffusers' Dropout(0): no parameters, kept so the indices line up.
-        self.net = paddle.nn.LayerList(
-            [_GELUProj(dim, dim * mult), paddle.nn.Identity(), Linear(dim * mult, dim)]
-        )
+        self.net = paddle.nn.LayerList([_GELUProj(dim, hidden), paddle.nn.Identity(), out(hidden, dim)])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.net[2](self.net[0](x))
 
 
 # ---- joint block ------------------------------------------------------------------------------
+
+#: Turns per-layer partial sums into full outputs (sum over tensor-parallel ranks, plus bias);
+#: ``None`` when the out projections are already whole (one device).
+ReducePartialSums = Callable[[list[paddle.nn.Layer], list[paddle.Tensor]], list[paddle.Tensor]]
+
+
+def _full_outputs(
+    reduce: ReducePartialSums | None, layers: list[paddle.nn.Layer], per_sample: list[list[paddle.Tensor]]
+) -> list[list[paddle.Tensor]]:
+    """Full outputs of ``layers`` for every sample, reduced in one call for the whole batch."""
+    if reduce is None:
+        return per_sample
+    flat = reduce(layers * len(per_sample), [t for outs in per_sample for t in outs])
+    k = len(layers)
+    return [flat[i * k : (i + 1) * k] for i in range(len(per_sample))]
 
 
 class JointTransformerBlock(paddle.nn.Layer):
@@ -104,6 +121,13 @@ class JointTransformerBlock(paddle.nn.Layer):
     ``context_pre_only`` (the last block) only contributes context keys/values: its context
     modulation is AdaLayerNormContinuous and it has no ``to_add_out``/``ff_context``.
     ``use_dual_attention`` (SD3.5) adds an image-only self-attention ``attn2``.
+    ``shards > 1`` builds one tensor-parallel shard: ``num_attention_heads / shards`` heads, a
+    ``1/shards`` slice of the feed-forward hidden units and of the adaLN outputs.
+
+    The block runs a batch as lists of per-sample 2-D tensors in three phases: attention and
+    its out projections; gated residuals and the feed-forwards; gated residuals. Between the
+    phases the out projections of all samples and both streams are reduced together, so a
+    tensor-parallel shard makes at most two collectives per block.
     """
 
     def __init__(
@@ -114,87 +138,144 @@ class JointTransformerBlock(paddle.nn.Layer):
         context_pre_only: bool = False,
         qk_norm: str | None = None,
         use_dual_attention: bool = False,
+        shards: int = 1,
     ):
         super().__init__()
         self.context_pre_only = context_pre_only
         self.use_dual_attention = use_dual_attention
-        self.norm1 = AdaLNModulation(dim, 9 if use_dual_attention else 6)
-        self.norm1_context = AdaLNModulation(dim, 2 if context_pre_only else 6)
+        heads = num_attention_heads // shards
+        partial = shards > 1
+        self.norm1 = AdaLNModulation(dim, 9 if use_dual_attention else 6, shards)
+        self.norm1_context = AdaLNModulation(dim, 2 if context_pre_only else 6, shards)
         self.attn = Attention(
             dim,
-            num_attention_heads,
+            heads,
             attention_head_dim,
             qk_norm,
             context_dim=dim,
             context_pre_only=context_pre_only,
+            partial_out=partial,
         )
         self.attn2 = (
-            Attention(dim, num_attention_heads, attention_head_dim, qk_norm) if use_dual_attention else None
+            Attention(dim, heads, attention_head_dim, qk_norm, partial_out=partial)
+            if use_dual_attention
+            else None
         )
-        self.ff = FeedForward(dim)
-        self.ff_context = None if context_pre_only else FeedForward(dim)
+        self.ff = FeedForward(dim, shards=shards)
+        self.ff_context = None if context_pre_only else FeedForward(dim, shards=shards)
+
+    # The projections whose outputs phases 1 and 2 produce, in the order they are returned
+    # (looked up each time: LoRA may wrap these layers after construction).
+    @property
+    def attention_out_layers(self) -> list[paddle.nn.Layer]:
+        layers = [self.attn.to_out[0]]
+        if self.use_dual_attention:
+            layers.append(self.attn2.to_out[0])
+        if not self.context_pre_only:
+            layers.append(self.attn.to_add_out)
+        return layers
+
+    @property
+    def mlp_out_layers(self) -> list[paddle.nn.Layer]:
+        return [self.ff.net[2]] + ([] if self.context_pre_only else [self.ff_context.net[2]])
 
     # -- image stream
-    def pre_attention_image(self, x: paddle.Tensor, temb_act: paddle.Tensor):
-        """``x`` ``[L, D]`` -> ``(q, k, v)``, intermediates for :meth:`post_attention_image`."""
-        mods = self.norm1(temb_act)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    def pre_attention_image(self, x: paddle.Tensor, mods: list[paddle.Tensor]):
+        """``x`` ``[L, D]`` -> ``(q, k, v)`` and the input of ``attn2`` (None without one)."""
+        shift_msa, scale_msa = mods[0], mods[1]
         qkv = self.attn.qkv(modulated_norm(x, shift_msa, scale_msa))
         x2 = modulated_norm(x, mods[6], mods[7]) if self.use_dual_attention else None
-        gate_msa2 = mods[8] if self.use_dual_attention else None
-        return qkv, (gate_msa, shift_mlp, scale_mlp, gate_mlp, x2, gate_msa2)
+        return qkv, x2
 
-    def post_attention_image(self, attn: paddle.Tensor, x: paddle.Tensor, intermediates) -> paddle.Tensor:
-        gate_msa, shift_mlp, scale_mlp, gate_mlp, x2, gate_msa2 = intermediates
-        x = x + gate_msa * self.attn.to_out[0](attn)
+    def post_attention_image(self, outs: list[paddle.Tensor], x: paddle.Tensor, mods: list[paddle.Tensor]):
+        """Gated attention residual(s); returns the new ``x`` and its feed-forward output."""
+        gate_msa, shift_mlp, scale_mlp = mods[2], mods[3], mods[4]
+        x = x + gate_msa * outs[0]
         if self.use_dual_attention:
-            x = x + gate_msa2 * self.attn2.self_attention(x2)
-        return x + gate_mlp * self.ff(modulated_norm(x, shift_mlp, scale_mlp))
+            x = x + mods[8] * outs[1]  # gate_msa2
+        return x, self.ff(modulated_norm(x, shift_mlp, scale_mlp))
 
     # -- context stream
-    def pre_attention_context(self, c: paddle.Tensor, temb_act: paddle.Tensor):
-        """``c`` ``[Lc, D]`` -> ``(q, k, v)`` (q is None in the last block), intermediates."""
+    def pre_attention_context(self, c: paddle.Tensor, mods: list[paddle.Tensor]):
+        """``c`` ``[Lc, D]`` -> ``(q, k, v)``; q is None in the last block."""
         if self.context_pre_only:
-            scale, shift = self.norm1_context(temb_act)  # AdaLayerNormContinuous order
+            scale, shift = mods  # AdaLayerNormContinuous order
             # Its queries would only produce context outputs that the last block discards.
-            return self.attn.qkv(modulated_norm(c, shift, scale), context=True, need_q=False), None
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1_context(temb_act)
-        qkv = self.attn.qkv(modulated_norm(c, shift_msa, scale_msa), context=True)
-        return qkv, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
+            return self.attn.qkv(modulated_norm(c, shift, scale), context=True, need_q=False)
+        shift_msa, scale_msa = mods[0], mods[1]
+        return self.attn.qkv(modulated_norm(c, shift_msa, scale_msa), context=True)
 
-    def post_attention_context(self, attn: paddle.Tensor, c: paddle.Tensor, intermediates) -> paddle.Tensor:
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = intermediates
-        c = c + gate_msa * self.attn.to_add_out(attn)
-        return c + gate_mlp * self.ff_context(modulated_norm(c, shift_mlp, scale_mlp))
+    def post_attention_context(self, out: paddle.Tensor, c: paddle.Tensor, mods: list[paddle.Tensor]):
+        gate_msa, shift_mlp, scale_mlp = mods[2], mods[3], mods[4]
+        c = c + gate_msa * out
+        return c, self.ff_context(modulated_norm(c, shift_mlp, scale_mlp))
 
-    def forward(self, x: paddle.Tensor, c: paddle.Tensor, temb_act: paddle.Tensor):
-        """One sample: ``x`` ``[L, D]``, ``c`` ``[Lc, D]``, ``temb_act`` ``[1, D]`` -> ``(x, c)``.
+    # -- the block
+    def forward(
+        self,
+        xs: list[paddle.Tensor],
+        cs: list[paddle.Tensor],
+        modulation: paddle.Tensor,
+        context_modulation: paddle.Tensor,
+        reduce: ReducePartialSums | None = None,
+    ) -> tuple[list[paddle.Tensor], list[paddle.Tensor] | None]:
+        """Per-sample ``xs`` ``[L, D]`` and ``cs`` ``[Lc, D]``; full ``[B, chunks*D]`` modulations.
 
-        ``c`` is None after the last (context_pre_only) block.
+        Returns the new ``(xs, cs)``; ``cs`` is None after the last (context_pre_only) block.
         """
-        return joint_attention(self, x, c, temb_act)
+        img_mods = self.norm1.per_sample(modulation)
+        ctx_mods = self.norm1_context.per_sample(context_modulation)
+        samples = range(len(xs))
+        # Phase 1: attention; its out projections (all samples, both streams) reduce together.
+        attn = [joint_attention(self, xs[i], cs[i], img_mods[i], ctx_mods[i]) for i in samples]
+        attn = _full_outputs(reduce, self.attention_out_layers, attn)
+        # Phase 2: gated attention residuals and the feed-forwards, again reduced together.
+        xs, ff = list(xs), []
+        for i in samples:
+            xs[i], ff_x = self.post_attention_image(attn[i], xs[i], img_mods[i])
+            ff.append([ff_x])
+        if not self.context_pre_only:
+            cs = list(cs)
+            for i in samples:
+                cs[i], ff_c = self.post_attention_context(attn[i][-1], cs[i], ctx_mods[i])
+                ff[i].append(ff_c)
+        ff = _full_outputs(reduce, self.mlp_out_layers, ff)
+        # Phase 3: gated feed-forward residuals (gate_mlp is chunk 5 of either modulation).
+        xs = [xs[i] + img_mods[i][5] * ff[i][0] for i in samples]
+        if self.context_pre_only:
+            return xs, None
+        return xs, [cs[i] + ctx_mods[i][5] * ff[i][1] for i in samples]
 
 
 def joint_attention(
-    block: JointTransformerBlock, x: paddle.Tensor, c: paddle.Tensor, temb_act: paddle.Tensor
-):
-    """Run both streams' pre-attention, one attention over ``[image, context]``, then split.
+    block: JointTransformerBlock,
+    x: paddle.Tensor,
+    c: paddle.Tensor,
+    img_mods: list[paddle.Tensor],
+    ctx_mods: list[paddle.Tensor],
+) -> list[paddle.Tensor]:
+    """One sample's pre-attention of both streams, one attention over ``[image, context]``, split.
 
-    This is where the streams meet: a tensor-parallel runner shards heads here (q/k/v are
-    column-parallel) and reduces after the out projections in the post-attention steps.
+    Returns the out projections in ``block.attention_out_layers`` order (image, SD3.5's
+    image-only ``attn2``, context); in a tensor-parallel shard they are partial sums of this
+    rank's heads, which the block reduces for all samples at once.
     """
-    (q_x, k_x, v_x), x_inter = block.pre_attention_image(x, temb_act)
-    (q_c, k_c, v_c), c_inter = block.pre_attention_context(c, temb_act)
-    n_x = x.shape[0]
+    (q_x, k_x, v_x), x2 = block.pre_attention_image(x, img_mods)
+    _, k_c, v_c = qkv_c = block.pre_attention_context(c, ctx_mods)
     k = paddle.concat([k_x, k_c])
     v = paddle.concat([v_x, v_c])
     heads = block.attn.heads
     if block.context_pre_only:
-        return block.post_attention_image(attention(q_x, k, v, heads), x, x_inter), None
-    out = attention(paddle.concat([q_x, q_c]), k, v, heads)
-    x = block.post_attention_image(out[:n_x], x, x_inter)
-    c = block.post_attention_context(out[n_x:], c, c_inter)
-    return x, c
+        out_x, out_c = attention(q_x, k, v, heads), None
+    else:
+        out = attention(paddle.concat([q_x, qkv_c[0]]), k, v, heads)
+        out_x, out_c = out[: x.shape[0]], out[x.shape[0] :]
+    outs = [block.attn.to_out[0](out_x)]
+    if block.use_dual_attention:
+        outs.append(block.attn2.self_attention(x2))
+    if out_c is not None:
+        outs.append(block.attn.to_add_out(out_c))
+    return outs
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -232,6 +313,7 @@ class SD3Transformer2DModel(ModelMixin):
             raise ValueError(
                 f"dual_attention_layers {bad} are outside 0..{num_layers - 1} (num_layers={num_layers})"
             )
+        shards = self.tensor_parallel_shards()
         self.pos_embed = PatchEmbed(sample_size, patch_size, in_channels, self.inner_dim, pos_embed_max_size)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(self.inner_dim, pooled_projection_dim)
         self.context_embedder = Linear(joint_attention_dim, caption_projection_dim)
@@ -244,12 +326,29 @@ class SD3Transformer2DModel(ModelMixin):
                     context_pre_only=i == num_layers - 1,
                     qk_norm=qk_norm,
                     use_dual_attention=i in dual_attention_layers,
+                    shards=shards,
                 )
                 for i in range(num_layers)
             ]
         )
-        self.norm_out = AdaLNModulation(self.inner_dim, 2)  # AdaLayerNormContinuous: (scale, shift)
+        self.norm_out = AdaLNModulation(self.inner_dim, 2, shards)  # AdaLayerNormContinuous: (scale, shift)
         self.proj_out = Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+
+    #: How a tensor-parallel subclass sums its out projections' partial outputs (None: whole).
+    reduce_partial_sums: ReducePartialSums | None = None
+
+    def tensor_parallel_shards(self) -> int:
+        """How many ranks share each block's heads (1: this is the whole model)."""
+        return 1
+
+    def adaln_layers(self) -> list[AdaLNModulation]:
+        """Every adaLN modulation layer: ``norm1, norm1_context`` of each block, then ``norm_out``."""
+        layers = [n for block in self.transformer_blocks for n in (block.norm1, block.norm1_context)]
+        return [*layers, self.norm_out]
+
+    def modulations(self, temb_act: paddle.Tensor) -> list[paddle.Tensor]:
+        """``[B, chunks*D]`` modulation of every :meth:`adaln_layers` layer; all depend only on temb."""
+        return [layer.linear(temb_act) for layer in self.adaln_layers()]
 
     def _check_inputs(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep
@@ -310,15 +409,16 @@ class SD3Transformer2DModel(ModelMixin):
         temb = self.time_text_embed(timestep, pooled_projections.astype(dtype))
         temb_act = F.silu(temb)  # every adaLN linear takes SiLU(temb)
         c = self.context_embedder(encoder_hidden_states.astype(dtype))
+        modulations = self.modulations(temb_act)
         skip = set(skip_layers or ())
-        tokens = []
-        for i in range(b):  # samples are independent; see the module docstring
-            x_i, c_i, t_i = x[i], c[i], temb_act[i : i + 1]
-            for j, block in enumerate(self.transformer_blocks):
-                if j not in skip:
-                    x_i, c_i = block(x_i, c_i, t_i)
-            scale, shift = self.norm_out(t_i)
-            tokens.append(self.proj_out(modulated_norm(x_i, shift, scale)))
+        xs, cs = [x[i] for i in range(b)], [c[i] for i in range(b)]  # see the module docstring
+        for j, block in enumerate(self.transformer_blocks):
+            if j not in skip:
+                xs, cs = block(xs, cs, modulations[2 * j], modulations[2 * j + 1], self.reduce_partial_sums)
+        tokens = [
+            self.proj_out(modulated_norm(x_i, shift, scale))
+            for x_i, (scale, shift) in zip(xs, self.norm_out.per_sample(modulations[-1]), strict=True)
+        ]
         x = paddle.stack(tokens)
         # unpatchify: [B, h*w, p*p*C] -> [B, C, h*p, w*p]
         x = x.reshape([b, h // p, w // p, p, p, self.out_channels]).transpose([0, 5, 1, 3, 2, 4])

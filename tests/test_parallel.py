@@ -1,0 +1,315 @@
+"""CFG split and tensor parallelism: real gloo collectives on local processes, same numbers as one process.
+
+Each (cfg, mp) replica is launched once (``tests.parallel_worker``) on tiny SD3 and SD3.5-style
+checkpoints with 4 heads; the tests then compare its outputs with the single-process model and
+pipeline, and read the collective counts and per-rank parameter bytes it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from pipelines import StableDiffusion3Pipeline
+from sd3_core.collectives import CollectiveCounter, Collectives, SingleRank
+from sd3_core.modeling import _default_dtype
+from sd3_core.tensor_parallel import (
+    TensorParallelSD3Transformer,
+    check_tensor_parallel,
+    parameter_bytes,
+    shard_slice,
+)
+from sd3_core.transformer import SD3Transformer2DModel
+from tests.distributed import run_ranks
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOL = 1e-4
+NUM_LAYERS = 4
+STEPS = 2
+INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+# Tiny transformers whose 4 heads split over mp = 1, 2 and 4, on the fixtures' text encoders and VAE.
+TINY = {
+    "sd3": ("sd3-tiny", {}),
+    "sd35": ("sd35-tiny", {"qk_norm": "rms_norm", "dual_attention_layers": [0, 1]}),
+}
+CASES = {
+    "negatives": {
+        "prompt": ["a red cube", "a blue sphere on grass", "a city at night"],
+        "negative_prompt": ["blurry", "", "low quality, noisy"],
+        "guidance_scale": 5.0,
+        "seed": [1, 2, 3],
+    },
+    "no_negatives": {"prompt": ["a cat", "a dog on a sofa"], "guidance_scale": 4.0, "seed": 7},
+    "no_guidance": {"prompt": "a tree", "guidance_scale": 1.0, "seed": 3},
+}
+for _args in CASES.values():
+    _args.update(height=64, width=64, num_inference_steps=STEPS, max_sequence_length=16)
+
+
+def _randomise(model: paddle.nn.Layer, seed: int) -> None:
+    # Non-zero biases everywhere, so a bias added on every rank (instead of once) would show.
+    rng = np.random.default_rng(seed)
+    for name, p in model.named_parameters():
+        if len(p.shape) == 2:
+            value = rng.standard_normal(p.shape) / np.sqrt(p.shape[0])
+        elif name.endswith("norm_q.weight") or "norm_k" in name or "norm_added" in name:
+            value = 1 + 0.1 * rng.standard_normal(p.shape)
+        else:
+            value = 0.1 * rng.standard_normal(p.shape)
+        p.set_value(paddle.to_tensor(value.astype(np.float32)).reshape(p.shape))
+
+
+def tiny_config(**extra) -> dict:
+    return dict(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=NUM_LAYERS, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=64,
+        pooled_projection_dim=80, out_channels=16, pos_embed_max_size=12, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Pipeline folders: the fixtures' encoders, VAE and scheduler with a 4-head transformer."""
+    root = tmp_path_factory.mktemp("tp")
+    folders = {}
+    for seed, (name, (fixture, extra)) in enumerate(TINY.items()):
+        folder = root / name
+        shutil.copytree(FIXTURES / fixture, folder, ignore=shutil.ignore_patterns("transformer"))
+        paddle.seed(seed)
+        model = SD3Transformer2DModel(**tiny_config(**extra))
+        _randomise(model, seed)
+        model.save_pretrained(folder / "transformer", max_shard_size=200_000)  # sharded, as real checkpoints
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("inputs") / "inputs.npz"
+    np.savez(
+        path,
+        hidden_states=rng.standard_normal((3, 16, 8, 6), dtype=np.float32),
+        encoder_hidden_states=rng.standard_normal((3, 20, 128), dtype=np.float32),
+        pooled_projections=rng.standard_normal((3, 80), dtype=np.float32),
+        timestep=np.array([999.0, 500.0, 12.5], dtype=np.float32),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_pipelines, inputs) -> dict[str, np.ndarray]:
+    """The references: one process, no collectives."""
+    data = np.load(inputs)
+    ref = {}
+    for name, folder in tiny_pipelines.items():
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        with paddle.no_grad():
+            ref[f"{name}/forward"] = pipe.transformer(
+                *(paddle.to_tensor(data[k]) for k in INPUT_NAMES)
+            ).numpy()
+        ref[f"{name}/bytes"] = parameter_bytes(pipe.transformer)
+        for case, args in CASES.items():
+            latents = pipe(**args, output_type="latent").images
+            ref[f"{name}/{case}"] = latents.numpy()
+            ref[f"{name}/{case}/images"] = pipe.decode_latents(latents, "np")  # as pipe(output_type="np")
+    return ref
+
+
+# (cfg, mp) shapes; (1, 1) is the plain pipeline. Two launches: 8 processes hosting the larger
+# shapes in turn (two cfg=1 x mp=4 replicas side by side, carved from the world by slots, as
+# gloo replicas with cfg=2 are anyway), and 2 processes that are exactly one replica, where the
+# mp and CFG collectives use the world group itself.
+# world8 also shares text encoding: only mp rank 0 of each half holds the text encoders.
+LAUNCHES = {"world8": (8, [(2, 4), (1, 4), (2, 2)], True), "world2": (2, [(1, 2), (2, 1)], False)}
+PARAMS = [(launch, shape) for launch, (_, shapes, _) in LAUNCHES.items() for shape in shapes]
+_RUNS: dict[str, tuple[list[dict], list[dict]]] = {}
+
+
+def launch_run(launch: str, folders: dict[str, Path], inputs: Path, tmp: Path):
+    """(per-rank arrays, per-rank reports) of one launch (cached for the module)."""
+    if launch not in _RUNS:
+        world_size, shapes, share = LAUNCHES[launch]
+        out = tmp / launch
+        out.mkdir()
+        spec = {
+            "shapes": shapes,
+            "out": str(out),
+            "inputs": str(inputs),
+            "input_names": INPUT_NAMES,
+            "models": {k: str(v) for k, v in folders.items()},
+            "cases": CASES,
+            "share_text_encoding": share,
+        }
+        run_ranks(world_size, "tests.parallel_worker", spec)
+        arrays = [dict(np.load(out / f"rank{r}.npz")) for r in range(world_size)]
+        reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+        _RUNS[launch] = arrays, reports
+    return _RUNS[launch]
+
+
+@dataclass
+class Replica:
+    cfg: int
+    mp: int
+    arrays: list[dict]  # per rank
+    reports: list[dict]  # per rank
+    keys: dict[str, str]  # model name -> key prefix in arrays and reports
+    shared_text_encoding: bool
+
+
+@pytest.fixture(params=PARAMS, ids=[f"{launch}-cfg{c}-mp{m}" for launch, (c, m) in PARAMS])
+def replica(request, tiny_pipelines, inputs, tmp_path_factory):
+    launch, (cfg, mp) = request.param
+    arrays, reports = launch_run(launch, tiny_pipelines, inputs, tmp_path_factory.getbasetemp())
+    keys = {name: f"cfg{cfg}-mp{mp}/{name}" for name in TINY}
+    return Replica(cfg, mp, arrays, reports, keys, LAUNCHES[launch][2])
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max())
+
+
+# ---- behaviour ---------------------------------------------------------------------------------
+
+
+def test_every_rank_gets_the_single_process_velocity(replica, single_process):
+    arrays, keys = replica.arrays, replica.keys
+    for name, key in keys.items():
+        for rank_arrays in arrays:
+            assert _max_diff(rank_arrays[f"{key}/forward"], single_process[f"{name}/forward"]) < TOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_rank_ends_with_the_single_process_latents(replica, single_process, case):
+    arrays, keys = replica.arrays, replica.keys
+    for name, key in keys.items():
+        expected = single_process[f"{name}/{case}"]
+        for rank_arrays in arrays:
+            assert _max_diff(rank_arrays[f"{key}/{case}"], expected) < TOL
+        assert _max_diff(arrays[0][f"{key}/{case}/images"], single_process[f"{name}/{case}/images"]) < TOL
+
+
+def test_collectives_per_forward_are_two_per_block_plus_one_gather(replica):
+    mp, reports, keys = replica.mp, replica.reports, replica.keys
+    for report in reports:
+        for key in keys.values():
+            calls = report[key]["forward"]["calls"]
+            expected = {"all_reduce": 2 * NUM_LAYERS, "all_gather": 1} if mp > 1 else {}
+            assert calls == expected
+
+
+def test_collectives_per_denoising_step(replica):
+    mp = replica.mp
+    per_forward = 2 * NUM_LAYERS + 1 if mp > 1 else 0
+    exchange = 1 if replica.cfg == 2 else 0
+    per_generation = 1 if replica.shared_text_encoding and mp > 1 else 0  # embeddings to the mp group
+    for report in replica.reports:
+        for key in replica.keys.values():
+            calls = report[key]["no_negatives"]["calls"]
+            assert sum(calls.values()) == STEPS * (per_forward + exchange) + per_generation
+            assert calls.get("all_gather", 0) == STEPS * ((mp > 1) + exchange)
+            # Without guidance there is nothing to exchange: each half renders the same batch.
+            assert sum(report[key]["no_guidance"]["calls"].values()) == STEPS * per_forward + per_generation
+
+
+def test_mp2_ranks_hold_at_most_055_of_the_transformer(replica, single_process):
+    mp, reports, keys = replica.mp, replica.reports, replica.keys
+    for name, key in keys.items():
+        ratios = [r[key]["param_bytes"] / single_process[f"{name}/bytes"] for r in reports]
+        assert max(ratios) <= {1: 1.0, 2: 0.55, 4: 0.32}[mp], ratios
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+
+
+def test_heads_must_divide_by_mp_before_anything_starts():
+    check_tensor_parallel({"num_attention_heads": 24}, 4)
+    with pytest.raises(ValueError, match=r"num_attention_heads=24 is not divisible by mp=5.*\[1, 2, 3, 4, 6"):
+        check_tensor_parallel({"num_attention_heads": 24}, 5)
+
+
+def test_shards_split_heads_hidden_units_and_adaln_outputs():
+    # PyTorch layout: Linear weights are [out, in].
+    assert shard_slice("transformer_blocks.0.attn.to_q.weight", (64, 64), 1, 2) == (
+        slice(32, 64),
+        slice(None),
+    )
+    assert shard_slice("transformer_blocks.3.attn.to_add_out.weight", (64, 64), 1, 2) == (
+        slice(None),
+        slice(32, 64),
+    )
+    assert shard_slice("transformer_blocks.3.attn.to_add_out.bias", (64,), 1, 2) is None
+    assert shard_slice("transformer_blocks.0.norm1_context.linear.bias", (384,), 0, 4) == (slice(0, 96),)
+    assert shard_slice("norm_out.linear.weight", (128, 64), 1, 2) == (slice(64, 128), slice(None))
+    assert shard_slice("transformer_blocks.0.ff_context.net.2.weight", (64, 256), 0, 2) == (
+        slice(None),
+        slice(0, 128),
+    )
+    assert shard_slice("transformer_blocks.0.attn.norm_q.weight", (16,), 1, 2) is None
+    assert shard_slice("context_embedder.weight", (64, 128), 1, 2) is None
+
+
+def test_sd3_medium_shard_bytes_for_mp2():
+    """The real SD3-medium shapes, built lazily (nothing allocated)."""
+    config = dict(
+        sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192,
+    )  # fmt: skip
+
+    def state_numel(model):
+        return sum(int(np.prod(t.shape)) for t in model.state_dict().values())
+
+    with _default_dtype("float32"), paddle.LazyGuard():
+        full = state_numel(SD3Transformer2DModel(**config))
+        shard = state_numel(TensorParallelSD3Transformer._build(config, Collectives(0, 2)))
+    print(f"SD3-medium: full {full / 1e9:.3f} G values, mp=2 shard {shard / full:.3f} of it")
+    assert shard / full <= 0.55
+
+
+def test_all_reduce_sends_one_collective_for_many_tensors():
+    counter = CollectiveCounter()
+
+    class Doubling(Collectives):  # two ranks holding the same values
+        def _all_reduce(self, flat):
+            flat.scale_(2.0)
+
+    tensors = [paddle.ones([2, 3]), paddle.full([4], 3.0), paddle.zeros([1, 1, 2])]
+    out = Doubling(0, 2, counter).all_reduce_sum(tensors)
+    assert [list(t.shape) for t in out] == [[2, 3], [4], [1, 1, 2]]
+    assert float(out[1][0]) == 6.0
+    assert counter.snapshot() == {"calls": {"all_reduce": 1}, "bytes": {"all_reduce": 4 * 12}}
+    assert SingleRank(counter).all_reduce_sum(tensors) == tensors and counter.total_calls == 1
+
+
+def test_report(tiny_pipelines, inputs, tmp_path_factory, single_process):
+    """Prints the figures for the closing note (run with -s)."""
+    lines = [
+        "launch  shape      model  max|forward diff|  max|latent diff|  bytes/full  collectives/step (bytes)"
+    ]
+    for launch, shape in PARAMS:
+        arrays, reports = launch_run(launch, tiny_pipelines, inputs, tmp_path_factory.getbasetemp())
+        cfg, mp = shape
+        for name in TINY:
+            key = f"cfg{cfg}-mp{mp}/{name}"
+            fwd = max(_max_diff(a[f"{key}/forward"], single_process[f"{name}/forward"]) for a in arrays)
+            lat = max(
+                _max_diff(a[f"{key}/{c}"], single_process[f"{name}/{c}"]) for a in arrays for c in CASES
+            )
+            ratio = max(r[key]["param_bytes"] for r in reports) / single_process[f"{name}/bytes"]
+            step = reports[0][key]["no_negatives"]  # (includes world8's one per-generation all-reduce)
+            calls = {k: v / STEPS for k, v in step["calls"].items()}
+            nbytes = sum(step["bytes"].values()) / STEPS
+            lines.append(
+                f"{launch:7} cfg{cfg}-mp{mp}  {name:5}  {fwd:.2e}  {lat:.2e}  {ratio:.3f}  {calls} ({nbytes:.0f} B)"
+            )
+    print("\n" + "\n".join(lines))
