@@ -20,6 +20,7 @@ import paddle
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.lora_loading import SD3LoraLoaderMixin
 from sd3_core import text_encoders
 from sd3_core.modeling import read_json_object, resolve_dtype
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
@@ -79,7 +80,7 @@ def _load_component(name: str, folder: str, dtype: str) -> Any:
     return text_encoders.load_t5_tokenizer(folder)
 
 
-class StableDiffusion3Pipeline:
+class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
     """SD3 / SD3.5 text-to-image. Build with `from_pretrained(path)` on a diffusers folder."""
 
     def __init__(

@@ -1,0 +1,110 @@
+"""diffusers' LoRA methods for the SD3 pipeline (``SD3LoraLoaderMixin``), on the transformer.
+
+Files are diffusers/peft ``pytorch_lora_weights.safetensors``; see :mod:`sd3_core.lora`.
+Text-encoder LoRA is not supported (a file holding it is rejected, not half-applied).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from sd3_core import lora
+
+_COMPONENTS = ("transformer",)
+
+
+class SD3LoraLoaderMixin:
+    """Mixed into :class:`StableDiffusion3Pipeline`; needs ``self.transformer``."""
+
+    transformer: object
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike,
+        adapter_name: str | None = None,
+        scale: float = 1.0,
+        weight_name: str | None = None,
+    ) -> str:
+        """Load a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) as adapter
+        ``adapter_name`` (default ``default_<n>``) with weight ``scale``. As in diffusers, the new
+        adapter becomes the only active one; combine several with :meth:`set_adapters`. Returns
+        its name.
+
+        ``pretrained_model_name_or_path`` may also be a URL (``s3://...``: a file, a folder, or a
+        LoRA registry) or a registry reference ``REGISTRY[:VERSION]`` (see jobs/lora_registry.py)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if weight_name is None and _is_remote_or_registry(path):
+            from jobs.lora_registry import resolve_lora  # the storage layer lives with the jobs
+
+            path = resolve_lora(path)
+        return lora.load_lora(self.transformer, path, adapter_name, scale, weight_name)
+
+    def set_adapters(
+        self,
+        adapter_names: str | Sequence[str],
+        adapter_weights: float | Sequence[float | None] | None = None,
+    ) -> None:
+        """Activate exactly ``adapter_names`` with ``adapter_weights`` (one, or one per adapter)."""
+        lora.set_adapters(self.transformer, adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return lora.active_adapters(self.transformer)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        names = lora.adapter_names(self.transformer)
+        return {"transformer": names} if names else {}
+
+    def enable_lora(self) -> None:
+        lora.enable_lora(self.transformer, True)
+
+    def disable_lora(self) -> None:
+        lora.enable_lora(self.transformer, False)
+
+    def fuse_lora(
+        self,
+        components: Sequence[str] = _COMPONENTS,
+        lora_scale: float = 1.0,
+        adapter_names: Sequence[str] | None = None,
+    ) -> None:
+        """Merge the (given or active) adapters into the transformer weights, times ``lora_scale``.
+
+        Unlike diffusers, the adapters' own weights are not left multiplied by ``lora_scale``
+        after an unfuse."""
+        _check_components(components)
+        lora.fuse_lora(self.transformer, lora_scale, adapter_names)
+
+    def unfuse_lora(self, components: Sequence[str] = _COMPONENTS) -> None:
+        """Restore the exact pre-fuse transformer weights."""
+        _check_components(components)
+        lora.unfuse_lora(self.transformer)
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            lora.delete_adapter(self.transformer, name)
+
+    def unload_lora_weights(self) -> None:
+        """Remove all adapters; adapters fused before this stay baked into the weights."""
+        lora.unload_lora(self.transformer)
+
+    def save_lora_weights(
+        self, save_directory: str | os.PathLike, adapter_name: str = "default", dtype: str = "float32"
+    ) -> str:
+        """Write one adapter as a diffusers-readable ``pytorch_lora_weights.safetensors``."""
+        return str(lora.save_lora_weights(save_directory, self.transformer, adapter_name, dtype=dtype))
+
+
+def _is_remote_or_registry(path: str) -> bool:
+    if "://" in path:
+        return True
+    head, sep, tail = path.rpartition(":")
+    registry = head if sep and tail and "/" not in tail and len(head) > 1 else path
+    return os.path.isfile(os.path.join(registry, "latest"))
+
+
+def _check_components(components: Sequence[str]) -> None:
+    extra = [c for c in components if c not in _COMPONENTS]
+    if extra:
+        raise ValueError(
+            f"LoRA components {extra} are not supported; only {list(_COMPONENTS)} carries LoRA here"
+        )
