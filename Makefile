@@ -10,12 +10,14 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test]"
+	$(VENV)/bin/pip install -qq -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-# The main job: render the example prompt table with the embedded default model.
+# The main job: render the example prompt table with the embedded default model, as the batch job
+# on a local Ray that the job starts (and stops) itself. Rerunning resumes (nothing left: no writes).
 demo: $(STAMP)
 	$(VENV)/bin/sd3 generate --prompts examples/prompts.parquet --output $(OUT) --steps 8
+	@echo "images: $(OUT)/images/  manifest: $(OUT)/manifest.parquet  job: $(OUT)/job.json  contact sheet: $(OUT)/contact_sheet.png"
 
 # The whole test suite (what CI runs).
 test: $(STAMP)

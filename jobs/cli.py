@@ -17,52 +17,220 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3", description="Stable Diffusion 3 on PaddlePaddle and Ray")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    gen = commands.add_parser("generate", help="render prompts to PNG files")
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    source.add_argument("--prompts", help="a Parquet prompt table with a `prompt` column")
-    gen.add_argument("--output", required=True, help="output folder; images go to OUTPUT/images/")
-    gen.add_argument(
-        "--model", default=None, help="diffusers-format SD3 folder (default: the embedded tiny model)"
-    )
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--height", type=_positive_int, default=None)
-    gen.add_argument("--width", type=_positive_int, default=None)
-    gen.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
-    gen.add_argument("--guidance-scale", type=float, default=7.0)
-    gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
-    gen.add_argument("--seed", type=int, default=0, help="job seed; per-row seeds derive from it and the id")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("--max-sequence-length", type=_positive_int, default=None, help="T5 tokens (<= 512)")
+    _add_generate_parser(commands)
+    _add_submit_parser(commands)
+    _add_training_parsers(commands)
     return parser
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from jobs.local_generate import DEFAULT_MODEL, PromptRow, generate_to_folder, read_prompt_table
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    """`sd3 generate`: the batch job (jobs/batch_generate.py) on a local or given Ray cluster."""
+    gen = commands.add_parser(
+        "generate",
+        help="render a prompt table (or prompts) to images + a manifest, on Ray",
+        description="Render every row of a Parquet prompt table (or the --prompt texts) to "
+        "OUTPUT/images/{id}_{k}.png with a manifest (OUTPUT/manifest.parquet), OUTPUT/job.json and "
+        "OUTPUT/contact_sheet.png. Rerunning on the same OUTPUT resumes: finished images are skipped. "
+        "Per-row columns override the job-level defaults below. Exit status: 0 all rows ok, 1 some "
+        "rows failed (see the manifest), 2 the job could not start.",
+    )
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--prompts", metavar="URL", help="Parquet file or dataset folder (local path, file://, s3://)"
+    )
+    source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    gen.add_argument("--output", required=True, metavar="URL", help="output folder or s3:// prefix")
+    gen.add_argument("--model", default=None, metavar="URI", help="diffusers SD3 folder or s3:// prefix "
+                     "(default: the embedded tiny model)")  # fmt: skip
+    run = gen.add_argument_group("execution")
+    run.add_argument("--replicas", type=_positive_int, default=1, help="model replicas (actors), default 1")
+    run.add_argument(
+        "--device", default="cpu", choices=["cpu", "gpu", "npu"], help="device of a replica (default cpu)"
+    )
+    run.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="CPUs (threads) per replica, default 1"
+    )
+    run.add_argument("--batch-size", type=_positive_int, default=4, help="images per replica call, default 4")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    run.add_argument("--image-format", default="png", choices=["png", "jpeg", "webp"])
+    run.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster to use ('auto': the one "
+                     "`ray start` runs here); default $RAY_ADDRESS, else a local Ray just for this job")  # fmt: skip
+    run.add_argument(
+        "--s3-endpoint-url",
+        default=None,
+        help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)",
+    )
+    run.add_argument(
+        "--s3-region", default=None, help="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)"
+    )
+    run.add_argument("--s3-anon", action="store_true", default=None, help="anonymous S3 access")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = gen.add_argument_group("job-level defaults (a row's own non-null column wins)")
+    d.add_argument("--negative-prompt", default=None)
+    d.add_argument("--prompt-2", default=None, help="CLIP-G prompt (default: the prompt)")
+    d.add_argument("--prompt-3", default=None, help="T5 prompt (default: the prompt)")
+    d.add_argument("--negative-prompt-2", default=None)
+    d.add_argument("--negative-prompt-3", default=None)
+    d.add_argument("--height", type=_positive_int, default=None, help="default: the model's size")
+    d.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
+    d.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
+    d.add_argument("--guidance-scale", type=float, default=7.0)
+    d.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    d.add_argument(
+        "--seed", type=int, default=0, help="job seed; a row without `seed` gets one from it and its id"
+    )
+    d.add_argument(
+        "--max-sequence-length", type=_positive_int, default=None, help="T5 tokens (<= 512, default 256)"
+    )
 
-    if args.prompts:
-        rows = read_prompt_table(args.prompts)
-    else:
-        rows = [PromptRow(f"prompt{i:04d}", p, args.negative_prompt) for i, p in enumerate(args.prompt)]
-        empty = [r.id for r in rows if not r.prompt.strip()]
-        if empty:
-            raise ValueError(f"--prompt: empty prompt(s) {empty}")
-    written = generate_to_folder(
-        rows,
-        args.output,
-        args.model or DEFAULT_MODEL,
+
+def _generate(args: argparse.Namespace) -> int:
+    from jobs.batch_generate import DEFAULT_MODEL, JobConfig, JobFailed, run_job
+    from jobs.prompt_table import JobDefaults
+    from jobs.storage import StorageOptions
+
+    defaults = JobDefaults(
+        prompt_2=args.prompt_2,
+        prompt_3=args.prompt_3,
+        negative_prompt=args.negative_prompt,
+        negative_prompt_2=args.negative_prompt_2,
+        negative_prompt_3=args.negative_prompt_3,
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         num_images=args.num_images,
-        seed=args.seed,
-        dtype=args.dtype,
         max_sequence_length=args.max_sequence_length,
+        job_seed=args.seed,
     )
-    print(f"wrote {len(written)} image(s) to {args.output}/images")
+    config = JobConfig(
+        output=args.output,
+        prompts=args.prompts,
+        prompt_list=args.prompt,
+        model=args.model or DEFAULT_MODEL,
+        replicas=args.replicas,
+        device=args.device,
+        cpus_per_replica=args.cpus_per_replica,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        defaults=defaults,
+        image_format=args.image_format,
+        ray_address=args.ray_address,
+        storage=StorageOptions.from_env(
+            endpoint_url=args.s3_endpoint_url, region=args.s3_region, anon=args.s3_anon
+        ),
+        progress=not args.no_progress,
+    )
+    try:
+        result = run_job(config)
+    except JobFailed as e:
+        print(f"sd3 generate: {e}", file=sys.stderr)
+        return 1
+    c = result.counts
+    if not result.finalized:
+        print(f"nothing to do: {args.output} is complete ({c.get('images_ok', 0)} images)", file=sys.stderr)
+    else:
+        print(
+            f"{c.get('rows', 0)} rows, {c.get('images_ok', 0)} images ok ({result.processed_images} "
+            f"processed now, {result.skipped_rows} rows done before) in {result.seconds:.1f}s; "
+            f"manifest {result.manifest}",
+            file=sys.stderr,
+        )
+    if result.rows_failed:
+        examples = "; ".join(e["error"] for e in c.get("error_examples", [])[:3])
+        print(
+            f"sd3 generate: {result.rows_failed} row(s) failed ({c.get('images_error', 0)} images); "
+            f"see the rows with status 'error' in {result.manifest}. First: {examples}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _add_submit_parser(commands: argparse._SubParsersAction) -> None:
+    """`sd3 submit [options] COMMAND ARGS...`: run an `sd3` command as a Ray job (owner: ray-jobs)."""
+    from jobs.submit import SUBMITTABLE
+
+    sub = commands.add_parser(
+        "submit",
+        help="run a command as a Ray job on a cluster (Ray Jobs)",
+        description="Submit `sd3 COMMAND ARGS...` to a Ray cluster through Ray Jobs and print the "
+        "submission id and how to follow it. Options of `submit` come before COMMAND; everything "
+        "after COMMAND is passed to it unchanged (and checked here first).",
+        allow_abbrev=False,
+    )
+    sub.add_argument(
+        "--address",
+        default=None,
+        help="Ray dashboard address (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265)",
+    )
+    sub.add_argument("--submission-id", default=None, help="id for the job (default: Ray makes one)")
+    sub.add_argument("--working-dir", default=None, help="local directory uploaded as the job's working dir")
+    env = sub.add_mutually_exclusive_group()
+    env.add_argument("--runtime-env", metavar="FILE", default=None, help="a runtime_env YAML file")
+    env.add_argument("--runtime-env-json", metavar="JSON", default=None, help="a runtime_env as JSON")
+    sub.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream the job's logs until it ends; exit 0 only if it succeeded",
+    )
+    sub.add_argument(
+        "job",
+        metavar="COMMAND",
+        choices=sorted(SUBMITTABLE),
+        help="; ".join(f"{name}: {text}" for name, text in sorted(SUBMITTABLE.items())),
+    )
+    sub.add_argument("job_args", nargs=argparse.REMAINDER, metavar="ARGS", help="the arguments of COMMAND")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    # Check the job's arguments here with the command's own parser, so a typo fails now, not on the
+    # cluster (argparse exits with its usage message, as `sd3 COMMAND` itself would).
+    parsed = build_parser().parse_args([args.job, *args.job_args])
+    for note in submit.relative_path_warnings(parsed):
+        print(note, file=sys.stderr)
+    runtime_env = submit.build_runtime_env(args.runtime_env, args.runtime_env_json, args.working_dir)
+    job = None
+    try:
+        client = submit.connect(args.address)
+        job = submit.submit(
+            args.job,
+            args.job_args,
+            submission_id=args.submission_id,
+            runtime_env=runtime_env,
+            client=client,
+        )
+        print(job.follow_hint(), flush=True)
+        if not args.follow:
+            return 0
+        status = submit.follow(job, client)
+    except ConnectionError as e:
+        print(f"sd3 submit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if job is not None:
+            print(f"\nstopped following; the job keeps running ({job.submission_id})", file=sys.stderr)
+        return 130
+    print(f"Ray job {job.submission_id} {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
+    """`sd3 train`, `sd3 schedule`, `sd3 nightly` (jobs/train_cli.py; owner: train-job)."""
+    from jobs import train_cli
+
+    train_cli.add_train_parser(commands)
+    train_cli.add_schedule_parser(commands)
+    train_cli.add_nightly_parser(commands)
+
+
+def _training_command(args: argparse.Namespace) -> int:
+    from jobs import train_cli
+
+    run = {"train": train_cli.run_train, "schedule": train_cli.run_schedule, "nightly": train_cli.run_nightly}
+    return run[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "submit":
+            return _submit(args)
+        if args.command in ("train", "schedule", "nightly"):
+            return _training_command(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"sd3 {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,317 @@
+"""Model replicas for the batch job: what one member of the Ray Data actor pool runs.
+
+A *replica* is whatever renders a batch of same-shape images: today one process holding a
+`StableDiffusion3Pipeline` (`LocalReplica`); with issue 4 a group of `cfg x mp` actors in one
+placement group, driven from the pool actor. Both sit behind the `Replica` protocol, and
+`ReplicaSpec` is the one place that says which Ray resources a replica takes, so the batch job
+(`jobs/batch_generate.py`) never changes when a new replica shape plugs in.
+
+`GenerateStage` is the callable class given to `Dataset.map_batches`: it builds its replica once
+(in `__init__`, i.e. once per actor and again when Ray restarts a killed actor), groups the rows of
+a batch by (height, width, steps, guidance, max_sequence_length), renders each group with one
+pipeline call and per-image seeds, and returns raw uint8 pixels plus metadata. Encoding and upload
+happen in the next (CPU task) stage so they overlap the next batch's compute.
+"""
+
+from __future__ import annotations
+
+import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
+
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+# Paddle warns on import that it cannot find ccache (it only matters when building C++ extensions).
+warnings.filterwarnings("ignore", message="No ccache found")
+
+DEVICES = ("cpu", "gpu", "npu")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Columns a work item carries through the graph (read stage -> GenerateStage -> write stage).
+ITEM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("key", pa.string()),
+        ("k", pa.int64()),
+        ("position", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_2", pa.string()),
+        ("prompt_3", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("negative_prompt_2", pa.string()),
+        ("negative_prompt_3", pa.string()),
+        ("seed", pa.int64()),  # the seed of this image (row seed + k, modulo 2**63)
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("num_inference_steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("max_sequence_length", pa.int64()),
+        ("num_images", pa.int64()),
+        ("extra", pa.string()),
+        # "todo": render; "error": a bad row (error says why); "skip": done by an earlier run.
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("row_items", pa.int64()),  # items emitted for this row in this run (progress counts rows)
+    ]
+)
+# What GenerateStage adds: pixels (H*W*3 uint8, row-major), render seconds per image, who rendered it.
+RESULT_SCHEMA = pa.schema(
+    [
+        *ITEM_SCHEMA,
+        ("image", pa.binary()),
+        ("seconds", pa.float64()),
+        ("replica", pa.string()),
+        ("model", pa.string()),  # model identity: URI + hash of its configs
+    ]
+)
+
+GROUP_COLUMNS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What one replica is: the model, its precision, its devices and how they are split.
+
+    `cfg` x `mp` is the replica group shape (issue 4: CFG halves x tensor-parallel shards); 1 x 1 is
+    one process. `cpus` is the CPU share of a replica on `device="cpu"` (its thread count), or of
+    its host-side work on accelerators."""
+
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    cfg: int = 1
+    mp: int = 1
+    cpus: float = 1.0
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r} must be one of {DEVICES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
+        if self.cfg not in (1, 2):
+            raise ValueError(f"cfg={self.cfg!r} must be 1 or 2")
+        if not isinstance(self.mp, int) or self.mp < 1:
+            raise ValueError(f"mp={self.mp!r} must be an integer >= 1")
+        if not self.cpus > 0:
+            raise ValueError(f"cpus={self.cpus!r} must be > 0")
+
+    @property
+    def world_size(self) -> int:
+        """Processes (and devices) in one replica."""
+        return self.cfg * self.mp
+
+    def device_bundle(self) -> dict[str, float]:
+        """Ray resources of one rank: one device of the chosen kind (plus its host CPUs).
+
+        Issue 4's placement groups use one such bundle per rank."""
+        if self.device == "gpu":
+            return {"CPU": self.cpus, "GPU": 1.0}
+        if self.device == "npu":
+            return {"CPU": self.cpus, "NPU": 1.0}
+        return {"CPU": self.cpus}
+
+    def pool_actor_resources(self) -> dict[str, Any]:
+        """Keyword arguments for `map_batches` (num_cpus, num_gpus, resources) of one pool actor.
+
+        A single-process replica runs in the pool actor, which therefore holds the device. A
+        replica group's pool actor only coordinates; its ranks hold the devices through their
+        placement group, so the pool actor asks for a token CPU share."""
+        if self.world_size > 1:
+            return {"num_cpus": 0.01}
+        bundle = self.device_bundle()
+        args: dict[str, Any] = {"num_cpus": bundle["CPU"]}
+        if "GPU" in bundle:
+            args["num_gpus"] = bundle["GPU"]
+        if "NPU" in bundle:
+            args["resources"] = {"NPU": bundle["NPU"]}
+        return args
+
+    def total_resources(self, replicas: int) -> dict[str, float]:
+        """Ray resources `replicas` replicas take in all (to check the cluster can hold them)."""
+        out: dict[str, float] = {}
+        for name, amount in self.device_bundle().items():
+            out[name] = out.get(name, 0.0) + amount * self.world_size * replicas
+        return out
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One pipeline call: images that share a shape, step count, guidance and T5 length.
+
+    Lists are per image (a row with num_images=3 appears three times, with seeds s, s+1, s+2)."""
+
+    prompt: Sequence[str]
+    prompt_2: Sequence[str]
+    prompt_3: Sequence[str]
+    negative_prompt: Sequence[str]
+    negative_prompt_2: Sequence[str]
+    negative_prompt_3: Sequence[str]
+    seed: Sequence[int]
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+
+
+class Replica(Protocol):
+    """Renders requests to uint8 HxWx3 arrays, one per image, in request order."""
+
+    name: str  # which replica made an image (host:pid of the process driving it)
+    model: str  # model identity (the manifest's `model` column)
+
+    def render(self, request: RenderRequest) -> list[np.ndarray]: ...
+
+
+def _paddle_device(device: str) -> str:
+    if device == "gpu":
+        return "gpu:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
+    if device == "npu":
+        return "npu:0"  # Ray sets ASCEND_RT_VISIBLE_DEVICES to the actor's NPU
+    return "cpu"
+
+
+class LocalReplica:
+    """A whole pipeline in this process (the 1 x 1 replica)."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        import paddle
+
+        from jobs.model_cache import local_model_path, model_identity
+        from pipelines import StableDiffusion3Pipeline
+
+        paddle.set_device(_paddle_device(spec.device))
+        if spec.device == "cpu":
+            # Ray gives a CPU actor OMP_NUM_THREADS=num_cpus; keep Paddle's pool to that share.
+            paddle.base.core.set_num_threads(max(1, int(spec.cpus)))
+        path = local_model_path(spec.model, spec.storage)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=spec.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.model = model_identity(path, spec.model)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def render(self, request: RenderRequest) -> list[np.ndarray]:
+        images = self.pipe(
+            prompt=list(request.prompt),
+            prompt_2=list(request.prompt_2),
+            prompt_3=list(request.prompt_3),
+            negative_prompt=list(request.negative_prompt),
+            negative_prompt_2=list(request.negative_prompt_2),
+            negative_prompt_3=list(request.negative_prompt_3),
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            max_sequence_length=request.max_sequence_length,
+            seed=[int(s) for s in request.seed],
+            output_type="np",
+        ).images
+        # The same rounding as the pipeline's PIL output, so PNGs match `output_type="pil"`.
+        return list((images * 255).round().astype(np.uint8))
+
+
+def make_replica(spec: ReplicaSpec) -> Replica:
+    """The replica for `spec`: in this process for 1 x 1; issue 4's groups plug in here."""
+    if spec.world_size == 1:
+        return LocalReplica(spec)
+    raise NotImplementedError(
+        f"replica groups (cfg={spec.cfg} x mp={spec.mp}) are not available yet; use cfg=1, mp=1"
+    )
+
+
+def _or(*values: str | None) -> str:
+    return next(v for v in values if v is not None)
+
+
+def _rows_of(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    return tuple(row[c] for c in GROUP_COLUMNS)
+
+
+class GenerateStage:
+    """`map_batches` callable: work items in, the same items plus pixels out (one row per image).
+
+    Rows with status "error" or "skip" pass through untouched (no model time). A pipeline call that
+    fails is retried image by image so one bad row cannot fail its neighbours; an image that still
+    fails becomes an error row naming the exception. A crash of the process itself is Ray's to
+    handle: the actor is restarted (this `__init__` runs again) and the batch is retried."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        started = time.perf_counter()
+        self.replica = make_replica(spec)
+        logger.info(
+            "replica %s loaded %s in %.1fs", self.replica.name, spec.model, time.perf_counter() - started
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = _rows_of(batch)
+        out: list[dict[str, Any]] = []
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for row in rows:
+            row.update(image=None, seconds=None, replica=None, model=self.replica.model)
+            if row["status"] == "todo":
+                groups.setdefault(_group_key(row), []).append(row)
+            else:
+                out.append(row)
+        for members in groups.values():
+            out.extend(self._render_group(members))
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+    def _render_group(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            return self._render(rows)
+        except Exception as e:  # isolate the failing image(s); see the class docstring
+            if len(rows) == 1:
+                row = rows[0]
+                row.update(status="error", error=f"generation failed: {type(e).__name__}: {e}")
+                row["replica"] = self.replica.name
+                return [row]
+            logger.warning("a batch of %d failed (%s); rendering its images one by one", len(rows), e)
+            return [r for row in rows for r in self._render_group([row])]
+
+    def _render(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        first = rows[0]
+        request = RenderRequest(
+            prompt=[r["prompt"] for r in rows],
+            # The pipeline's fallbacks, per image: prompt_2/_3 -> prompt, negative -> "",
+            # negative_2/_3 -> negative.
+            prompt_2=[_or(r["prompt_2"], r["prompt"]) for r in rows],
+            prompt_3=[_or(r["prompt_3"], r["prompt"]) for r in rows],
+            negative_prompt=[_or(r["negative_prompt"], "") for r in rows],
+            negative_prompt_2=[_or(r["negative_prompt_2"], r["negative_prompt"], "") for r in rows],
+            negative_prompt_3=[_or(r["negative_prompt_3"], r["negative_prompt"], "") for r in rows],
+            seed=[r["seed"] for r in rows],
+            height=first["height"],
+            width=first["width"],
+            num_inference_steps=first["num_inference_steps"],
+            guidance_scale=first["guidance_scale"],
+            max_sequence_length=first["max_sequence_length"],
+        )
+        started = time.perf_counter()
+        images = self.replica.render(request)
+        seconds = (time.perf_counter() - started) / len(rows)
+        if len(images) != len(rows):
+            raise RuntimeError(f"replica returned {len(images)} images for {len(rows)} requests")
+        for row, image in zip(rows, images, strict=True):
+            row.update(
+                status="ok",
+                image=np.ascontiguousarray(image, dtype=np.uint8).tobytes(),
+                seconds=seconds,
+                replica=self.replica.name,
+            )
+        return rows

@@ -1,0 +1,635 @@
+"""The batch generation job: a Parquet prompt table in, images + a manifest out, on Ray Data.
+
+Graph (all Ray's machinery; nothing here schedules, queues or retries by itself):
+
+    from_items(read units)  --map_batches(_read_stage, tasks)-->      work items, one per image
+                            --map_batches(GenerateStage, actor pool)--> + raw pixels
+                            --map_batches(_write_stage, tasks)-->     PNGs + one manifest part per batch
+    driver: iterate the small summaries (progress bar), then finalize manifest, job.json, contact sheet.
+
+Exactly once: an image is written (atomically) before the manifest part that names it, and a rerun
+skips every (key, k) with an "ok" row in some part, so a rerun after any crash redoes only what was in
+flight. A killed model actor is restarted by Ray and its batch retried (Ray Data's actor pools use
+`max_restarts=-1`, `max_task_retries=-1`); transient storage errors are retried by botocore inside
+s3fs, and a map task that still fails with one is retried by Ray Data (`retried_map_errors`).
+"""
+
+from __future__ import annotations
+
+import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from actors.replica import DEVICES, DTYPES, ITEM_SCHEMA, GenerateStage, ReplicaSpec
+from jobs import manifest
+from jobs.prompt_table import (
+    JobDefaults,
+    PromptTableError,
+    ReadUnit,
+    WorkRow,
+    check_unique_ids,
+    plan_read_units,
+    prompts_table,
+    read_unit,
+    resolve_rows,
+)
+from jobs.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 length
+CONTACT_SHEET_IMAGES = 16
+# Map tasks that fail with one of these (after botocore/s3fs's own retries) are rerun by Ray Data.
+TRANSIENT_STORAGE_ERRORS = [
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+]
+MAX_MAP_RETRIES = 4
+
+
+class JobError(ValueError):
+    """A job-level problem found before any work (bad input, output, model or configuration)."""
+
+
+class JobFailed(RuntimeError):
+    """The job stopped part-way (e.g. the model cannot load on a replica); what is done is kept."""
+
+
+@dataclass
+class JobConfig:
+    """Everything a batch job needs. `prompts` (a table URL) or `prompt_list` (in-memory prompts)."""
+
+    output: str
+    prompts: str | None = None
+    prompt_list: Sequence[str] | None = None
+    model: str = DEFAULT_MODEL
+    replicas: int = 1
+    device: str = "cpu"
+    cpus_per_replica: float = 1.0
+    batch_size: int = 4
+    dtype: str = "float32"
+    defaults: JobDefaults = field(default_factory=JobDefaults)
+    image_format: str = "png"
+    ray_address: str | None = None
+    storage: StorageOptions = field(default_factory=StorageOptions.from_env)
+    contact_sheet_images: int = CONTACT_SHEET_IMAGES
+    progress: bool = True
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration for job.json (no credentials)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("storage", "defaults", "prompt_list")}
+        d["prompt_list"] = list(self.prompt_list) if self.prompt_list is not None else None
+        d["defaults"] = asdict(self.defaults)
+        d["storage"] = self.storage.public_dict()
+        return d
+
+
+@dataclass
+class JobResult:
+    """What a finished run did: counts of the merged manifest and of this run's work."""
+
+    output: str
+    manifest: str | None
+    counts: dict[str, Any]
+    processed_images: int  # images rendered (or error rows recorded) by this run
+    skipped_rows: int  # rows already done by an earlier run
+    seconds: float
+    finalized: bool  # False when there was nothing to do and nothing was written
+
+    @property
+    def rows_failed(self) -> int:
+        return int(self.counts.get("rows_failed", 0))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_config(config: JobConfig) -> None:
+    if (config.prompts is None) == (config.prompt_list is None):
+        raise JobError("give exactly one of --prompts URL or --prompt TEXT")
+    if config.prompt_list is not None and not config.prompt_list:
+        raise JobError("--prompt: no prompts given")
+    if not isinstance(config.replicas, int) or config.replicas < 1:
+        raise JobError(f"--replicas {config.replicas!r} must be an integer >= 1")
+    if not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise JobError(f"--batch-size {config.batch_size!r} must be an integer >= 1")
+    if config.device not in DEVICES:
+        raise JobError(f"--device {config.device!r} must be one of {', '.join(DEVICES)}")
+    if config.dtype not in DTYPES:
+        raise JobError(f"--dtype {config.dtype!r} must be one of {', '.join(DTYPES)}")
+    if config.image_format not in IMAGE_FORMATS:
+        raise JobError(f"--image-format {config.image_format!r} must be one of {', '.join(IMAGE_FORMATS)}")
+    d = config.defaults
+    for name in ("height", "width"):
+        v = getattr(d, name)
+        if v is not None and (v < 16 or v % 16):
+            raise JobError(f"--{name} {v} is not a positive multiple of 16")
+    if d.num_inference_steps is None or d.num_inference_steps < 1:
+        raise JobError(f"--steps {d.num_inference_steps!r} must be >= 1")
+    if d.num_images is None or d.num_images < 1:
+        raise JobError(f"--num-images {d.num_images!r} must be >= 1")
+    if not math.isfinite(d.guidance_scale):
+        raise JobError(f"--guidance-scale {d.guidance_scale!r} must be finite")
+    if d.max_sequence_length is not None and not 1 <= d.max_sequence_length <= 512:
+        raise JobError(f"--max-sequence-length {d.max_sequence_length} must be in 1..512")
+    if d.seed is not None and not 0 <= d.seed < 2**63:
+        raise JobError(f"seed {d.seed} must be in 0..2**63-1")
+
+
+def _check_output(url: str, options: StorageOptions) -> None:
+    """JobError unless `url` is a folder/prefix we can write to (probe written, then removed)."""
+    try:
+        fs, path = get_fs(url, options)
+    except ValueError as e:
+        raise JobError(f"--output {url}: {e}") from None
+    try:
+        if fs.isfile(path):
+            raise JobError(f"--output {url}: is an existing file, not a folder")
+    except JobError:
+        raise
+    except Exception as e:  # e.g. a missing bucket or no permission (botocore's error text says which)
+        raise JobError(f"--output {url}: cannot access it ({type(e).__name__}: {e})") from None
+    probe = join_url(url, f".sd3-write-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes_atomic(probe, b"probe", options)
+    except Exception as e:
+        raise JobError(f"--output {url}: not writable ({type(e).__name__}: {e})") from None
+    try:
+        _, probe_path = get_fs(probe, options)
+        fs.rm_file(probe_path)
+    except Exception as e:  # harmless: a hidden name is never read as output
+        logger.warning("could not remove the write probe %s: %s", probe, e)
+
+
+def _model_default_size(model: str, options: StorageOptions) -> int:
+    """The model's default image side (transformer sample_size x VAE factor), read from its configs.
+
+    Also the up-front check that `model` is a readable diffusers folder/prefix."""
+    try:
+        index = json.loads(read_bytes(join_url(model, "model_index.json"), options))
+        transformer = json.loads(read_bytes(join_url(model, "transformer", "config.json"), options))
+        vae = json.loads(read_bytes(join_url(model, "vae", "config.json"), options))
+    except FileNotFoundError as e:
+        raise JobError(f"--model {model}: not a diffusers SD3 folder ({e})") from None
+    except json.JSONDecodeError as e:
+        raise JobError(f"--model {model}: a config file is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise JobError(f"--model {model}: {e}") from None
+    except Exception as e:
+        raise JobError(f"--model {model}: cannot read it ({type(e).__name__}: {e})") from None
+    if not isinstance(index, dict) or "transformer" not in index:
+        raise JobError(f"--model {model}: model_index.json lists no transformer")
+    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return int(transformer.get("sample_size", 128)) * factor
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _items_of_rows(rows: Sequence[WorkRow], done: frozenset, errors: frozenset) -> list[dict[str, Any]]:
+    """Work items (one per image still to do) of validated rows; one "skip" item per row that an
+    earlier run finished, so the driver can count it.
+
+    `done`: (key, k) with an ok row; `errors`: (key, k, error) of recorded error rows. A bad row whose
+    error rows are already recorded with the same reason is done too (it would fail the same way);
+    images that failed while rendering are tried again."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        base = {
+            "id": row.id,
+            "key": row.key,
+            "position": row.position,
+            "prompt": row.prompt,
+            "prompt_2": row.prompt_2,
+            "prompt_3": row.prompt_3,
+            "negative_prompt": row.negative_prompt,
+            "negative_prompt_2": row.negative_prompt_2,
+            "negative_prompt_3": row.negative_prompt_3,
+            "height": row.height,
+            "width": row.width,
+            "num_inference_steps": row.num_inference_steps,
+            "guidance_scale": row.guidance_scale,
+            "max_sequence_length": row.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+            "num_images": row.num_images,
+            "extra": row.extra,
+            "error": row.error,
+        }
+        if row.error is not None:
+            todo = [
+                r
+                for r in manifest.error_rows(row)
+                if (row.key, r["k"]) not in done and (row.key, r["k"], row.error) not in errors
+            ]
+            items = [{**base, "k": r["k"], "seed": _valid_seed(r["seed"]), "status": "error"} for r in todo]
+        else:
+            items = [
+                {**base, "k": k, "seed": row.seed + k, "status": "todo"}
+                for k in range(row.num_images)
+                if (row.key, k) not in done
+            ]
+        if not items:
+            items = [{**base, "k": -1, "seed": None, "status": "skip"}]
+        for item in items:
+            item["row_items"] = len(items)
+        out.extend(items)
+    # Same-shape images next to each other, so the replica's batches are mostly one pipeline call.
+    shape = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
+    out.sort(
+        key=lambda it: (it["status"] != "todo", tuple(it[c] or 0 for c in shape), it["position"], it["k"])
+    )
+    return out
+
+
+def _valid_seed(seed: int | None) -> int | None:
+    """A bad row's seed as the manifest may hold it (an out-of-range seed is why the row is bad)."""
+    return seed if seed is not None and 0 <= seed < 2**63 else None
+
+
+def _to_items_table(items: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(items, schema=ITEM_SCHEMA)
+
+
+def _get(value: Any) -> Any:
+    """The value behind an ObjectRef (Ray Data passes fn_kwargs through unresolved)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _read_stage(
+    batch: pa.Table,
+    *,
+    defaults: JobDefaults,
+    storage: StorageOptions,
+    done: frozenset,
+    errors: frozenset,
+) -> pa.Table:
+    """Read units (one row group each) -> work items."""
+    rows: list[WorkRow] = []
+    for unit in batch.to_pylist():
+        rows.extend(resolve_rows(read_unit(ReadUnit.from_dict(unit), storage), defaults))
+    return _to_items_table(_items_of_rows(rows, _get(done), _get(errors)))
+
+
+def _inline_stage(batch: pa.Table, *, defaults: JobDefaults, done: frozenset, errors: frozenset) -> pa.Table:
+    """Rows of an in-memory prompt table (`--prompt`) -> work items."""
+    return _to_items_table(_items_of_rows(resolve_rows(batch, defaults), _get(done), _get(errors)))
+
+
+def encode_image(pixels: bytes, height: int, width: int, image_format: str) -> bytes:
+    """Raw HxWx3 uint8 pixels -> PNG/JPEG/WebP bytes (deterministic for PNG)."""
+    from PIL import Image
+
+    array = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3)
+    buf = io.BytesIO()
+    fmt = IMAGE_FORMATS[image_format]
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    Image.fromarray(array).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _write_stage(batch: pa.Table, *, output: str, image_format: str, storage: StorageOptions) -> pa.Table:
+    """Encode and store the batch's images, then its manifest part; returns small summaries."""
+    items = batch.to_pylist()
+    records = []
+    now = dt.datetime.now(dt.timezone.utc)
+    for it in items:
+        if it["status"] == "skip":
+            continue
+        uri = None
+        if it["status"] == "ok":
+            uri = manifest.image_url(output, it["key"], it["k"], image_format)
+            data = encode_image(it["image"], it["height"], it["width"], image_format)
+            write_bytes_atomic(uri, data, storage)
+        record = {c: it.get(c) for c in manifest.MANIFEST_COLUMNS if c in it}
+        record.update(image=uri, finished_at=now)
+        records.append(record)
+    if records:
+        # A content-derived part id: if Ray retries this task, the part is overwritten, not doubled.
+        ids = sorted(f"{r['key']}\0{r['k']}" for r in records)
+        part_id = "p-" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:24]
+        manifest.write_part(output, records, storage, part_id=part_id)
+    return pa.table(
+        {
+            "key": [it["key"] for it in items],
+            "k": [it["k"] for it in items],
+            "status": [it["status"] for it in items],
+            "row_items": [it["row_items"] for it in items],
+        },
+        schema=pa.schema(
+            [("key", pa.string()), ("k", pa.int64()), ("status", pa.string()), ("row_items", pa.int64())]
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _connect_ray(address: str | None) -> bool:
+    """Connect to Ray; returns True when this call started a private local instance (to stop later).
+
+    `address`: a cluster address ("auto": the one `ray start` left on this machine). Without one,
+    RAY_ADDRESS is used if set, else a local Ray is started for this job."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    # One logical CPU more than the machine has: the replicas may take every core, and Ray Data's
+    # block-splitting tasks (repartition) need a CPU slot; they are light and mostly wait.
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) + 1
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _check_cluster(spec: ReplicaSpec, replicas: int) -> None:
+    """JobError when the replicas would leave no CPU for the other stages (Ray Data would wait
+    forever); a warning when the cluster has fewer devices than the replicas need right now (an
+    autoscaling cluster may add them)."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = spec.total_resources(replicas)
+    spare = have.get("CPU", 0.0) - need.get("CPU", 0.0)
+    if spare < 1:
+        raise JobError(
+            f"{replicas} replica(s) x {spec.cpus:g} CPU(s) leave {max(spare, 0):g} of the cluster's "
+            f"{have.get('CPU', 0):g} CPUs for reading and encoding (at least 1 is needed); lower "
+            "--replicas or --cpus-per-replica"
+        )
+    for name in ("GPU", "NPU"):
+        if need.get(name, 0) > have.get(name, 0):
+            logger.warning(
+                "the replicas need %g %s but the cluster has %g now; they start when it has them",
+                need[name], name, have.get(name, 0),
+            )  # fmt: skip
+
+
+def _configure_ray_data() -> None:
+    import warnings
+
+    import ray.data
+
+    # Ray Data warns when a job has fewer batches than the write stage's task limit (small jobs).
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job shows one bar of its own (rows/s, ETA, failures)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
+    ctx.print_on_execution_start = False
+    ctx.retried_map_errors = list(TRANSIENT_STORAGE_ERRORS)
+    ctx.max_map_retries = MAX_MAP_RETRIES
+
+
+def _known_outcomes(output: str, options: StorageOptions) -> tuple[frozenset, frozenset]:
+    """(key, k) with an ok row, and (key, k, error) of error rows, from the parts of earlier runs."""
+    table, bad = manifest.read_parts(output, options, columns=["key", "k", "status", "error"])
+    if bad:
+        logger.warning("%d unreadable manifest part(s) ignored; their rows are redone", len(bad))
+    done, errors = set(), set()
+    for key, k, status, error in zip(
+        *(table.column(c).to_pylist() for c in ("key", "k", "status", "error")), strict=True
+    ):
+        if status == manifest.STATUS_OK:
+            done.add((key, k))
+        else:
+            errors.add((key, k, error))
+    return frozenset(done), frozenset(errors)
+
+
+class _Progress:
+    """Rows done (a row is done when all its images of this run are), rows/s, ETA, failures."""
+
+    def __init__(self, total_rows: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total_rows,
+            unit="row",
+            desc="sd3 generate",
+            disable=not enabled,
+            file=sys.stderr,
+            smoothing=0.1,
+        )
+        self.pending: dict[str, int] = {}
+        self.rows_failed: set[str] = set()
+        self.images = 0
+        self.skipped_rows = 0
+
+    def update(self, summary: pa.Table) -> None:
+        finished = 0
+        for key, status, row_items in zip(
+            *(summary.column(c).to_pylist() for c in ("key", "status", "row_items")), strict=True
+        ):
+            if status == "skip":
+                self.skipped_rows += 1
+                finished += 1
+                continue
+            self.images += 1
+            if status != "ok":
+                self.rows_failed.add(key)
+            left = self.pending.get(key, row_items) - 1
+            if left:
+                self.pending[key] = left
+            else:
+                self.pending.pop(key, None)
+                finished += 1
+        self.bar.update(finished)
+        self.bar.set_postfix(images=self.images, failed_rows=len(self.rows_failed), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_job(config: JobConfig) -> JobResult:
+    """Run (or resume) a batch job; JobError for job-level problems, found before any work."""
+    started = time.time()
+    _check_config(config)
+    storage = config.storage
+    try:
+        output = normalize_url(config.output)
+    except ValueError as e:
+        raise JobError(f"--output {config.output}: {e}") from None
+
+    # 1. Inputs, checked before anything is written.
+    units: list[ReadUnit] = []
+    inline: pa.Table | None = None
+    if config.prompts is not None:
+        try:
+            prompts_url = normalize_url(config.prompts)
+            units = plan_read_units(prompts_url, storage)
+            check_unique_ids(prompts_url, storage)
+        except PromptTableError as e:
+            raise JobError(f"--prompts {e}") from None
+        except ValueError as e:
+            raise JobError(f"--prompts {config.prompts}: {e}") from None
+        total_rows = sum(u.num_rows for u in units)
+        if total_rows == 0:
+            raise JobError(f"--prompts {config.prompts}: the table has no rows")
+    else:
+        inline = prompts_table(list(config.prompt_list), config.defaults.negative_prompt)
+        total_rows = inline.num_rows
+    try:
+        model = normalize_url(config.model)
+    except ValueError as e:
+        raise JobError(f"--model {config.model}: {e}") from None
+    size = _model_default_size(model, storage)
+    defaults = replace(
+        config.defaults,
+        height=config.defaults.height or size,
+        width=config.defaults.width or size,
+        max_sequence_length=config.defaults.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+        model=model,
+    )
+    spec = ReplicaSpec(
+        model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage
+    )
+    previous = _read_job_json(output, storage)
+    if previous is None:  # a finished job's rerun must write nothing, not even a probe
+        _check_output(output, storage)
+    done, errors = _known_outcomes(output, storage)
+
+    # 2. The graph.
+    import ray
+    import ray.data
+
+    started_ray = _connect_ray(config.ray_address)
+    try:
+        _check_cluster(spec, config.replicas)
+        _configure_ray_data()
+        outcome_kwargs = {"done": ray.put(done), "errors": ray.put(errors)}
+        if inline is None:
+            ds = ray.data.from_items([u.as_dict() for u in units]).map_batches(
+                _read_stage,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"defaults": defaults, "storage": storage, **outcome_kwargs},
+                num_cpus=0,  # I/O bound; must not wait for CPUs the replicas hold
+                compute=ray.data.TaskPoolStrategy(size=min(2, len(units))),
+            )
+        else:
+            ds = ray.data.from_arrow(inline).map_batches(
+                _inline_stage,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={"defaults": defaults, **outcome_kwargs},
+                num_cpus=0,
+            )
+        # Blocks of one batch each: a replica task then renders one batch and hands it to the write
+        # stage at once (encoding/upload overlap the next batch; a crash loses one batch, not a unit).
+        # Ray Data runs this split as 1-CPU tasks: `_check_cluster` keeps a CPU free for them.
+        ds = (
+            ds.repartition(target_num_rows_per_block=config.batch_size)
+            .map_batches(
+                GenerateStage,
+                fn_constructor_kwargs={"spec": spec},
+                batch_size=config.batch_size,
+                batch_format="pyarrow",
+                # A fixed pool; Ray restarts a dead actor and retries its batch (max_restarts=-1,
+                # max_task_retries=-1 are Ray Data's defaults for actor pools).
+                compute=ray.data.ActorPoolStrategy(size=config.replicas),
+                **spec.pool_actor_resources(),
+            )
+            .map_batches(
+                _write_stage,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={"output": output, "image_format": config.image_format, "storage": storage},
+                # Encoding + upload: light, and it must never wait for CPUs the replicas hold.
+                num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=max(2, 2 * config.replicas)),
+            )
+        )
+        progress = _Progress(total_rows, config.progress)
+        try:
+            for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                progress.update(summary)
+        except ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None) or e
+            # Ray's text carries the remote traceback; its last line is the original exception.
+            lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()] or [type(cause).__name__]
+            raise JobFailed(
+                f"the job stopped after {progress.images} image(s): {type(cause).__name__}: {lines[-1]}\n"
+                f"Finished images are kept; rerun the same command to resume."
+            ) from e
+        finally:
+            progress.close()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    # 3. Merge the parts, job.json, contact sheet (skipped when this run had nothing to do).
+    n_parts = len(manifest.part_urls(output, storage))
+    if progress.images == 0 and previous is not None and previous.get("parts") == n_parts:
+        counts = previous.get("counts", {})
+        return JobResult(output, manifest.manifest_url(output), counts, 0, progress.skipped_rows,
+                         time.time() - started, finalized=False)  # fmt: skip
+    counts = manifest.finalize(output, storage)
+    _write_contact_sheet(output, storage, config.contact_sheet_images)
+    manifest.write_job_json(
+        output,
+        config.public_dict(),
+        counts,
+        started=started,
+        finished=time.time(),
+        options=storage,
+        parts=n_parts,
+        this_run={"images": progress.images, "skipped_rows": progress.skipped_rows},
+        # What the job actually used: absolute URLs and the defaults with the model's size filled in.
+        resolved={
+            "prompts": normalize_url(config.prompts) if config.prompts is not None else None,
+            "output": output,
+            "model": model,
+            "defaults": asdict(defaults),
+            "replica": {**asdict(spec), "storage": storage.public_dict(), **spec.pool_actor_resources()},
+        },
+    )
+    return JobResult(output, counts.get("manifest"), counts, progress.images, progress.skipped_rows,
+                     time.time() - started, finalized=True)  # fmt: skip
+
+
+def _read_job_json(output: str, options: StorageOptions) -> dict | None:
+    """The job.json of an earlier finished run, or None (absent or unreadable: `_check_output` then
+    says what is wrong with the output)."""
+    try:
+        doc = json.loads(read_bytes(join_url(output, manifest.JOB_JSON_NAME), options))
+    except Exception:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _write_contact_sheet(output: str, options: StorageOptions, n: int) -> str | None:
+    """`{out}/contact_sheet.png` of the first `n` ok images with their prompts (None when there are none)."""
+    from jobs.contact_sheet import write_contact_sheet
+
+    if n < 1:
+        return None
+    merged = manifest.read_manifest(output, options)
+    return write_contact_sheet(output, manifest.iter_ok_images(merged), options, limit=n)

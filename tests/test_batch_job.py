@@ -1,0 +1,399 @@
+"""The batch job end to end on a real local Ray and a real S3 endpoint on loopback (moto's server).
+
+One Ray instance (started here with ray.init, dashboard on for the state API) serves the whole
+module; the driver-kill test runs `sd3 generate` as a subprocess against it. Tiny model, 64-96 px,
+1-2 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import manifest
+from jobs.batch_generate import JobConfig, JobError, JobFailed, run_job
+from jobs.cli import main
+from jobs.prompt_table import JobDefaults
+from jobs.storage import StorageOptions, get_fs, read_bytes
+from tests.reference_cases import fixture_path
+from tests.s3_server import PausableProxy, make_bucket, s3_client, storage_options
+
+ray = pytest.importorskip("ray")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = fixture_path("sd3-tiny")
+SMALL = JobDefaults(height=64, width=64, num_inference_steps=1, guidance_scale=5.0, job_seed=3)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray for this module (4 logical CPUs on the shared 2-core machine)."""
+    ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _job(output: str, prompts: str, storage: StorageOptions | None = None, **kw) -> JobConfig:
+    kw.setdefault("defaults", SMALL)
+    return JobConfig(
+        output=output,
+        prompts=prompts,
+        model=MODEL,
+        storage=storage or StorageOptions(),
+        progress=False,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+BAD_ROWS = {  # id -> (column overrides, words the error must contain)
+    "bad-empty": ({"prompt": "  "}, "prompt: empty"),
+    "bad-null": ({"prompt": None}, "prompt: null"),
+    "bad-height": ({"height": 70}, "height: 70"),
+    "bad-steps": ({"num_inference_steps": 0}, "num_inference_steps: 0"),
+    "bad-count": ({"num_images": 0}, "num_images: 0"),
+    "bad-guidance": ({"guidance_scale": math.nan}, "guidance_scale"),
+    "bad-seed": ({"seed": -5}, "seed: -5"),
+}
+
+
+def fifty_rows() -> list[dict]:
+    """43 good rows (three sizes, 1-2 steps, 1-2 images, negatives, unsafe ids) + 7 bad rows."""
+    sizes = [(64, 64), (64, 96), (96, 64)]
+    rows = []
+    for i in range(43):
+        h, w = sizes[i % 3]
+        rows.append(
+            {
+                "id": {5: "a/b", 6: "../up", 7: "x" * 200}.get(i, f"row-{i:02d}"),
+                "prompt": f"a picture of thing number {i}",
+                "negative_prompt": "blurry" if i % 4 == 0 else None,
+                "height": h,
+                "width": w,
+                "num_inference_steps": 1 + i % 2,
+                "guidance_scale": 5.0,
+                "num_images": 1 + (i % 5 == 0),
+                "seed": 1000 + i if i % 7 == 0 else None,
+                "tag": f"t{i % 3}",
+            }
+        )
+    for rid, (overrides, _) in BAD_ROWS.items():
+        base = {**rows[0], "id": rid, "seed": None, "num_images": 1}
+        rows.append({**base, **overrides})
+    return rows
+
+
+def rows_table(rows: list[dict]) -> pa.Table:
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("negative_prompt", pa.string()),
+            ("height", pa.int64()),
+            ("width", pa.int64()),
+            ("num_inference_steps", pa.int64()),
+            ("guidance_scale", pa.float64()),
+            ("num_images", pa.int64()),
+            ("seed", pa.int64()),
+            ("tag", pa.string()),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def expected_images(rows: list[dict]) -> set[tuple[str, int]]:
+    return {(r["id"], k) for r in rows if r["id"] not in BAD_ROWS for k in range(r["num_images"])}
+
+
+def simple_table(path, n: int, steps: int = 2) -> set[tuple[str, int]]:
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"p{i:03d}" for i in range(n)],
+                "prompt": [f"prompt number {i}" for i in range(n)],
+                "num_inference_steps": [steps] * n,
+            }
+        ),
+        path,
+        row_group_size=10,
+    )
+    return {(f"p{i:03d}", 0) for i in range(n)}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_complete(output: str, expected: set, storage: StorageOptions | None = None) -> pa.Table:
+    """The manifest has exactly one ok row per expected image, and the objects match it."""
+    merged = manifest.read_manifest(output, storage)
+    ok = [r for r in merged.to_pylist() if r["status"] == "ok"]
+    pairs = [(r["id"], r["k"]) for r in ok]
+    assert len(pairs) == len(set(pairs)), "an image appears twice in the manifest"
+    assert set(pairs) == expected
+    fs, images_path = get_fs(manifest.image_url(output, "x", 0).rsplit("/", 1)[0], storage)
+    stored = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(images_path, detail=False))
+    assert stored == sorted(r["image"].rsplit("/", 1)[-1] for r in ok), "objects != manifest"
+    for r in ok[:5]:
+        with fs.open(get_fs(r["image"], storage)[1], "rb") as f:
+            assert Image.open(f).size == (r["width"], r["height"])
+    return merged
+
+
+def listing(output: str, storage: StorageOptions | None = None) -> dict:
+    """Every object/file under `output` with its size and modification time/ETag."""
+    fs, path = get_fs(output, storage)
+    return {
+        p: (info.get("size"), info.get("ETag") or info.get("mtime"), str(info.get("LastModified")))
+        for p, info in fs.find(path, detail=True).items()
+    }
+
+
+# --------------------------------------------------------------------------- the 50-row job on S3
+
+
+@pytest.fixture(scope="module")
+def fifty_row_job(ray_address, s3_endpoint):
+    """The 50-row table read from and written to S3; returns what the checks need."""
+    rows = fifty_rows()
+    bucket = make_bucket(s3_endpoint)
+    storage = storage_options(s3_endpoint)
+    buf = io.BytesIO()
+    pq.write_table(rows_table(rows), buf, row_group_size=12)
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key="in/prompts.parquet", Body=buf.getvalue())
+    output = f"s3://{bucket}/out"
+    config = _job(output, f"s3://{bucket}/in/prompts.parquet", storage, replicas=2, batch_size=4)
+    result = run_job(config)
+    return rows, output, storage, result, config
+
+
+def test_fifty_rows_mixed_sizes_and_bad_rows(fifty_row_job):
+    rows, output, storage, result, _ = fifty_row_job
+    merged = check_complete(output, expected_images(rows), storage)
+    assert result.rows_failed == len(BAD_ROWS)
+    errors = {r["id"]: r["error"] for r in merged.to_pylist() if r["status"] == "error"}
+    assert set(errors) == set(BAD_ROWS)
+    for rid, (_, words) in BAD_ROWS.items():
+        assert words in errors[rid] and rid in errors[rid], errors[rid]
+    by_id = {(r["id"], r["k"]): r for r in merged.to_pylist()}
+    r0 = by_id[("row-00", 1)]  # num_images 2, seed given: seeds 1000, 1001
+    assert (r0["seed"], r0["negative_prompt"], json.loads(r0["extra"])) == (1001, "blurry", {"tag": "t0"})
+    assert by_id[("row-01", 0)]["height"] == 64 and by_id[("row-01", 0)]["width"] == 96
+    assert all("/" not in r["image"].split("/images/")[1] for r in merged.to_pylist() if r["image"])
+    assert by_id[("row-01", 0)]["model"].startswith(MODEL + "#sha256:")
+    assert len({r["replica"] for r in merged.to_pylist() if r["status"] == "ok"}) == 2
+    job = json.loads(read_bytes(output + "/job.json", storage))
+    assert job["counts"]["rows_failed"] == len(BAD_ROWS) and job["versions"]["ray"] == ray.__version__
+    assert Image.open(io.BytesIO(read_bytes(output + "/contact_sheet.png", storage))).size[0] > 64
+
+
+def test_rerun_of_a_finished_job_writes_nothing(fifty_row_job):
+    rows, output, storage, _, config = fifty_row_job
+    before = listing(output, storage)
+    again = run_job(config)
+    assert (again.finalized, again.processed_images, again.skipped_rows) == (False, 0, len(rows))
+    assert listing(output, storage) == before
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _generate_stage_actors(address: str, job_id: str) -> list:
+    from ray.util.state import list_actors
+
+    # The address is explicit: other Ray instances may run on this machine.
+    return [
+        a
+        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+        if "GenerateStage" in a.class_name and a.job_id == job_id
+    ]
+
+
+def _run_in_thread(config: JobConfig) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = run_job(config)
+        except BaseException as e:  # surfaced by the test
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for_parts(output: str, n: int, storage=None, timeout: float = 120, alive=None) -> None:
+    deadline = time.monotonic() + timeout
+    while len(manifest.part_urls(output, storage)) < n:
+        assert time.monotonic() < deadline, "the job wrote no manifest part in time"
+        if alive is not None:
+            assert alive(), "the job ended before it could be interrupted"
+        time.sleep(0.05)
+
+
+def test_killed_model_actor_is_replaced_and_its_batch_retried(ray_address, tmp_path):
+    expected = simple_table(tmp_path / "t.parquet", 60)
+    output = str(tmp_path / "out")
+    thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), batch_size=2))
+    _wait_for_parts(output, 1, alive=thread.is_alive)
+    actors = _generate_stage_actors(ray_address, ray.get_runtime_context().get_job_id())
+    assert len(actors) == 1
+    os.kill(actors[0].pid, signal.SIGKILL)
+    killed_at = len(manifest.done_keys(output))
+    thread.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    merged = check_complete(output, expected)
+    assert killed_at < len(expected)
+    replicas = {r["replica"] for r in merged.to_pylist()}
+    assert len(replicas) == 2 and any(r.endswith(f":{actors[0].pid}") for r in replicas)
+
+
+def test_killed_driver_then_rerun_recomputes_only_in_flight_rows(ray_address, tmp_path):
+    expected = simple_table(tmp_path / "t.parquet", 60)
+    reference = _job(str(tmp_path / "ref"), str(tmp_path / "t.parquet"), batch_size=2)
+    run_job(reference)
+
+    output = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", str(tmp_path / "t.parquet"),
+           "--output", output, "--model", MODEL, "--height", "64", "--width", "64", "--steps", "1",
+           "--guidance-scale", "5", "--seed", "3", "--batch-size", "2", "--ray-address", ray_address,
+           "--no-progress"]  # fmt: skip
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_parts(output, 3, alive=lambda: driver.poll() is None)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    time.sleep(3)  # let Ray tear the dead driver's workers down
+    done_before = manifest.done_keys(output)
+    on_disk = set(os.listdir(os.path.join(output, "images")))
+    in_flight = {f for f in on_disk if not f.startswith(".")} - {f"{k}_{i}.png" for k, i in done_before}
+    assert 0 < len(done_before) < len(expected)
+    parts_before = set(manifest.part_urls(output))
+
+    result = run_job(_job(output, str(tmp_path / "t.parquet"), batch_size=2))
+    check_complete(output, expected)
+    # Only what was not done is computed again: nothing in an earlier part is in a new part.
+    assert result.processed_images == len(expected) - len(done_before)
+    new_rows, _ = manifest.read_parts(output, columns=["key", "k"])
+    new = [(kk, k) for kk, k, p in zip(*(new_rows.column(c).to_pylist() for c in ("key", "k", "_part")),
+                                       strict=True) if p not in parts_before]  # fmt: skip
+    assert not set(new) & done_before
+    # Images written after the last part before the kill: at most the batches in flight
+    # (1 replica x 2 queued tasks x batch 2, plus the write stage's tasks).
+    assert len(in_flight) <= 12, in_flight
+    identical = 0
+    for key, k in expected:
+        a = np.asarray(Image.open(os.path.join(output, "images", f"{key}_{k}.png")), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "ref" / "images" / f"{key}_{k}.png"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, (key, k)
+        identical += (tmp_path / "ref" / "images" / f"{key}_{k}.png").read_bytes() == open(
+            os.path.join(output, "images", f"{key}_{k}.png"), "rb"
+        ).read()
+    print(f"driver kill: {len(done_before)} done before, {len(in_flight)} in flight, "
+          f"{result.processed_images} computed by the rerun, {identical}/{len(expected)} PNGs byte-identical")  # fmt: skip
+
+
+def test_s3_endpoint_unreachable_for_seconds_mid_job(ray_address, s3_endpoint, tmp_path):
+    expected = simple_table(tmp_path / "t.parquet", 40, steps=1)
+    bucket = make_bucket(s3_endpoint)
+    direct = storage_options(s3_endpoint)
+    with PausableProxy(s3_endpoint) as proxy:
+        via_proxy = dataclasses.replace(direct, endpoint_url=proxy.url)
+        output = f"s3://{bucket}/out"
+        thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), via_proxy, batch_size=2))
+        _wait_for_parts(output, 1, direct, alive=thread.is_alive)
+        proxy.pause(6)
+        paused_at = time.monotonic()
+        thread.join(timeout=300)
+        assert time.monotonic() - paused_at > 6, "the job finished before the endpoint came back"
+        assert proxy.refused > 0 or not proxy.paused
+    assert "error" not in box, box.get("error")
+    assert box["result"].rows_failed == 0
+    check_complete(output, expected, direct)
+
+
+# --------------------------------------------------------------------------- malformed inputs
+
+
+def _table(path, **columns) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def malformed_cases(tmp_path, s3_endpoint):
+    good = _table(tmp_path / "good.parquet", id=["a"], prompt=["a cat"])
+    (tmp_path / "text.parquet").write_text("not parquet")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    dup = _table(tmp_path / "dup.parquet", id=["a", "b", "a"], prompt=["x", "y", "z"])
+    return [
+        ("missing file", ["--prompts", str(tmp_path / "nope.parquet")], "no such file"),
+        ("not parquet", ["--prompts", str(tmp_path / "text.parquet")], "not a readable Parquet file"),
+        ("no prompt column", ["--prompts", _table(tmp_path / "np.parquet", text=["x"])], "no `prompt` column"),
+        ("prompt not text", ["--prompts", _table(tmp_path / "pi.parquet", prompt=[1, 2])], "column `prompt` has type int64"),
+        ("height not int", ["--prompts", _table(tmp_path / "hs.parquet", prompt=["x"], height=["big"])], "column `height` has type string"),
+        ("duplicate ids", ["--prompts", dup], "duplicate id(s): 'a' (2x)"),
+        ("empty table", ["--prompts", _table(tmp_path / "e.parquet", prompt=pa.array([], pa.string()))], "has no rows"),
+        ("empty folder", ["--prompts", str(tmp_path / "empty_dir")], "holds no Parquet files"),
+        ("bad URL", ["--prompts", "ftp://host/t.parquet"], "unsupported URL scheme 'ftp'"),
+        ("malformed s3 URL", ["--prompts", "s3:///t.parquet"], "no bucket name"),
+        ("output is a file", ["--prompts", good, "--output", str(tmp_path / "a_file")], "is an existing file"),
+        ("output not writable", ["--prompts", good, "--output", str(tmp_path / "a_file" / "out")], "not writable"),
+        ("missing bucket", ["--prompts", good, "--output", "s3://no-such-bucket-here/out"], "--output s3://no-such-bucket-here/out"),
+        ("missing model", ["--prompts", good, "--model", str(tmp_path / "nomodel")], "not a diffusers SD3 folder"),
+        ("bad default size", ["--prompts", good, "--height", "70"], "--height 70 is not a positive multiple of 16"),
+    ]  # fmt: skip
+
+
+def test_malformed_inputs_fail_clearly_before_any_work(tmp_path, s3_endpoint, capsys):
+    cases = malformed_cases(tmp_path, s3_endpoint)
+    assert len(cases) >= 12
+    for name, args, message in cases:
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        argv = ["generate", "--output", str(out), "--model", MODEL, "--steps", "1", *args]
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert message in err, (name, err)
+        assert "Traceback" not in err
+        # Nothing that could be taken as done: no parts, manifest, job.json or images.
+        if out.exists():
+            assert [p.name for p in out.rglob("*")] == [], (name, list(out.rglob("*")))
+
+
+def test_run_job_raises_job_error(tmp_path):
+    with pytest.raises(JobError, match="exactly one of --prompts"):
+        run_job(JobConfig(output=str(tmp_path), model=MODEL))
+
+
+def test_model_that_fails_to_load_on_the_replica_stops_the_job_clearly(ray_address, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(MODEL, broken)
+    for f in (broken / "transformer").glob("diffusion_pytorch_model*"):
+        f.unlink()
+    simple_table(tmp_path / "t.parquet", 3)
+    config = _job(str(tmp_path / "out"), str(tmp_path / "t.parquet"))
+    config.model = str(broken)
+    with pytest.raises(JobFailed, match="transformer: neither diffusion_pytorch_model.safetensors"):
+        run_job(config)
+    assert manifest.part_urls(str(tmp_path / "out")) == []
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
