@@ -1,0 +1,323 @@
+"""Command lines of the training jobs: `sd3 train`, `sd3 schedule`, `sd3 nightly`.
+
+`sd3 train dreambooth ...` / `sd3 train dreambooth-lora ...` take the flags of diffusers'
+train_dreambooth_(lora_)sd3.py as written (`--instance_data_dir=dog --mixed_precision="fp16"`),
+so an existing command works with the script name replaced, plus `--device gpu|npu|cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from jobs.storage import StorageOptions
+
+# Flags the reference scripts have that change nothing here (accepted so commands keep working).
+_IGNORED = ("revision", "variant", "cache_dir", "dataloader_num_workers", "local_rank", "hub_token",
+            "hub_model_id", "allow_tf32", "upcast_before_saving", "adam_weight_decay_text_encoder",
+            "text_encoder_lr", "dataset_config_name")  # fmt: skip
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="fine-tune the SD3 transformer (DreamBooth, full or LoRA) in a Ray actor",
+        description="DreamBooth fine-tuning of the SD3 transformer on a Ray node with the requested device.",
+    )
+    kinds = train.add_subparsers(dest="train_kind", required=True)
+    for kind, help_text in (
+        ("dreambooth", "full fine-tune (train_dreambooth_sd3.py flags); writes OUTPUT/transformer/"),
+        (
+            "dreambooth-lora",
+            "LoRA (train_dreambooth_lora_sd3.py flags); writes OUTPUT/pytorch_lora_weights.safetensors",
+        ),
+    ):
+        _add_train_flags(kinds.add_parser(kind, help=help_text, description=help_text, allow_abbrev=False))
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", required=True, help="diffusers SD3 folder or s3:// prefix")
+    a("--instance_data_dir", default=None, help="folder or s3:// prefix of instance images")
+    a(
+        "--dataset",
+        "--dataset_name",
+        dest="dataset",
+        default=None,
+        help="Parquet table (file/folder URL) of images + captions",
+    )
+    a("--image_column", default="image")
+    a("--caption_column", default=None)
+    a("--repeats", type=int, default=1)
+    a("--instance_prompt", default=None)
+    a("--class_data_dir", default=None)
+    a("--class_prompt", default=None)
+    a("--with_prior_preservation", action="store_true")
+    a("--prior_loss_weight", type=float, default=1.0)
+    a("--num_class_images", type=int, default=100)
+    a("--sample_batch_size", type=int, default=4)
+    a("--class_inference_steps", type=int, default=28, help="denoising steps for generated class images")
+    a("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+      help="accepted for compatibility; class images are rendered in the --mixed_precision dtype")  # fmt: skip
+    a(
+        "--max_sequence_length",
+        type=int,
+        default=256,
+        help="T5 tokens in training (default 256, the pipeline's)",
+    )
+    a(
+        "--output_dir",
+        required=True,
+        help="folder or s3:// prefix for checkpoints, outputs and validation images",
+    )
+    a("--seed", type=int, default=None)
+    a("--resolution", type=int, default=512)
+    a("--center_crop", action="store_true")
+    a("--random_flip", action="store_true")
+    a("--train_batch_size", type=int, default=4)
+    a("--num_train_epochs", type=int, default=1)
+    a("--max_train_steps", type=int, default=None)
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='"latest", "checkpoint-N" or a checkpoint URL')
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=1e-4)
+    a("--scale_lr", action="store_true")
+    a("--lr_scheduler", default="constant")
+    a("--lr_warmup_steps", type=int, default=500)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a(
+        "--weighting_scheme",
+        default="logit_normal",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+    )
+    a("--logit_mean", type=float, default=0.0)
+    a("--logit_std", type=float, default=1.0)
+    a("--mode_scale", type=float, default=1.29)
+    a("--precondition_outputs", type=int, default=0, help="1: train the preconditioned x0 estimate")
+    a("--optimizer", default="AdamW")
+    a("--use_8bit_adam", action="store_true")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-4)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    a("--cache_latents", action="store_true")
+    a("--no_cache_text_embeddings", action="store_true", help="re-encode prompts every step")
+    a("--train_text_encoder", action="store_true")
+    a("--rank", type=int, default=4)
+    a("--lora_alpha", type=float, default=None, help="default: the rank")
+    a(
+        "--lora_layers",
+        default=None,
+        help="comma-separated module suffixes (default: the attention projections)",
+    )
+    a("--lora_blocks", default=None, help="comma-separated transformer block indices (default: all)")
+    a("--validation_prompt", default=None)
+    a("--num_validation_images", type=int, default=4)
+    a("--validation_epochs", type=int, default=50)
+    a("--validation_inference_steps", type=int, default=28)
+    a("--not_validation_final", action="store_true")
+    a("--report_to", default="wandb", choices=["wandb", "none", "tensorboard", "all"])
+    a("--logging_dir", default=None)
+    a("--tracker_project_name", default=None)
+    a("--publish_to", default=None, help="LoRA registry to publish the adapter in (nightly runs)")
+    a("--publish_version", default=None)
+    run = p.add_argument_group("where it runs")
+    run.add_argument(
+        "--device",
+        default="gpu",
+        choices=["gpu", "npu", "cpu"],
+        help="device of the training actor (default gpu)",
+    )
+    run.add_argument("--num_cpus", type=float, default=1.0, help="CPUs of the training actor")
+    run.add_argument(
+        "--ray_address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray)"
+    )
+    run.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    run.add_argument("--s3_endpoint_url", default=None)
+    for name in _IGNORED:
+        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace):
+    from jobs.train import TrainConfig
+
+    if args.train_text_encoder:
+        raise ValueError("--train_text_encoder is not supported: only the transformer is trained")
+    if args.use_8bit_adam:
+        raise ValueError("--use_8bit_adam is not supported (bitsandbytes is PyTorch-only); drop the flag")
+    for name in _IGNORED:
+        if getattr(args, name, None) is not None:
+            warnings.warn(f"--{name} has no effect here; ignored", stacklevel=2)
+    return TrainConfig(
+        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+        output_dir=args.output_dir,
+        mode="lora" if args.train_kind == "dreambooth-lora" else "full",
+        instance_prompt=args.instance_prompt,
+        instance_data_dir=args.instance_data_dir,
+        dataset=args.dataset,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        with_prior_preservation=args.with_prior_preservation,
+        class_data_dir=args.class_data_dir,
+        class_prompt=args.class_prompt,
+        prior_loss_weight=args.prior_loss_weight,
+        num_class_images=args.num_class_images,
+        sample_batch_size=args.sample_batch_size,
+        class_inference_steps=args.class_inference_steps,
+        prior_generation_precision=args.prior_generation_precision,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        repeats=args.repeats,
+        max_sequence_length=args.max_sequence_length,
+        cache_latents=args.cache_latents,
+        cache_text_embeddings=not args.no_cache_text_embeddings,
+        seed=args.seed,
+        train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_train_steps=args.max_train_steps,
+        gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=args.learning_rate,
+        scale_lr=args.scale_lr,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        lr_num_cycles=args.lr_num_cycles,
+        lr_power=args.lr_power,
+        weighting_scheme=args.weighting_scheme,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        mode_scale=args.mode_scale,
+        precondition_outputs=bool(args.precondition_outputs),
+        optimizer=args.optimizer,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_weight_decay=args.adam_weight_decay,
+        adam_epsilon=args.adam_epsilon,
+        max_grad_norm=args.max_grad_norm,
+        mixed_precision=args.mixed_precision,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_layers=args.lora_layers,
+        lora_blocks=args.lora_blocks,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        validation_prompt=args.validation_prompt,
+        num_validation_images=args.num_validation_images,
+        validation_epochs=args.validation_epochs,
+        validation_inference_steps=args.validation_inference_steps,
+        not_validation_final=args.not_validation_final,
+        report_to=args.report_to,
+        logging_dir=args.logging_dir,
+        tracker_project_name=args.tracker_project_name,
+        device=args.device,
+        num_cpus=args.num_cpus,
+        storage=StorageOptions.from_env(endpoint_url=args.s3_endpoint_url),
+        publish_to=args.publish_to,
+        publish_version=args.publish_version,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from jobs.train_devices import apply_npu_flags
+
+    if args.local and args.device == "npu":
+        apply_npu_flags()  # before jobs.train imports paddle
+    from jobs.train import run_on_ray, select_device, train
+
+    config = config_from_args(args)
+    if args.local:
+        select_device(config.device)
+        result = train(config).as_dict()
+    else:
+        result = run_on_ray(config, args.ray_address)
+    if result.get("skipped"):
+        print(f"nothing to do: {result['skipped']} ({result['published']})", file=sys.stderr)
+        return 0
+    history = result["history"]
+    first, last = (history[0]["loss"], history[-1]["loss"]) if history else (float("nan"), float("nan"))
+    print(
+        f"trained {result['global_step']} steps in {result['seconds']:.1f}s (loss {first:.4f} -> {last:.4f}); "
+        f"weights {result['weights']}; {len(result['checkpoints'])} checkpoints; "
+        f"{len(result['validation_images'])} validation images"
+        + (f"; wandb run {result['wandb_run_dir']}" if result.get("wandb_run_dir") else "")
+        + (f"; published {result['published']}" if result.get("published") else ""),
+        file=sys.stderr,
+    )
+    print(
+        json.dumps(
+            {k: result[k] for k in ("output_dir", "global_step", "weights", "published", "info")}, default=str
+        )
+    )
+    return 0
+
+
+def add_schedule_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "schedule",
+        help="print cron / systemd / KubeRay RayCronJob lines for a nightly LoRA spec",
+        description="Print the crontab line, systemd service + timer and KubeRay RayCronJob manifest that "
+        "run `sd3 nightly trigger SPEC` on the spec's schedule (UTC).",
+    )
+    p.add_argument("spec", metavar="SPEC", help="nightly spec file (YAML/JSON; local path or URL)")
+    p.add_argument("--sd3", default="sd3", help="the sd3 executable the lines call (default: sd3 on PATH)")
+
+
+def run_schedule(args: argparse.Namespace) -> int:
+    import os
+
+    from jobs.nightly import load_spec, schedule_text
+    from jobs.storage import normalize_url
+
+    spec_url = normalize_url(args.spec)
+    spec = load_spec(spec_url)
+    sd3 = args.sd3
+    if sd3 == "sd3":
+        candidate = os.path.join(os.path.dirname(sys.executable), "sd3")
+        sd3 = candidate if os.path.exists(candidate) else "sd3"
+    print(schedule_text(spec, spec_url, sd3))
+    return 0
+
+
+def add_nightly_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("nightly", help="nightly LoRA fine-tunes (what `sd3 schedule` lines run)")
+    sub = p.add_subparsers(dest="nightly_command", required=True)
+    t = sub.add_parser("trigger", help="submit today's run through Ray Jobs unless it was submitted already")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("spec", nargs="?", metavar="SPEC", default=None)
+    src.add_argument("--spec-json", default=None, help="the spec inline (as the RayCronJob passes it)")
+    t.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: today, UTC)")
+    t.add_argument(
+        "--address", default=None, help="Ray dashboard (default: the spec's ray.address, $RAY_ADDRESS)"
+    )
+    t.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+
+
+def run_nightly(args: argparse.Namespace) -> int:
+    from jobs import nightly, submit
+
+    spec = (
+        nightly.parse_spec(args.spec_json, "--spec-json") if args.spec_json else nightly.load_spec(args.spec)
+    )
+    client = submit.connect(args.address or spec.ray.get("address"))
+    out = nightly.trigger(spec, args.date, client=client)
+    if out["submitted"]:
+        print(f"submitted {out['submission_id']}", file=sys.stderr)
+    else:
+        print(
+            f"{out['submission_id']} was already submitted (status {out['status']}); not training twice",
+            file=sys.stderr,
+        )
+    if args.follow:
+        job = submit.Submission(client.get_address(), out["submission_id"], "")
+        status = submit.follow(job, client)
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
