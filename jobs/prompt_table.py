@@ -56,7 +56,7 @@ class JobDefaults:
 
     `seed=None` derives each row's seed from (`job_seed`, id); `height`/`width` None means the
     model's default size (resolve it from the model before `resolve_rows` so manifests hold
-    concrete sizes); `max_sequence_length` None means the pipeline default (256)."""
+    concrete sizes); `max_sequence_length` None means the model's default (its folder's, else 256)."""
 
     prompt_2: str | None = None
     prompt_3: str | None = None

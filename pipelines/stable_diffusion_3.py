@@ -22,6 +22,12 @@ from tqdm.auto import tqdm
 
 from pipelines.lora_loading import SD3LoraLoaderMixin
 from sd3_core import text_encoders
+from sd3_core.folder_defaults import (
+    DEFAULT_T5_LENGTH,
+    MAX_SEQUENCE_LENGTH_KEY,
+    MAX_T5_LENGTH,
+    folder_max_sequence_length,
+)
 from sd3_core.modeling import read_json_object, resolve_dtype
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
@@ -44,7 +50,6 @@ _LIBRARY_CLASSES = {
     "tokenizer_3": ("transformers", "T5TokenizerFast"),
 }
 _OPTIONAL = ("text_encoder_3", "tokenizer_3")
-MAX_T5_LENGTH = 512
 
 
 @dataclass
@@ -107,6 +112,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         self.patch_size = transformer.config.patch_size
         self.default_sample_size = transformer.config.sample_size
         self.tokenizer_max_length = getattr(tokenizer, "model_max_length", 77)
+        # What max_sequence_length=None means; from_pretrained takes it from the folder when it says.
+        self.default_max_sequence_length = DEFAULT_T5_LENGTH
         self._progress_bar_config: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loading and saving
@@ -154,7 +161,9 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             loaded[name] = _load_component(name, sub, dtype_name)
         if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
             loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
-        return cls(**loaded)
+        pipe = cls(**loaded)
+        pipe.default_max_sequence_length = folder_max_sequence_length(index, index_file)
+        return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the diffusers folder layout (PyTorch layout on disk). The folder appears whole or not at all."""
@@ -175,6 +184,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                     continue
                 index[name] = list(_LIBRARY_CLASSES[name])
                 component.save_pretrained(os.path.join(staging, name))
+            if self.default_max_sequence_length != DEFAULT_T5_LENGTH:
+                index[MAX_SEQUENCE_LENGTH_KEY] = self.default_max_sequence_length
             index["image_encoder"] = [None, None]
             index["feature_extractor"] = [None, None]
             with open(os.path.join(staging, "model_index.json"), "w", encoding="utf-8") as f:
@@ -282,13 +293,15 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         pooled_prompt_embeds: paddle.Tensor | None = None,
         negative_pooled_prompt_embeds: paddle.Tensor | None = None,
         clip_skip: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ) -> tuple[paddle.Tensor, paddle.Tensor | None, paddle.Tensor, paddle.Tensor | None]:
         """Returns (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds).
 
         `device` is accepted for diffusers compatibility; Paddle places tensors on its current device.
         """
         del device
+        if max_sequence_length is None:
+            max_sequence_length = self.default_max_sequence_length
         prompts = _as_list(prompt, "prompt")
         batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if prompt_embeds is None:
@@ -462,7 +475,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_stop: float = 0.2,
@@ -473,6 +486,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         (an int, or one per image) is an alternative to `generator` (NumPy generators)."""
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
+        if max_sequence_length is None:
+            max_sequence_length = self.default_max_sequence_length
         # 1. check inputs
         self.check_inputs(
             prompt, height, width, num_inference_steps, num_images_per_prompt, max_sequence_length,

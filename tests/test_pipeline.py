@@ -164,3 +164,47 @@ def test_half_precision_weights_stay_close_to_float32(dtype, tolerance):
     images = half(**kwargs).images
     difference = np.abs(images - reference).max()
     assert 0 < difference < tolerance  # rounded weights change the result, but only slightly
+
+
+# ---- a model folder's own default T5 length ------------------------------------------------------
+
+
+def _folder_with_t5_length(tmp_path, value) -> str:
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(fixture_path("sd3-tiny"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_max_sequence_length"] = value
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return str(folder)
+
+
+def test_folder_declared_t5_length_is_the_default_and_survives_save(tmp_path):
+    pipe = StableDiffusion3Pipeline.from_pretrained(_folder_with_t5_length(tmp_path, 8))
+    assert pipe.default_max_sequence_length == 8
+    embeds, _, _, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
+    assert embeds.shape[1] == 77 + 8  # CLIP tokens + T5 at the folder's length
+    explicit, _, _, _ = pipe.encode_prompt(
+        "a red circle", do_classifier_free_guidance=False, max_sequence_length=20
+    )
+    assert explicit.shape[1] == 77 + 20  # an explicit length still wins
+    latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    default = pipe(
+        "a red circle", height=64, width=64, num_inference_steps=2, latents=latents, output_type="np"
+    )
+    at_8 = pipe("a red circle", height=64, width=64, num_inference_steps=2, latents=latents, output_type="np",
+                max_sequence_length=8)  # fmt: skip
+    np.testing.assert_array_equal(default.images, at_8.images)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert StableDiffusion3Pipeline.from_pretrained(tmp_path / "saved").default_max_sequence_length == 8
+    assert (
+        StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny")).default_max_sequence_length == 256
+    )
+
+
+@pytest.mark.parametrize("value", [0, 513, "32", True])
+def test_folder_declared_t5_length_must_be_a_valid_length(tmp_path, value):
+    with pytest.raises(ValueError, match="_max_sequence_length"):
+        StableDiffusion3Pipeline.from_pretrained(_folder_with_t5_length(tmp_path, value))
