@@ -223,12 +223,12 @@ class LocalReplica:
 
 
 def make_replica(spec: ReplicaSpec) -> Replica:
-    """The replica for `spec`: in this process for 1 x 1; issue 4's groups plug in here."""
+    """The replica for `spec`: in this process for 1 x 1, else a group of cfg x mp actors."""
     if spec.world_size == 1:
         return LocalReplica(spec)
-    raise NotImplementedError(
-        f"replica groups (cfg={spec.cfg} x mp={spec.mp}) are not available yet; use cfg=1, mp=1"
-    )
+    from actors.replica_group import GroupReplica
+
+    return GroupReplica(spec)
 
 
 def _or(*values: str | None) -> str:

@@ -49,6 +49,7 @@ from jobs.prompt_table import (
     resolve_rows,
 )
 from jobs.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
+from sd3_core.folder_defaults import folder_max_sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class JobConfig:
     replicas: int = 1
     device: str = "cpu"
     cpus_per_replica: float = 1.0
+    mp: int = 1  # tensor-parallel shards per replica (issue 4)
+    cfg_parallel: bool = False  # the two CFG halves on two devices: a replica of 2 x mp ranks
     batch_size: int = 4
     dtype: str = "float32"
     defaults: JobDefaults = field(default_factory=JobDefaults)
@@ -138,6 +141,8 @@ def _check_config(config: JobConfig) -> None:
         raise JobError(f"--replicas {config.replicas!r} must be an integer >= 1")
     if not isinstance(config.batch_size, int) or config.batch_size < 1:
         raise JobError(f"--batch-size {config.batch_size!r} must be an integer >= 1")
+    if not isinstance(config.mp, int) or config.mp < 1:
+        raise JobError(f"--mp {config.mp!r} must be an integer >= 1")
     if config.device not in DEVICES:
         raise JobError(f"--device {config.device!r} must be one of {', '.join(DEVICES)}")
     if config.dtype not in DTYPES:
@@ -186,8 +191,9 @@ def _check_output(url: str, options: StorageOptions) -> None:
         logger.warning("could not remove the write probe %s: %s", probe, e)
 
 
-def _model_default_size(model: str, options: StorageOptions) -> int:
-    """The model's default image side (transformer sample_size x VAE factor), read from its configs.
+def _model_defaults(model: str, options: StorageOptions) -> tuple[int, int]:
+    """The model's default image side (transformer sample_size x VAE factor) and T5 length (its
+    model_index.json ``_max_sequence_length``, else 256), read from its configs.
 
     Also the up-front check that `model` is a readable diffusers folder/prefix."""
     try:
@@ -205,7 +211,11 @@ def _model_default_size(model: str, options: StorageOptions) -> int:
     if not isinstance(index, dict) or "transformer" not in index:
         raise JobError(f"--model {model}: model_index.json lists no transformer")
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    return int(transformer.get("sample_size", 128)) * factor
+    try:
+        t5_length = folder_max_sequence_length(index, join_url(model, "model_index.json"))
+    except ValueError as e:
+        raise JobError(f"--model {model}: {e}") from None
+    return int(transformer.get("sample_size", 128)) * factor, t5_length
 
 
 # --------------------------------------------------------------------------- stages
@@ -500,17 +510,25 @@ def run_job(config: JobConfig) -> JobResult:
         model = normalize_url(config.model)
     except ValueError as e:
         raise JobError(f"--model {config.model}: {e}") from None
-    size = _model_default_size(model, storage)
+    size, t5_length = _model_defaults(model, storage)
     defaults = replace(
         config.defaults,
         height=config.defaults.height or size,
         width=config.defaults.width or size,
-        max_sequence_length=config.defaults.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length=config.defaults.max_sequence_length or t5_length,
         model=model,
     )
     spec = ReplicaSpec(
-        model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage
-    )
+        model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage,
+        cfg=2 if config.cfg_parallel else 1, mp=config.mp,
+    )  # fmt: skip
+    if spec.world_size > 1:  # heads % mp, before any actor starts
+        from actors.replica_group import check_replica_shape
+
+        try:
+            check_replica_shape(spec)
+        except ValueError as e:
+            raise JobError(f"--mp {config.mp}: {e}") from None
     previous = _read_job_json(output, storage)
     if previous is None:  # a finished job's rerun must write nothing, not even a probe
         _check_output(output, storage)

@@ -48,8 +48,15 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
         "--device", default="cpu", choices=["cpu", "gpu", "npu"], help="device of a replica (default cpu)"
     )
     run.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="CPUs (threads) per replica, default 1"
+        "--cpus-per-replica",
+        type=float,
+        default=1.0,
+        help="CPUs (threads) per replica (per rank with --mp/--cfg-parallel), default 1",
     )
+    run.add_argument("--mp", type=_positive_int, default=1, help="tensor-parallel devices per replica "
+                     "(the transformer's heads split across them), default 1")  # fmt: skip
+    run.add_argument("--cfg-parallel", action="store_true", help="render the two CFG halves on two "
+                     "devices each (a replica is then 2 x mp devices)")  # fmt: skip
     run.add_argument("--batch-size", type=_positive_int, default=4, help="images per replica call, default 4")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     run.add_argument("--image-format", default="png", choices=["png", "jpeg", "webp"])
@@ -80,7 +87,10 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="job seed; a row without `seed` gets one from it and its id"
     )
     d.add_argument(
-        "--max-sequence-length", type=_positive_int, default=None, help="T5 tokens (<= 512, default 256)"
+        "--max-sequence-length",
+        type=_positive_int,
+        default=None,
+        help="T5 tokens (<= 512; default: the model folder's _max_sequence_length, else 256)",
     )
 
 
@@ -111,6 +121,8 @@ def _generate(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         device=args.device,
         cpus_per_replica=args.cpus_per_replica,
+        mp=args.mp,
+        cfg_parallel=args.cfg_parallel,
         batch_size=args.batch_size,
         dtype=args.dtype,
         defaults=defaults,

@@ -397,3 +397,20 @@ def test_model_that_fails_to_load_on_the_replica_stops_the_job_clearly(ray_addre
         run_job(config)
     assert manifest.part_urls(str(tmp_path / "out")) == []
     assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_model_folder_declares_its_default_t5_length(tmp_path):
+    import shutil
+
+    from jobs.batch_generate import _model_defaults
+
+    # side = sample_size 16 x VAE factor 8; T5 length diffusers' 256 unless the folder says
+    assert _model_defaults(MODEL, StorageOptions()) == (128, 256)
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_max_sequence_length": 32}))
+    assert _model_defaults(str(folder), StorageOptions()) == (128, 32)
+    (folder / "model_index.json").write_text(json.dumps({**index, "_max_sequence_length": 0}))
+    with pytest.raises(JobError, match="_max_sequence_length"):
+        _model_defaults(str(folder), StorageOptions())

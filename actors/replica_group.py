@@ -1,0 +1,231 @@
+"""A replica group: ``cfg x mp`` shard-worker actors pinned together by one placement group.
+
+One bundle per rank, each one device of the spec's kind (``ReplicaSpec.device_bundle``), packed
+onto one node (STRICT_PACK: the ranks' collectives run every few milliseconds). Each group has
+its own placement group and its own Paddle world (rank 0's address and a free port), so many
+groups run side by side for throughput.
+
+Shape errors (``num_attention_heads % mp``, cfg not in {1, 2}) are raised before anything is
+created. A rank that fails while its peers wait in a collective would hang them forever, so a
+call in which a rank's process dies, or some ranks fail and the others do not finish within
+``grace_seconds``, tears the group down and raises :class:`ReplicaGroupBroken`; an error every
+rank raises alike (a bad argument, found before any collective) reaches the caller as itself
+and leaves the group usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from actors.replica import LocalReplica, RenderRequest, ReplicaSpec
+from actors.shard_worker import ShardWorker
+from jobs.storage import join_url, read_bytes
+from sd3_core.tensor_parallel import check_tensor_parallel
+
+__all__ = ["GroupReplica", "ReplicaGroup", "ReplicaGroupBroken", "check_replica_shape"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaGroupBroken(RuntimeError):
+    """Some ranks failed and the others are stuck in a collective: the group is gone."""
+
+
+def check_replica_shape(spec: ReplicaSpec) -> dict[str, Any]:
+    """Raise ValueError unless ``spec.model``'s transformer splits into ``spec.mp`` shards;
+    returns the transformer config. Reads one small JSON file, starts nothing."""
+    url = join_url(spec.model, "transformer", "config.json")
+    try:
+        config = json.loads(read_bytes(url, spec.storage))
+    except FileNotFoundError:
+        raise ValueError(f"model {spec.model}: no transformer config at {url}") from None
+    try:
+        check_tensor_parallel(config, spec.mp)
+    except ValueError as e:
+        raise ValueError(f"model {spec.model}: {e}") from None
+    return config
+
+
+class ReplicaGroup:
+    """The ranks of one ``spec.cfg x spec.mp`` replica, ready to generate once constructed.
+
+    ``compute_device`` overrides the kind of device the ranks compute on (default: the bundles'
+    kind); tests use "cpu" with GPU-kind bundles of Ray's logical GPUs.
+    """
+
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        compute_device: str | None = None,
+        ready_timeout: float | None = 600.0,
+        grace_seconds: float = 30.0,
+    ) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        check_replica_shape(spec)  # before any placement group or actor exists
+        self.spec = spec
+        self.grace_seconds = grace_seconds
+        self.world_size = spec.world_size
+        bundle = spec.device_bundle()
+        self.placement_group = placement_group([dict(bundle)] * self.world_size, strategy="STRICT_PACK")
+        self.workers: list[Any] = []
+        self.endpoints: list[str] = []
+        self.last_stats: list[dict[str, Any]] = []
+        try:
+            try:
+                ray.get(self.placement_group.ready(), timeout=ready_timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"no node could hold {self.world_size} bundles of {bundle} (cfg={spec.cfg} x "
+                    f"mp={spec.mp}) within {ready_timeout}s; add devices or lower --mp/--replicas"
+                ) from None
+            remote = ray.remote(ShardWorker)
+            resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            for rank in range(self.world_size):
+                self.workers.append(
+                    remote.options(
+                        num_cpus=bundle.get("CPU", 0),
+                        num_gpus=bundle.get("GPU", 0),
+                        resources=resources,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            self.placement_group, placement_group_bundle_index=rank
+                        ),
+                    ).remote(rank, spec.cfg, spec.mp, compute_device or spec.device, max(1, int(spec.cpus)))
+                )
+            # Rank 0 publishes the rendezvous address; every rank gets the whole list.
+            self.endpoints = ray.get([w.endpoint.remote() for w in self.workers])
+            self.pids = self._all("join", self.endpoints)
+            self.load(spec.model)
+        except BaseException:
+            self.shutdown(leave=False)
+            raise
+
+    @property
+    def name(self) -> str:
+        where = self.endpoints[0] if self.endpoints else "not started"
+        return f"cfg{self.spec.cfg}xmp{self.spec.mp}@{where}"
+
+    def load(self, model: str) -> list[int]:
+        """Load ``model`` (its heads must split by mp too) on every rank; per-rank transformer bytes."""
+        if model != self.spec.model:
+            check_replica_shape(replace(self.spec, model=model))
+        loaded = self._all("load", model, self.spec.dtype, self.spec.storage)
+        self.parameter_bytes: list[int] = [r["param_bytes"] for r in loaded]
+        self.model: str = loaded[0]["model"]
+        return self.parameter_bytes
+
+    def submit(self, args: dict[str, Any]) -> list[Any]:
+        """Start one pipeline call on every rank; the refs of their ``(images, stats)``."""
+        if not self.workers:
+            raise ReplicaGroupBroken("this replica group has been shut down")
+        return [w.generate.remote(args) for w in self.workers]
+
+    def result(self, refs: list[Any]) -> np.ndarray:
+        """Rank 0's images of a :meth:`submit`; every rank's stats go to ``last_stats``."""
+        outputs = self._wait(refs)
+        self.last_stats = [stats for _, stats in outputs]
+        return outputs[0][0]
+
+    def generate(self, args: dict[str, Any]) -> np.ndarray:
+        """One pipeline call (``generate_on_rank``'s arguments); rank 0's images."""
+        return self.result(self.submit(args))
+
+    def shutdown(self, leave: bool = True) -> None:
+        """Leave the collective world together, then free the actors and the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        left = False
+        if leave and self.workers:
+            try:
+                ray.get([w.leave.remote() for w in self.workers], timeout=60)
+                left = True
+            except Exception as e:  # the actors are killed below instead
+                logger.warning("replica group %s did not leave its world cleanly: %s", self.name, e)
+        if left:  # a clean exit: a kill makes Paddle print a fatal-signal trace
+            exits = [w.__ray_terminate__.remote() for w in self.workers]
+            ray.wait(exits, num_returns=len(exits), timeout=30)
+        for w in self.workers:
+            ray.kill(w)  # no-op for an actor that has exited
+        self.workers = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return self._wait([getattr(w, method).remote(*args) for w in self.workers])
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """Every rank's result, in rank order; see the module docstring for failures."""
+        import ray
+
+        pending, failed = list(refs), []
+        while pending:
+            timeout = self.grace_seconds if failed else None
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not done:
+                break  # the others wait for a failed peer in a collective
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    failed.append(e)
+        if not failed:
+            return ray.get(list(refs))
+        if pending or any(isinstance(e, ray.exceptions.RayActorError) for e in failed):
+            self.shutdown(leave=False)
+            stuck = f", {len(pending)} stuck in a collective" if pending else ""
+            raise ReplicaGroupBroken(
+                f"{len(failed)} of {len(refs)} ranks failed{stuck}; the group was stopped. "
+                f"First error: {failed[0]!r}"
+            ) from failed[0]
+        raise _cause(failed[0]) from failed[0]
+
+
+def _cause(error: Exception) -> Exception:
+    """The user's exception inside a RayTaskError (e.g. a ValueError naming a bad argument)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
+class GroupReplica(LocalReplica):
+    """A replica group behind the batch job's ``Replica`` protocol: what a pool actor of
+    ``map_batches`` holds instead of an in-process pipeline when ``cfg x mp > 1``.
+
+    The pool actor only coordinates; the group's ranks hold the devices. A broken group (a rank
+    died mid-call) ends the pool actor, so Ray restarts it with a new group and retries the batch.
+    """
+
+    def __init__(self, spec: ReplicaSpec) -> None:  # not LocalReplica's: nothing loads here
+        from pipelines.parallel_pipeline import ParallelStableDiffusion3Pipeline
+
+        self.group = ReplicaGroup(spec)
+        self.pipe = ParallelStableDiffusion3Pipeline(self.group)
+        self.model = self.group.model
+        self.name = f"{socket.gethostname()}:{os.getpid()}/{self.group.name}"
+
+    def render(self, request: RenderRequest) -> list[np.ndarray]:
+        try:
+            return super().render(request)
+        except ReplicaGroupBroken:
+            logger.exception("replica group %s broke; ending this pool actor for Ray to restart", self.name)
+            os._exit(1)
+
+    def __del__(self) -> None:
+        # Ray Data drops the stage (and so this replica) when the pool actor exits gracefully; the
+        # group's placement group would otherwise hold its devices until the driver's job ends.
+        group = getattr(self, "group", None)
+        if group is not None and group.workers:
+            try:
+                group.shutdown()
+            except Exception:  # the process is exiting; Ray reclaims the actors with the job anyway
+                pass

@@ -1,0 +1,125 @@
+"""One rank of a replica group: a Ray actor holding one CFG half's tensor-parallel shard.
+
+The group (``actors/replica_group.py``) drives its ranks in lockstep: ``endpoint`` on every rank
+(rank 0's address and free port is the rendezvous of the Paddle world), then ``join`` on all at
+once (collectives: NCCL on GPU, the custom-device backend on NPU, gloo on CPU), ``load``, any
+number of ``generate``, and ``leave`` on all at once before the actors are killed (a rank that
+vanishes while its peers still talk to it, rank 0 also hosting the store, makes them abort).
+
+Memory: a rank holds only its transformer shard; with mp > 1 only mp rank 0 of each CFG half
+holds the text encoders (its embeddings reach the other mp ranks in one all-reduce), and only
+rank 0 holds the VAE's weights (it alone decodes).
+"""
+
+from __future__ import annotations
+
+import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ShardWorker", "paddle_device"]
+
+_TEXT_COMPONENTS = (
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+)
+
+
+def paddle_device(kind: str) -> str:
+    """Paddle's device for a rank holding one device of ``kind`` ("gpu", "npu", "cpu").
+
+    Ray exposes exactly the actor's device (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES), so
+    it is device 0 inside the actor."""
+    return {"gpu": "gpu:0", "npu": "npu:0", "cpu": "cpu"}[kind]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ShardWorker:
+    """Rank ``rank`` of a ``cfg x mp`` replica (rank = cfg_rank * mp + mp_rank).
+
+    ``compute`` is the kind of device the rank computes on; normally the kind its bundle holds,
+    "cpu" when tests run GPU-kind bundles of Ray's logical GPUs on the CPU."""
+
+    def __init__(self, rank: int, cfg: int, mp: int, compute: str, threads: int = 1) -> None:
+        import paddle
+
+        self.rank, self.cfg, self.mp = rank, cfg, mp
+        self.device = paddle_device(compute)
+        paddle.set_device(self.device)
+        paddle.base.core.set_num_threads(max(1, int(threads)))
+        self.groups = None
+        self.pipe = None
+
+    def endpoint(self) -> str:
+        """``host:port`` this rank offers the Paddle world (rank 0's is its rendezvous store)."""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}:{_free_port()}"
+
+    def join(self, endpoints: list[str]) -> int:
+        """Join the replica's collective world; every rank calls this at the same time."""
+        from sd3_core.collectives import init_device_groups, single_process_groups
+
+        if len(endpoints) == 1:
+            self.groups = single_process_groups()
+        else:
+            self.groups = init_device_groups(self.cfg, self.mp, self.rank, endpoints, self.device)
+        return os.getpid()
+
+    def load(self, model: str, dtype: str = "float32", storage: Any = None) -> dict[str, Any]:
+        """Load this rank's part of ``model`` (folder or URL): its transformer's bytes and the
+        model's identity (``jobs.model_cache.model_identity``)."""
+        from jobs.model_cache import local_model_path, model_identity
+        from pipelines import StableDiffusion3Pipeline
+        from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
+
+        self.pipe = None  # free the previous model first
+        path = local_model_path(model, storage)
+        transformer = load_transformer_shard(path, self.groups.mp_group, subfolder="transformer", dtype=dtype)
+        parts: dict[str, Any] = {"transformer": transformer}
+        if self.groups.mp > 1 and self.groups.mp_rank:
+            parts.update(dict.fromkeys(_TEXT_COMPONENTS))
+        if self.rank:
+            parts["vae"] = _vae_without_weights(path)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)
+        self.pipe.set_progress_bar_config(disable=True)
+        return {"param_bytes": parameter_bytes(transformer), "model": model_identity(path, model)}
+
+    def generate(self, args: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """This rank's part of one pipeline call (see ``pipelines.parallel_pipeline.generate_on_rank``)."""
+        from pipelines.parallel_pipeline import generate_on_rank
+
+        if self.pipe is None:
+            raise RuntimeError(f"rank {self.rank} has no model loaded")
+        return generate_on_rank(self.pipe, self.groups, **args, share_within_mp=self.groups.mp > 1)
+
+    def leave(self) -> None:
+        """Leave the collective world (every rank at the same time)."""
+        from sd3_core.collectives import leave_world
+
+        self.pipe = None
+        leave_world()
+
+
+def _vae_without_weights(path: str):
+    """The VAE's structure without its weights: ranks other than 0 never decode, but the
+    pipeline reads the VAE's config (its scale factor)."""
+    import paddle
+
+    from sd3_core.vae import AutoencoderKL
+
+    with paddle.LazyGuard():
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae"))

@@ -1,0 +1,229 @@
+"""Replica groups on a real local Ray: cfg x mp shard-worker actors, real gloo collectives, and
+the same images as the single-process pipeline.
+
+One Ray start for the module (4 logical GPUs: the GPU-kind bundles' actors compute on the CPU)
+and four group launches that cover cfg in {1, 2} x mp in {1, 2, 4}; two of them run side by side,
+each with its own placement group and collective world. Every group renders every case of
+``tests.test_parallel`` with both tiny 4-head checkpoints (SD3 and SD3.5-style), loading the
+second into the same ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from actors.replica import ReplicaSpec
+from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
+from pipelines.parallel_pipeline import ParallelStableDiffusion3Pipeline
+from tests import test_parallel
+from tests.test_parallel import CASES, NUM_LAYERS, STEPS, TINY, TOL
+
+# test_parallel's fixtures: the tiny 4-head pipeline folders and the single-process references.
+tiny_pipelines = test_parallel.tiny_pipelines
+inputs = test_parallel.inputs
+single_process = test_parallel.single_process
+
+ray = pytest.importorskip("ray")
+
+# Launched one after another; the groups of one launch run side by side. (device kind, cfg, mp)
+LAUNCHES = [
+    [("gpu", 1, 2), ("gpu", 2, 1), ("cpu", 1, 1)],
+    [("gpu", 1, 4)],
+    [("gpu", 2, 2)],
+    [("cpu", 2, 4)],  # 8 ranks: more than the 4 logical GPUs, so CPU-kind bundles
+]
+SHAPES = [(cfg, mp) for launch in LAUNCHES for _, cfg, mp in launch]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray.data  # noqa: F401  (its log handler binds stderr now, not a test's captured stream)
+
+    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def _render_all(pipe: ParallelStableDiffusion3Pipeline, folders: dict) -> dict:
+    """Every case with both models on one group: images, per-rank bytes and stats."""
+    out = {}
+    for name, folder in folders.items():
+        if str(folder) != pipe.group.spec.model:
+            pipe.group.load(str(folder))
+        out[f"{name}/bytes"] = list(pipe.group.parameter_bytes)
+        for case, args in CASES.items():
+            out[f"{name}/{case}"] = pipe(**args, output_type="np").images
+            out[f"{name}/{case}/stats"] = pipe.group.last_stats
+    return out
+
+
+def _error_of(pipe: ParallelStableDiffusion3Pipeline, **overrides) -> Exception | None:
+    try:
+        pipe(**{**CASES["no_negatives"], **overrides}, output_type="np")
+    except Exception as e:
+        return e
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tiny_pipelines) -> dict[tuple[int, int], dict]:
+    first = str(tiny_pipelines["sd3"])
+    results = {}
+    for launch in LAUNCHES:
+        pipes = []
+        try:
+            for device, cfg, mp in launch:
+                pipe = ParallelStableDiffusion3Pipeline.from_pretrained(
+                    first, cfg=cfg, mp=mp, device=device, compute_device="cpu"
+                )
+                pipes.append(pipe)
+            if launch is LAUNCHES[0]:
+                results["bad_argument"] = _error_of(pipes[0], height=70)  # before the renders below
+            with ThreadPoolExecutor(len(pipes)) as pool:  # the launch's groups render concurrently
+                outs = pool.map(_render_all, pipes, [tiny_pipelines] * len(pipes))
+                for pipe, out in zip(pipes, outs, strict=True):
+                    results[(pipe.group.spec.cfg, pipe.group.spec.mp)] = out
+            if launch is LAUNCHES[0]:
+                group = pipes[0].group
+                group.grace_seconds = 2.0
+                ray.kill(group.workers[1])  # rank 0 will wait for it in the first collective
+                results["dead_rank"] = _error_of(pipes[0])
+                results["dead_rank_workers"] = len(group.workers)
+        finally:
+            for pipe in pipes:
+                pipe.close()
+    return results
+
+
+@pytest.fixture(params=SHAPES, ids=[f"cfg{c}-mp{m}" for c, m in SHAPES])
+def shape(request):
+    return request.param
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max())
+
+
+def test_group_images_equal_the_single_process_pipeline(runs, single_process, shape):
+    for name in TINY:
+        for case in CASES:
+            diff = _max_diff(runs[shape][f"{name}/{case}"], single_process[f"{name}/{case}/images"])
+            assert diff < TOL, (shape, name, case, diff)
+
+
+def test_group_reports_per_rank_transformer_bytes(runs, single_process, shape):
+    cfg, mp = shape
+    for name in TINY:
+        per_rank = runs[shape][f"{name}/bytes"]
+        assert len(per_rank) == cfg * mp
+        ratio = max(per_rank) / single_process[f"{name}/bytes"]
+        assert ratio <= {1: 1.0, 2: 0.55, 4: 0.32}[mp], ratio
+
+
+def test_group_collectives_per_denoising_step(runs, shape):
+    cfg, mp = shape
+    per_forward = 2 * NUM_LAYERS + 1 if mp > 1 else 0
+    for name in TINY:
+        for stats in runs[shape][f"{name}/no_negatives/stats"]:
+            assert stats["steps"] == STEPS
+            calls = stats["denoise_collectives"]["calls"]
+            assert sum(calls.values()) == STEPS * (per_forward + (cfg == 2))
+            # With mp > 1 only mp rank 0 of each half encodes: one all-reduce shares the embeddings.
+            assert sum(stats["encode_collectives"]["calls"].values()) == (mp > 1)
+
+
+def test_an_error_every_rank_raises_reaches_the_caller_and_the_group_stays_usable(runs):
+    error = runs["bad_argument"]
+    assert isinstance(error, ValueError) and "height=70 is not a multiple of 16" in str(error)
+    assert (1, 2) in runs  # the same group rendered every case afterwards
+
+
+def test_a_dead_rank_breaks_the_group_instead_of_hanging_its_peers(runs):
+    error = runs["dead_rank"]
+    assert isinstance(error, ReplicaGroupBroken) and "of 2 ranks failed" in str(error), error
+    assert runs["dead_rank_workers"] == 0  # torn down: actors and placement group released
+
+
+def test_heads_not_divisible_by_mp_fail_before_any_actor_starts(ray_cluster, tiny_pipelines):
+    groups_before = len(ray.util.placement_group_table())
+    spec = ReplicaSpec(model=str(tiny_pipelines["sd3"]), device="gpu", mp=3)
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is not divisible by mp=3.*\[1, 2, 4\]"):
+        ReplicaGroup(spec)
+    assert len(ray.util.placement_group_table()) == groups_before
+
+
+def test_batch_job_rejects_an_mp_the_heads_do_not_divide(tiny_pipelines, tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "job"
+    argv = ["generate", "--prompt", "a cat", "--output", str(out), "--model", str(tiny_pipelines["sd3"])]
+    assert main([*argv, "--mp", "3", "--cfg-parallel"]) == 2
+    assert "--mp 3: model" in capsys.readouterr().err and not out.exists()
+
+
+def test_unsupported_arguments_are_named():
+    pipe = ParallelStableDiffusion3Pipeline(group=None)
+    with pytest.raises(NotImplementedError, match="skip_guidance_layers.*skip-layer guidance"):
+        pipe("a cat", skip_guidance_layers=[1])
+    with pytest.raises(TypeError, match="unexpected argument `guidance`"):
+        pipe("a cat", guidance=3.0)
+
+
+def test_report(runs, single_process):
+    """Figures for the closing note (run with -s)."""
+    lines = ["shape       model  max|image diff|  bytes/full per rank  collectives/step (rank 0)"]
+    for shape in SHAPES:
+        for name in TINY:
+            out = runs[shape]
+            diff = max(_max_diff(out[f"{name}/{c}"], single_process[f"{name}/{c}/images"]) for c in CASES)
+            full = single_process[f"{name}/bytes"]
+            ratios = " ".join(f"{b / full:.3f}" for b in out[f"{name}/bytes"])
+            stats = out[f"{name}/no_negatives/stats"][0]
+            calls = {k: v / stats["steps"] for k, v in stats["denoise_collectives"]["calls"].items()}
+            lines.append(f"cfg{shape[0]}-mp{shape[1]}  {name:5}  {diff:.2e}  {ratios}  {calls}")
+    print("\n" + "\n".join(lines))
+
+
+# ---- the batch job on replica groups ----------------------------------------------------------
+
+
+def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelines, tmp_path, capsys):
+    """`sd3 generate --mp 2 --cfg-parallel --device cpu`: one pool actor holding a 2 x 2 group;
+    its PNGs are the single-process pipeline's images for the manifest's seeds."""
+    import io
+
+    from PIL import Image
+
+    from jobs import manifest
+    from jobs.cli import main
+    from jobs.storage import read_bytes
+    from pipelines import StableDiffusion3Pipeline
+
+    model, out = str(tiny_pipelines["sd3"]), str(tmp_path / "job")
+    prompts = ["a red cube", "a blue sphere on grass", "a city at night"]
+    argv = ["generate", *(a for p in prompts for a in ("--prompt", p)), "--output", out, "--model", model]
+    argv += ["--mp", "2", "--cfg-parallel", "--device", "cpu", "--height", "64", "--width", "64"]
+    argv += ["--steps", "2", "--guidance-scale", "5", "--negative-prompt", "blurry", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    deadline = time.monotonic() + 30  # the pool actor's group frees its placement group on exit
+    while any(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values()):
+        assert time.monotonic() < deadline, ray.util.placement_group_table()
+        time.sleep(0.5)
+    rows = [r for r in manifest.read_manifest(out).to_pylist() if r["status"] == "ok"]
+    assert sorted(r["prompt"] for r in rows) == sorted(prompts)
+    assert all("cfg2xmp2@" in r["replica"] for r in rows)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        prompt=[r["prompt"] for r in rows], negative_prompt="blurry", seed=[r["seed"] for r in rows],
+        height=64, width=64, num_inference_steps=2, guidance_scale=5.0, output_type="pil",
+    ).images  # fmt: skip
+    for row, image in zip(rows, expected, strict=True):
+        got = np.asarray(Image.open(io.BytesIO(read_bytes(row["image"]))), dtype=np.int16)
+        assert np.abs(got - np.asarray(image, dtype=np.int16)).max() <= 1, row["id"]
