@@ -14,7 +14,7 @@ generator, so the sample at position p sees the same image, timestep and noise w
 batch split (4 x 1 accumulation equals a batch of 4) and whether the run was resumed.
 
 The reference scripts' bugs (sd3-reference.md section 7) are avoided: latents get the shift
-factor, T5 runs at ``max_sequence_length`` (default 256, the pipeline's), the loss scaler makes
+factor, T5 runs at ``max_sequence_length`` (default: the model folder's, else 256), the loss scaler makes
 one optimizer update per step, and prior preservation splits the loss weighting too.
 """
 
@@ -48,6 +48,7 @@ from jobs.storage import (
     write_bytes_atomic,
 )
 from jobs.train_data import (
+    STREAM_CAPTION,
     STREAM_NOISE,
     STREAM_VAE,
     Entry,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="No ccache found")
 
 MODES = ("lora", "full")
+_LOG_EVERY = 25  # steps between progress lines (logger jobs.train, INFO)
 MIXED_PRECISION = {None: "float32", "no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -96,7 +98,8 @@ class TrainConfig:
     center_crop: bool = False
     random_flip: bool = False
     repeats: int = 1
-    max_sequence_length: int = 256
+    max_sequence_length: int | None = None  # None: the model folder's default (256 unless it declares one)
+    caption_dropout: float = 0.0  # probability of training a sample on the empty prompt (for CFG)
     cache_latents: bool = False
     cache_text_embeddings: bool = True
     # schedule
@@ -186,8 +189,10 @@ class TrainConfig:
             )
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps={self.max_train_steps} must be >= 1")
-        if not 1 <= self.max_sequence_length <= 512:
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise ValueError(f"--max_sequence_length={self.max_sequence_length} must be in [1, 512]")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"--caption_dropout={self.caption_dropout} must be in [0, 1)")
         if (self.publish_to is None) != (self.publish_version is None):
             raise ValueError("--publish_to and --publish_version go together")
         if self.publish_to is not None and self.mode != "lora":
@@ -316,6 +321,8 @@ class Trainer:
             path, dtype=self.weight_dtype, transformer=transformer
         )
         self.pipe.set_progress_bar_config(disable=True)
+        if c.max_sequence_length is None:  # train at the length the model is sampled at
+            c.max_sequence_length = self.pipe.default_max_sequence_length
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         self.transformer = transformer
         for component in (
@@ -480,7 +487,7 @@ class Trainer:
                     )
                 )
         x0 = self._latents(picked, np.stack(vae_noises))
-        embeds, pooled = self._text([e.prompt for _, _, e in picked])
+        embeds, pooled = self._text(self._prompts(picked, positions, len(halves)))
         noise = paddle.to_tensor(np.stack(noises))
         _, timesteps = training.timesteps_from_density(np.asarray(draws, np.float32), self.noise_scheduler)
         sigmas = self.noise_scheduler.sigmas_for_timesteps(timesteps, n_dim=4)
@@ -491,6 +498,17 @@ class Trainer:
             pred, x0, noise, noisy, sigmas, weighting, c.precondition_outputs,
             c.with_prior_preservation, c.prior_loss_weight,
         )  # fmt: skip
+
+    def _prompts(self, picked: list[tuple[str, int, Entry]], positions: list[int], halves: int) -> list[str]:
+        """The samples' prompts, each replaced by "" with probability caption_dropout (keyed by
+        position, so resumed and re-batched runs drop the same ones): the unconditional
+        prediction that classifier-free guidance needs."""
+        p = self.config.caption_dropout
+        keys = [(pos, half) for half in range(halves) for pos in positions]
+        return [
+            "" if p > 0 and rng_for(self.seed, STREAM_CAPTION, pos, half).random() < p else e.prompt
+            for (pos, half), (_, _, e) in zip(keys, picked, strict=True)
+        ]
 
     def _autocast(self):
         import paddle
@@ -756,6 +774,9 @@ class Trainer:
                     row.pop("prior_loss")
                 history.append(row)
                 tracker.log({k: v for k, v in row.items() if k != "step"}, step=done)
+                if done % _LOG_EVERY == 0 or done == self.max_steps:
+                    log.info("step %d/%d loss %.4f lr %.2e (%.1f samples/s)", done, self.max_steps,
+                             row["loss"], row.get("lr", float("nan")), row["samples_per_second"])  # fmt: skip
                 if done % c.checkpointing_steps == 0:
                     saved.append(self.save_checkpoint(done))
                 epochs_before, epochs_after = (

@@ -64,8 +64,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     a(
         "--max_sequence_length",
         type=int,
-        default=256,
-        help="T5 tokens in training (default 256, the pipeline's)",
+        default=None,
+        help="T5 tokens in training (default: the model folder's _max_sequence_length, else 256)",
+    )
+    a(
+        "--caption_dropout",
+        type=float,
+        default=0.0,
+        help="probability of replacing a caption by the empty prompt (trains the unconditional branch of CFG)",
     )
     a(
         "--output_dir",
@@ -177,6 +183,7 @@ def config_from_args(args: argparse.Namespace):
         random_flip=args.random_flip,
         repeats=args.repeats,
         max_sequence_length=args.max_sequence_length,
+        caption_dropout=args.caption_dropout,
         cache_latents=args.cache_latents,
         cache_text_embeddings=not args.no_cache_text_embeddings,
         seed=args.seed,

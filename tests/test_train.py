@@ -499,7 +499,8 @@ def test_cli_accepts_the_reference_command_and_submit_checks_it(capsys):
         8,
         "npu",
     )
-    assert cfg.not_validation_final and cfg.max_sequence_length == 256
+    assert cfg.not_validation_final and cfg.max_sequence_length is None  # None: the model folder's default
+    assert cfg.caption_dropout == 0.0
     # `sd3 submit train ...`: the arguments are checked, then Ray is contacted (closed port here).
     assert main(["submit", "--address", "http://127.0.0.1:9", *command]) == 2
     assert "cannot reach the Ray dashboard" in capsys.readouterr().err
@@ -514,3 +515,38 @@ def test_sd3_train_local_writes_the_lora(instance_dir, tmp_path, capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["global_step"] == 2 and out["weights"] == str(tmp_path / "pytorch_lora_weights.safetensors")
+
+
+def test_caption_dropout_replaces_a_seeded_fraction_of_prompts_by_the_empty_prompt(instance_dir, tmp_path):
+    from jobs.train_data import Entry
+
+    entries = [("i", k, Entry(np.zeros((2, 2, 3), np.uint8), f"prompt {k}", "x")) for k in range(400)]
+    positions = list(range(400))
+    dropped = Trainer(config(instance_dir, tmp_path, caption_dropout=0.25))._prompts(entries, positions, 1)
+    assert 0.18 < dropped.count("") / 400 < 0.32
+    assert all(p in ("", f"prompt {k}") for k, p in enumerate(dropped))
+    # keyed by position: the same samples are dropped in another run and in another batch split
+    again = Trainer(config(instance_dir, tmp_path, caption_dropout=0.25))._prompts(
+        entries[:7], positions[:7], 1
+    )
+    assert again == dropped[:7]
+    assert Trainer(config(instance_dir, tmp_path))._prompts(entries, positions, 1) == [
+        e.prompt for _, _, e in entries
+    ]
+    with pytest.raises(ValueError, match="caption_dropout"):
+        Trainer(config(instance_dir, tmp_path, caption_dropout=1.0))
+
+
+def test_t5_length_defaults_to_the_model_folders_own(instance_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_max_sequence_length": 12}))
+    trainer = Trainer(config(instance_dir, tmp_path / "out", pretrained_model_name_or_path=str(folder),
+                             max_sequence_length=None, max_train_steps=1))  # fmt: skip
+    trainer.setup()
+    assert trainer.config.max_sequence_length == 12
+    embeds, _ = trainer._text(["a photo of sks dog"])
+    assert embeds.shape[1] == 77 + 12

@@ -1,0 +1,138 @@
+"""The default model's recipe (tools/default_model): shapes data, the classifier, VAE training,
+the pipeline folder the transformer is trained in, and the adherence evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools.default_model import shapes_data
+from tools.default_model.shape_classifier import accuracy, classify
+
+
+def test_shapes_are_deterministic_from_the_seed_and_captioned():
+    a, b = shapes_data.generate(6, seed=3), shapes_data.generate(6, seed=3)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(a, b, strict=True))
+    assert [s for s, _ in shapes_data.generate(6, seed=4)] != [s for s, _ in a]
+    spec, image = a[0]
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert spec.caption == f"a {spec.colour} {spec.shape} on a {spec.background} background"
+    captions = shapes_data.all_captions()
+    assert len(captions) == 24 and len({c for c, *_ in captions}) == 24
+    assert ("a red circle on a black background", "circle", "red", "black") in captions
+
+
+def test_table_is_what_the_training_job_reads(tmp_path):
+    from jobs.train_data import read_parquet_table
+
+    path = str(tmp_path / "shapes.parquet")
+    shapes_data.write_parquet(path, 10, seed=0)
+    items = read_parquet_table(path, "image", "caption")
+    specs = [s for s, _ in shapes_data.generate(10, seed=0)]
+    assert [p for _, p, _ in items] == [s.caption for s in specs]
+    assert np.array_equal(np.asarray(items[0][0]), np.asarray(shapes_data.render(specs[0])))
+    images, captions = shapes_data.load_images(path)
+    assert images.shape == (10, 64, 64, 3) and captions == [s.caption for s in specs]
+
+
+def test_classifier_reads_fresh_generator_samples():
+    # samples the training data never saw (another seed); the strict shape test is what counts
+    acc = accuracy(400, seed=2024)
+    assert min(acc.values()) >= 0.98, acc
+
+
+def test_classifier_tolerates_the_blur_of_a_decoder():
+    from PIL import ImageFilter
+
+    samples = shapes_data.generate(200, seed=99)
+    readings = [classify(image.filter(ImageFilter.GaussianBlur(1.0))) for _, image in samples]
+    hits = sum(
+        r.shape == s.shape and r.colour == s.colour for (s, _), r in zip(samples, readings, strict=True)
+    )
+    assert hits / len(samples) >= 0.97
+
+
+def test_classifier_refuses_what_is_not_a_clean_shape():
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    assert classify(blank).shape == "none" and classify(blank).background == "white"
+    bar = np.zeros((64, 64, 3), np.uint8)
+    bar[28:36, 8:56] = (220, 30, 30)  # a red bar: right colour, no shape of ours
+    r = classify(bar)
+    assert (r.colour, r.background, r.shape) == ("red", "black", "none")
+    noisy = np.asarray(
+        shapes_data.render(shapes_data.ShapeSpec("square", "blue", "white", 32, 32, 30))
+    ).copy()
+    noisy[2:4, 2:4] = 0  # a speck does not move the bounding box
+    assert classify(Image.fromarray(noisy)).shape == "square"
+
+
+def test_vae_training_writes_a_folder_with_factors_from_its_latents(tmp_path):
+    import paddle
+
+    from sd3_core.vae import AutoencoderKL
+    from tools.default_model import train_vae
+
+    data = str(tmp_path / "shapes.parquet")
+    shapes_data.write_parquet(data, 8, seed=0)
+    info = train_vae.train(
+        data, str(tmp_path / "vae"), steps=2, batch_size=4, log_every=1, save_every=100, check_count=4
+    )
+    assert info["completed_steps"] == 2 and len(info["history"]) == 2
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert vae.scale_factor == 8 and vae.config.latent_channels == 16
+    assert vae.config.shift_factor == pytest.approx(info["shift_factor"], abs=1e-6)
+    # SD3's recipe: the scaled latents have mean 0 and std 1 over the data
+    pixels = train_vae.to_pixels(shapes_data.load_images(data)[0])
+    with paddle.no_grad():
+        z = vae.encode(paddle.to_tensor(pixels)).sample(generator=np.random.default_rng([0, 99])).numpy()
+    scaled = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert abs(scaled.mean()) < 1e-4 and scaled.std() == pytest.approx(1.0, abs=1e-4)
+    # a second stage starts from the trained weights
+    again = train_vae.train(
+        data, str(tmp_path / "vae2"), steps=1, batch_size=4, lr=0.0, init=str(tmp_path / "vae"), check_count=4
+    )
+    assert again["init"] == str(tmp_path / "vae")
+    assert again["shift_factor"] == pytest.approx(info["shift_factor"], abs=1e-5)  # lr 0: same weights
+
+
+def test_assembled_folder_loads_with_t5_length_32_and_the_training_command(tmp_path):
+    from pipelines import StableDiffusion3Pipeline
+    from tools.default_model import train_model, train_vae
+
+    train_vae.build_vae(0).save_pretrained(tmp_path / "vae")
+    train_model.assemble(str(tmp_path / "vae"), str(tmp_path / "base"), seed=0)
+    index = json.loads((tmp_path / "base" / "model_index.json").read_text())
+    assert index["_max_sequence_length"] == 32
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "base")
+    assert pipe.default_max_sequence_length == 32
+    params = sum(int(np.prod(p.shape)) for p in pipe.transformer.parameters())
+    assert 3.0e6 < params < 4.0e6
+    out = pipe("a red circle on a black background", height=64, width=64, num_inference_steps=2, seed=0)
+    assert out.images[0].size == (64, 64)
+    command = train_model.train_args(str(tmp_path / "base"), "d.parquet", "run", 10, 0, 16, 1e-3, 5)
+    from jobs.cli import build_parser
+    from jobs.train_cli import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(command))
+    assert (cfg.mode, cfg.caption_dropout, cfg.max_sequence_length, cfg.weighting_scheme) == (
+        "full",
+        0.1,
+        32,
+        "logit_normal",
+    )
+
+
+def test_evaluation_reports_adherence_per_attribute(tmp_path):
+    from tools.default_model import train_model, train_vae
+    from tools.default_model.evaluate import evaluate
+
+    train_vae.build_vae(0).save_pretrained(tmp_path / "vae")
+    train_model.assemble(str(tmp_path / "vae"), str(tmp_path / "base"), seed=0)
+    report = evaluate(str(tmp_path / "base"), seeds=1, steps=1, out=str(tmp_path / "eval"))
+    assert report["samples"] == 24 and report["max_sequence_length"] == 32
+    assert set(report["adherence"]) == {"colour", "background", "shape", "shape_lenient"}
+    assert len(list((tmp_path / "eval" / "images").iterdir())) == 24

@@ -1,0 +1,1 @@
+"""The embedded default model's recipe: synthetic shapes data, its classifier, VAE and transformer training."""

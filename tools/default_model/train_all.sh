@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The default model end to end, one training process at a time (run from the repository root):
+#   nice -n 19 nohup tools/default_model/train_all.sh > /tmp/default_model.log 2>&1 &
+# Each stage skips itself when its output exists; the transformer stage resumes from its latest
+# checkpoint, so rerunning this script after an interruption continues where it stopped.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-out/default_model}
+mkdir -p "$OUT"
+[ -f "$OUT/shapes.parquet" ] || $PY -m tools.default_model.shapes_data --out "$OUT/shapes.parquet" --count 4096 --seed 0
+[ -f "$OUT/shapes-8192.parquet" ] || $PY -m tools.default_model.shapes_data --out "$OUT/shapes-8192.parquet" --count 8192 --seed 0
+# VAE: 600 steps at lr 2e-3, then a second stage of 600 from those weights at lr 5e-4 (cosine both)
+[ -f "$OUT/vae-stage1/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae-stage1/training.json" \
+  || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae-stage1" --steps 600
+[ -f "$OUT/vae/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae/training.json" \
+  || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae" --steps 600 \
+       --lr 5e-4 --init "$OUT/vae-stage1"
+$PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
+  --steps 3000 --batch_size 16
+$PY -m tools.default_model.evaluate --model "$OUT/model" --out "$OUT/eval"
