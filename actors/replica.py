@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from jobs.prompt_table import WORK_ROW_SCHEMA
 from jobs.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -38,33 +39,21 @@ warnings.filterwarnings("ignore", message="No ccache found")
 DEVICES = ("cpu", "gpu", "npu")
 DTYPES = ("float32", "float16", "bfloat16")
 
+
+def _item_schema() -> pa.Schema:
+    """A work row (jobs.prompt_table.WORK_ROW_SCHEMA) expanded to one image: plus `k`, a `status`
+    ("todo": render; "error": a bad row, `error` says why; "skip": done by an earlier run) and
+    `row_items` (items emitted for this row in this run; progress counts rows). `seed` is the seed
+    of this image (row seed + k, modulo 2**63)."""
+    fields = list(WORK_ROW_SCHEMA)
+    fields.insert(fields.index(WORK_ROW_SCHEMA.field("key")) + 1, pa.field("k", pa.int64()))
+    fields.insert(fields.index(WORK_ROW_SCHEMA.field("error")), pa.field("status", pa.string()))
+    fields.append(pa.field("row_items", pa.int64()))
+    return pa.schema(fields)
+
+
 # Columns a work item carries through the graph (read stage -> GenerateStage -> write stage).
-ITEM_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("key", pa.string()),
-        ("k", pa.int64()),
-        ("position", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_2", pa.string()),
-        ("prompt_3", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("negative_prompt_2", pa.string()),
-        ("negative_prompt_3", pa.string()),
-        ("seed", pa.int64()),  # the seed of this image (row seed + k, modulo 2**63)
-        ("height", pa.int64()),
-        ("width", pa.int64()),
-        ("num_inference_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("max_sequence_length", pa.int64()),
-        ("num_images", pa.int64()),
-        ("extra", pa.string()),
-        # "todo": render; "error": a bad row (error says why); "skip": done by an earlier run.
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("row_items", pa.int64()),  # items emitted for this row in this run (progress counts rows)
-    ]
-)
+ITEM_SCHEMA = _item_schema()
 # What GenerateStage adds: pixels (H*W*3 uint8, row-major), render seconds per image, who rendered it.
 RESULT_SCHEMA = pa.schema(
     [
