@@ -125,9 +125,12 @@ class ReplicaGroup:
 
     def submit(self, args: dict[str, Any]) -> list[Any]:
         """Start one pipeline call on every rank; the refs of their ``(images, stats)``."""
+        import ray
+
         if not self.workers:
             raise ReplicaGroupBroken("this replica group has been shut down")
-        return [w.generate.remote(args) for w in self.workers]
+        shared = ray.put(args)  # once, not once per rank (arguments may hold prompt embeddings)
+        return [w.generate.remote(shared) for w in self.workers]
 
     def result(self, refs: list[Any]) -> np.ndarray:
         """Rank 0's images of a :meth:`submit`; every rank's stats go to ``last_stats``."""
@@ -138,6 +141,12 @@ class ReplicaGroup:
     def generate(self, args: dict[str, Any]) -> np.ndarray:
         """One pipeline call (``generate_on_rank``'s arguments); rank 0's images."""
         return self.result(self.submit(args))
+
+    def call_pipeline(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """``pipe.<name>(...)`` on every rank (the LoRA methods); rank 0's result."""
+        if not self.workers:
+            raise ReplicaGroupBroken("this replica group has been shut down")
+        return self._all("call_pipeline", name, args, kwargs)[0]
 
     def shutdown(self, leave: bool = True) -> None:
         """Leave the collective world together, then free the actors and the placement group."""

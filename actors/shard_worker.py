@@ -84,6 +84,7 @@ class ShardWorker:
         model's identity (``jobs.model_cache.model_identity``)."""
         from jobs.model_cache import local_model_path, model_identity
         from pipelines import StableDiffusion3Pipeline
+        from pipelines.rank_pipeline import RankPipeline
         from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
         self.pipe = None  # free the previous model first
@@ -94,17 +95,29 @@ class ShardWorker:
             parts.update(dict.fromkeys(_TEXT_COMPONENTS))
         if self.rank:
             parts["vae"] = _vae_without_weights(path)
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)
-        self.pipe.set_progress_bar_config(disable=True)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = RankPipeline.of(pipe, self.groups, share_within_mp=self.groups.mp > 1)
         return {"param_bytes": parameter_bytes(transformer), "model": model_identity(path, model)}
 
     def generate(self, args: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """This rank's part of one pipeline call (see ``pipelines.parallel_pipeline.generate_on_rank``)."""
-        from pipelines.parallel_pipeline import generate_on_rank
+        """This rank's part of one pipeline call (see ``pipelines.rank_pipeline.generate_on_rank``)."""
+        from pipelines.rank_pipeline import generate_on_rank
 
+        return generate_on_rank(self._loaded(), args)
+
+    def call_pipeline(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """``pipe.<name>(*args, **kwargs)`` for one of the LoRA methods every rank runs alike."""
+        from pipelines.parallel_pipeline import LORA_METHODS
+
+        if name not in LORA_METHODS:
+            raise AttributeError(f"a replica rank does not run `{name}`; it runs {list(LORA_METHODS)}")
+        return getattr(self._loaded(), name)(*args, **kwargs)
+
+    def _loaded(self) -> Any:
         if self.pipe is None:
             raise RuntimeError(f"rank {self.rank} has no model loaded")
-        return generate_on_rank(self.pipe, self.groups, **args, share_within_mp=self.groups.mp > 1)
+        return self.pipe
 
     def leave(self) -> None:
         """Leave the collective world (every rank at the same time)."""

@@ -1,114 +1,41 @@
 """StableDiffusion3Pipeline's call, run by a replica group of ``cfg x mp`` ranks.
 
-Two halves, one idea. :func:`generate_on_rank` is what every rank runs (Ray-free: a rank is any
-process with a :class:`~sd3_core.collectives.DeviceGroups`): encode its CFG half, denoise with
-its transformer shard, decode on rank 0. :class:`ParallelStableDiffusion3Pipeline` is the
-caller's object: the pipeline's arguments in, rank 0's images out, with the ranks living in an
-``actors.replica_group.ReplicaGroup`` (Ray actors in one placement group).
+:class:`ParallelStableDiffusion3Pipeline` is the caller's object: the single pipeline's
+arguments in, rank 0's images out, with the ranks living in an
+``actors.replica_group.ReplicaGroup`` (Ray actors in one placement group). Each rank runs
+``pipelines.rank_pipeline.RankPipeline`` (see there for how the work is split).
 
-Not supported under the split yet: skip-layer guidance, LoRA, per-step callbacks and
-precomputed prompt embeddings (a clear error says so); use ``StableDiffusion3Pipeline``.
+The call takes exactly ``StableDiffusion3Pipeline.__call__``'s arguments (its signature is that
+one). Arguments travel to the ranks by value: a NumPy ``generator`` is copied, so the caller's
+does not advance; ``callback_on_step_end`` runs on rank 0, in its process. The LoRA methods of
+``StableDiffusion3Pipeline`` (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ...) run
+on every rank (a tensor-parallel rank keeps only its slices of each adapter); saving an
+adapter is left to the single pipeline.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import paddle
 from PIL import Image
 
-from pipelines.parallel_denoise import denoise, encode_prompt_half
+from pipelines.lora_loading import SD3LoraLoaderMixin
+from pipelines.rank_pipeline import TENSOR_ARGUMENTS
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
-from sd3_core.collectives import DeviceGroups
 
-__all__ = ["ParallelStableDiffusion3Pipeline", "generate_on_rank"]
+__all__ = ["LORA_METHODS", "ParallelStableDiffusion3Pipeline"]
 
-# StableDiffusion3Pipeline arguments a replica group does not take (yet), with the reason.
-_UNSUPPORTED = {
-    "skip_guidance_layers": "skip-layer guidance is not supported under the CFG/tensor-parallel split yet",
-    "callback_on_step_end": "per-step callbacks cannot run inside the ranks",
-    "prompt_embeds": "precomputed prompt embeddings are not supported on a replica group yet",
-    "negative_prompt_embeds": "precomputed prompt embeddings are not supported on a replica group yet",
-    "pooled_prompt_embeds": "precomputed prompt embeddings are not supported on a replica group yet",
-    "negative_pooled_prompt_embeds": "precomputed prompt embeddings are not supported on a replica group yet",
-}
-
-
-def generate_on_rank(
-    pipe: StableDiffusion3Pipeline,
-    groups: DeviceGroups,
-    prompt: str | list[str],
-    prompt_2: str | list[str] | None = None,
-    prompt_3: str | list[str] | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_inference_steps: int = 28,
-    sigmas: list[float] | None = None,
-    guidance_scale: float = 7.0,
-    negative_prompt: str | list[str] | None = None,
-    negative_prompt_2: str | list[str] | None = None,
-    negative_prompt_3: str | list[str] | None = None,
-    num_images_per_prompt: int = 1,
-    generator: Any = None,
-    seed: int | Sequence[int] | None = None,
-    latents: Any = None,
-    output_type: str = "np",
-    clip_skip: int | None = None,
-    max_sequence_length: int = 256,
-    mu: float | None = None,
-    share_within_mp: bool = False,
-) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """This rank's part of ``pipe(...)``: ``(images, stats)``; images only on rank 0, else None.
-
-    Every rank of the replica calls this with the same arguments. Images are an NHWC float array
-    in [0, 1] (``output_type`` "np" or "pil": the caller makes PIL images) or the float32 latents
-    ("latent"). ``stats``: denoising seconds and steps, and the collectives of the encoding and of
-    the denoising loop (counted by ``groups.counter``).
-    """
-    height = height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = width or pipe.default_sample_size * pipe.vae_scale_factor
-    pipe.check_inputs(
-        prompt, height, width, num_inference_steps, num_images_per_prompt, max_sequence_length,
-        None, None, negative_prompt, None, None, output_type,
-    )  # fmt: skip
-    do_cfg = guidance_scale > 1
-    counter = groups.counter
-    counter.reset()
-    with paddle.no_grad():
-        embeds, pooled = encode_prompt_half(
-            pipe, groups, prompt, prompt_2, prompt_3,
-            negative_prompt, negative_prompt_2, negative_prompt_3,
-            num_images_per_prompt, do_cfg, clip_skip, max_sequence_length, share_within_mp,
-        )  # fmt: skip
-        encode_counts = counter.snapshot()
-        counter.reset()
-        batch = len([prompt] if isinstance(prompt, str) else prompt) * num_images_per_prompt
-        latents = pipe.prepare_latents(batch, height, width, generator, seed, latents)
-        if mu is None and pipe.scheduler.config.get("use_dynamic_shifting"):
-            tokens = (latents.shape[2] // pipe.patch_size) * (latents.shape[3] // pipe.patch_size)
-            mu = pipe.scheduler.mu_for_image_seq_len(tokens)
-        if sigmas is not None:
-            pipe.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        else:
-            pipe.scheduler.set_timesteps(num_inference_steps, mu=mu)
-        started = time.perf_counter()
-        latents = denoise(pipe, groups, latents, embeds, pooled, guidance_scale)
-        seconds = time.perf_counter() - started
-        stats = {
-            "rank": groups.rank,
-            "steps": int(pipe.scheduler.timesteps.shape[0]),
-            "denoise_seconds": seconds,
-            "encode_collectives": encode_counts,
-            "denoise_collectives": counter.snapshot(),
-        }
-        if groups.rank != 0:
-            return None, stats
-        if output_type == "latent":
-            return latents.numpy(), stats
-        return pipe.decode_latents(latents, "np"), stats
+_CALL_SIGNATURE = inspect.signature(StableDiffusion3Pipeline.__call__)
+# The LoRA methods a replica group runs on every rank (rank 0's result is returned).
+LORA_METHODS = tuple(
+    name
+    for name, value in vars(SD3LoraLoaderMixin).items()
+    if callable(value) and not name.startswith("_") and name != "save_lora_weights"
+)
 
 
 class ParallelStableDiffusion3Pipeline:
@@ -143,50 +70,16 @@ class ParallelStableDiffusion3Pipeline:
         spec = ReplicaSpec(model=model, dtype=dtype, device=device, cfg=cfg, mp=mp, cpus=cpus_per_rank)
         return cls(ReplicaGroup(spec, **group_options))
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        generator: Any = None,
-        seed: int | Sequence[int] | None = None,
-        latents: Any = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clip_skip: int | None = None,
-        max_sequence_length: int = 256,
-        mu: float | None = None,
-        **unsupported: Any,
-    ) -> StableDiffusion3PipelineOutput | tuple:
-        """Generate images (see ``StableDiffusion3Pipeline.__call__``). A NumPy ``generator`` is
-        copied to every rank, so the caller's generator does not advance."""
-        for name, value in unsupported.items():
-            if name not in _UNSUPPORTED:
-                raise TypeError(f"ParallelStableDiffusion3Pipeline got an unexpected argument `{name}`")
-            if value is not None:
-                raise NotImplementedError(f"`{name}`: {_UNSUPPORTED[name]}; use StableDiffusion3Pipeline")
-        if prompt is None:
-            raise ValueError("`prompt` is required")
-        if isinstance(latents, paddle.Tensor):
-            latents = latents.numpy()
-        args = dict(
-            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, height=height, width=width,
-            num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            negative_prompt_3=negative_prompt_3, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, seed=seed, latents=latents, output_type=output_type,
-            clip_skip=clip_skip, max_sequence_length=max_sequence_length, mu=mu,
-        )  # fmt: skip
-        images: Any = self.group.generate(args)
+    def __call__(self, *args: Any, **kwargs: Any) -> StableDiffusion3PipelineOutput | tuple:
+        """Generate images: see ``StableDiffusion3Pipeline.__call__``."""
+        bound = _CALL_SIGNATURE.bind(None, *args, **kwargs)  # a TypeError names a wrong argument
+        call = {k: v for k, v in bound.arguments.items() if k != "self"}
+        return_dict = call.pop("return_dict", True)
+        for name in TENSOR_ARGUMENTS:
+            if isinstance(call.get(name), paddle.Tensor):
+                call[name] = call[name].numpy()
+        images: Any = self.group.generate(call)
+        output_type = call.get("output_type", "pil")
         if output_type == "latent":
             images = paddle.to_tensor(images)
         elif output_type == "pil":
@@ -201,3 +94,22 @@ class ParallelStableDiffusion3Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+ParallelStableDiffusion3Pipeline.__call__.__signature__ = _CALL_SIGNATURE  # for help() and IDEs
+
+
+def _on_every_rank(name: str) -> Callable[..., Any]:
+    single = getattr(SD3LoraLoaderMixin, name)
+
+    def method(self: ParallelStableDiffusion3Pipeline, *args: Any, **kwargs: Any) -> Any:
+        return self.group.call_pipeline(name, *args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"On every rank: {single.__doc__ or name}"
+    method.__signature__ = inspect.signature(single)
+    return method
+
+
+for _name in LORA_METHODS:
+    setattr(ParallelStableDiffusion3Pipeline, _name, _on_every_rank(_name))

@@ -50,6 +50,8 @@ _LIBRARY_CLASSES = {
     "tokenizer_3": ("transformers", "T5TokenizerFast"),
 }
 _OPTIONAL = ("text_encoder_3", "tokenizer_3")
+# What `callback_on_step_end` may ask for (`callback_on_step_end_tensor_inputs`), as in diffusers.
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
 
 @dataclass
@@ -501,6 +503,11 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                 raise ValueError(
                     f"skip_guidance_layers {bad} are outside the transformer's layers 0..{n_layers - 1}"
                 )
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSOR_INPUTS))
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not among {list(CALLBACK_TENSOR_INPUTS)}"
+            )
         do_cfg = guidance_scale > 1
         # 2. encode the prompt
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
@@ -536,12 +543,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             for i in range(num_steps):
                 t = timesteps[i : i + 1]
                 model_input = paddle.concat([latents, latents]) if do_cfg else latents
-                noise_pred = self.transformer(
-                    model_input.astype(model_dtype),
-                    embeds,
-                    pooled_all,
-                    paddle.expand(t, [model_input.shape[0]]),
-                ).astype("float32")
+                noise_pred = self._velocity(model_input, embeds, pooled_all, t)
                 if do_cfg:
                     uncond, text = paddle.chunk(noise_pred, 2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
@@ -549,10 +551,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                         num_steps * skip_layer_guidance_start < i < num_steps * skip_layer_guidance_stop
                     )
                     if skip_guidance_layers is not None and slg_active:
-                        skipped = self.transformer(
-                            latents.astype(model_dtype), cond_embeds, cond_pooled,
-                            paddle.expand(t, [latents.shape[0]]), skip_layers=skip_guidance_layers,
-                        ).astype("float32")  # fmt: skip
+                        skipped = self._velocity(latents, cond_embeds, cond_pooled, t, skip_guidance_layers)
                         noise_pred = noise_pred + (text - skipped) * skip_layer_guidance_scale
                 latents = self.scheduler.step(noise_pred, t, latents, step_index=i)
                 if callback_on_step_end is not None:
@@ -567,6 +566,24 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         else:
             images = self.decode_latents(latents, output_type)
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
+
+    def _velocity(
+        self,
+        latents: paddle.Tensor,
+        embeds: paddle.Tensor,
+        pooled: paddle.Tensor,
+        t: paddle.Tensor,
+        skip_layers: list[int] | None = None,
+    ) -> paddle.Tensor:
+        """The transformer's float32 velocity for float32 ``latents`` at timestep ``t`` (shape [1]).
+
+        The one place the denoising loop calls the transformer: a replica rank
+        (``pipelines.rank_pipeline``) overrides it to run only its CFG half."""
+        velocity = self.transformer(
+            latents.astype(self.transformer.dtype), embeds, pooled,
+            paddle.expand(t, [latents.shape[0]]), skip_layers=skip_layers,
+        )  # fmt: skip
+        return velocity.astype("float32")
 
     def decode_latents(self, latents: paddle.Tensor, output_type: str = "np") -> Any:
         """Latents -> NHWC float images in [0, 1] ("np") or PIL images ("pil")."""

@@ -580,6 +580,9 @@ def load_lora(
     weight ``scale``. As in diffusers, the new adapter becomes the only active one (combine
     several with :func:`set_adapters`). Returns the adapter name."""
     lora = lora if isinstance(lora, LoRAFile) else read_lora_file(lora, weight_name)
+    local = getattr(model, "local_lora", None)
+    if local is not None:  # a tensor-parallel shard keeps its slices (sd3_core.tensor_parallel)
+        lora = local(lora)
     if adapter_name is None:
         adapter_name = f"default_{len(adapter_names(model))}"
     if adapter_name in adapter_names(model):
@@ -622,6 +625,11 @@ def lora_state_dict(
     model: paddle.nn.Layer, adapter_name: str = "default", dtype: str = "float32"
 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, int]]:
     """``(tensors, alphas, ranks)``: the adapter's weights under diffusers' file keys, PyTorch layout."""
+    if hasattr(model, "local_lora"):
+        raise LoRAError(
+            f"{type(model).__name__} holds only its slices of each adapter; save the adapter from "
+            "the whole transformer (StableDiffusion3Pipeline)"
+        )
     tensors, alphas, ranks = {}, {}, {}
     target = _NUMPY_DTYPE[resolve_dtype(dtype)]
     for module, layer in lora_layers(model):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import paddle
 
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.collectives import Collectives, SingleRank
+from sd3_core.lora import LoRAFile
 from sd3_core.modeling import _default_dtype, load_torch_state, resolve_dtype
 from sd3_core.safetensors_io import WeightsIndex, open_weights
 from sd3_core.transformer import SD3Transformer2DModel
@@ -140,6 +142,26 @@ class TensorParallelSD3Transformer(SD3Transformer2DModel):
         raise NotImplementedError(
             "a tensor-parallel shard holds only part of the transformer; save the checkpoint it was loaded from"
         )
+
+    def local_lora(self, lora_file: LoRAFile) -> LoRAFile:
+        """This shard's part of a LoRA file (``sd3_core.lora.load_lora`` calls this).
+
+        ``delta = B @ A`` is split like the layer it adapts: a column-parallel layer (split output
+        features) keeps its rows of ``B`` and all of ``A``; a row-parallel one (split input
+        features, partial sums) keeps its columns of ``A`` and all of ``B``, so its LoRA output
+        is a partial sum too and travels in the layer's all-reduce."""
+        rank, mp = self.comm.rank, self.comm.world_size
+        modules = {}
+        for name, m in lora_file.modules.items():
+            index = shard_slice(f"{name}.weight", (m.b.shape[0], m.a.shape[1]), rank, mp)
+            if index is None:
+                modules[name] = m
+                continue
+            rows, cols = index
+            modules[name] = replace(
+                m, a=np.ascontiguousarray(m.a[:, cols]), b=np.ascontiguousarray(m.b[rows])
+            )
+        return replace(lora_file, modules=modules)
 
     def reduce_partial_sums(self, layers: list[paddle.nn.Layer], partials: list[paddle.Tensor]):
         """Sum the row-parallel partial outputs over the mp group (one collective), add biases."""

@@ -3,23 +3,30 @@
 The rank joins a world of real gloo collectives, then, for every replica shape ``(cfg, mp)`` in
 the spec, carves its replica out of the world (several replicas side by side when the world is
 larger) and, for every model folder: loads its transformer shard, runs one forward on the spec's
-inputs and generates each case's latents with the CFG-split helper. Outputs, collective counts
+inputs and generates each case's latents with its ``RankPipeline``. Outputs, collective counts
 and parameter bytes go to ``out/rank<r>.npz`` / ``.json``.
+
+Cases are pipeline arguments plus three markers :func:`case_arguments` turns into real ones
+(the single-process references use it too): ``$lora`` (load the model folder's ``lora/``
+adapter at that scale for the case), ``$embeds`` (the folder's ``embeds.npz`` as precomputed
+prompt embeddings) and ``$callback`` (a name in :data:`CALLBACKS`).
 """
 
 from __future__ import annotations
 
 import sd3_core.runtime  # noqa: F401  (must precede paddle's import)
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import paddle
 
 from pipelines import StableDiffusion3Pipeline
-from pipelines.parallel_denoise import cfg_parallel_latents
+from pipelines.rank_pipeline import RankPipeline
 from sd3_core.collectives import init_world, leave_world, replica_groups
 from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
@@ -31,6 +38,34 @@ _TEXT_COMPONENTS = (
     "text_encoder_3",
     "tokenizer_3",
 )
+
+
+def halve_latents_at_step_0(pipe, i, t, tensors: dict) -> dict:
+    assert set(tensors) == {"latents", "pooled_prompt_embeds"}, set(tensors)
+    return {"latents": tensors["latents"] * 0.5} if i == 0 else {}
+
+
+CALLBACKS = {"halve_at_step_0": halve_latents_at_step_0}
+
+
+@contextlib.contextmanager
+def case_arguments(pipe, folder: str | Path, case: dict) -> Iterator[dict]:
+    """``case``'s pipeline arguments for ``pipe`` (see the module docstring); a LoRA loaded for
+    the case is unloaded afterwards."""
+    args = dict(case)
+    scale = args.pop("$lora", None)
+    if args.pop("$embeds", False):
+        args.update({k: paddle.to_tensor(v) for k, v in np.load(Path(folder) / "embeds.npz").items()})
+    if "$callback" in args:
+        args["callback_on_step_end"] = CALLBACKS[args.pop("$callback")]
+        args["callback_on_step_end_tensor_inputs"] = ("latents", "pooled_prompt_embeds")
+    if scale is not None:
+        pipe.load_lora_weights(Path(folder) / "lora", adapter_name="case", scale=scale)
+    try:
+        yield args
+    finally:
+        if scale is not None:
+            pipe.unload_lora_weights()
 
 
 def run_shape(groups, spec: dict, prefix: str, arrays: dict, report: dict) -> None:
@@ -48,14 +83,16 @@ def run_shape(groups, spec: dict, prefix: str, arrays: dict, report: dict) -> No
         # Sharing, only mp rank 0 of each half holds text encoders.
         no_encoders = dict.fromkeys(_TEXT_COMPONENTS) if share and groups.mp_rank else {}
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=transformer, **no_encoders)
-        for case, args in spec["cases"].items():
-            groups.counter.reset()
-            with paddle.no_grad():
-                latents = cfg_parallel_latents(pipe, groups, **args, share_within_mp=share)
-            report[key][case] = groups.counter.snapshot()
+        pipe.set_progress_bar_config(disable=True)
+        rank_pipe = RankPipeline.of(pipe, groups, share_within_mp=share)
+        for case, case_args in spec["cases"].items():
+            with case_arguments(rank_pipe, folder, case_args) as args:
+                latents = rank_pipe(**args, output_type="latent").images
+            stats = rank_pipe.last_stats
+            report[key][case] = {name: stats[name] for name in ("encode_collectives", "denoise_collectives")}
             arrays[f"{key}/{case}"] = latents.numpy()
             if groups.rank == 0:
-                arrays[f"{key}/{case}/images"] = pipe.decode_latents(latents, "np")
+                arrays[f"{key}/{case}/images"] = rank_pipe.decode_latents(latents, "np")
 
 
 def main(spec: dict) -> None:

@@ -7,6 +7,7 @@ pipeline, and read the collective counts and per-rank parameter bytes it measure
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import paddle
 import pytest
 
 from pipelines import StableDiffusion3Pipeline
+from sd3_core import lora
 from sd3_core.collectives import CollectiveCounter, Collectives, SingleRank
+from sd3_core.folder_defaults import MAX_SEQUENCE_LENGTH_KEY
 from sd3_core.modeling import _default_dtype
 from sd3_core.tensor_parallel import (
     TensorParallelSD3Transformer,
@@ -27,6 +30,7 @@ from sd3_core.tensor_parallel import (
 )
 from sd3_core.transformer import SD3Transformer2DModel
 from tests.distributed import run_ranks
+from tests.parallel_worker import case_arguments
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4
@@ -47,9 +51,34 @@ CASES = {
     },
     "no_negatives": {"prompt": ["a cat", "a dog on a sofa"], "guidance_scale": 4.0, "seed": 7},
     "no_guidance": {"prompt": "a tree", "guidance_scale": 1.0, "seed": 3},
+    # Active at step 1 of 2 (start * 2 < i < stop * 2): one more forward, on the positive prompts.
+    "skip_layer_guidance": {
+        "prompt": ["a red cube", "a dog"],
+        "guidance_scale": 5.0,
+        "seed": [4, 5],
+        "skip_guidance_layers": [1],
+        "skip_layer_guidance_start": 0.0,
+        "skip_layer_guidance_stop": 1.0,
+    },  # fmt: skip
+    "callback": {
+        "prompt": "a boat",
+        "negative_prompt": "fog",
+        "guidance_scale": 3.0,
+        "seed": 11,
+        "$callback": "halve_at_step_0",
+    },  # fmt: skip
+    "prompt_embeds": {"$embeds": True, "guidance_scale": 5.0, "seed": [8, 9]},
+    "lora": {"prompt": ["a red cube", "a cat"], "guidance_scale": 5.0, "seed": 6, "$lora": 0.7},
 }
-for _args in CASES.values():
-    _args.update(height=64, width=64, num_inference_steps=STEPS, max_sequence_length=16)
+for _args in CASES.values():  # (no max_sequence_length: the folders' default, 16, applies)
+    _args.update(height=64, width=64, num_inference_steps=STEPS)
+T5_LENGTH = 16
+# Every kind of split layer (column-, row-parallel, adaLN) and replicated ones carry the LoRA.
+LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "attn2.to_v",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "norm1.linear", "norm1_context.linear",
+    "norm_out.linear", "proj_out", "context_embedder",
+)  # fmt: skip
 
 
 def _randomise(model: paddle.nn.Layer, seed: int) -> None:
@@ -85,6 +114,19 @@ def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
         model = SD3Transformer2DModel(**tiny_config(**extra))
         _randomise(model, seed)
         model.save_pretrained(folder / "transformer", max_shard_size=200_000)  # sharded, as real checkpoints
+        lora.inject_lora(model, "case", rank=2, targets=LORA_TARGETS)
+        lora.random_lora_weights(model, "case", seed=10 + seed, std=0.3)
+        lora.save_lora_weights(folder / "lora", model, "case")
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, MAX_SEQUENCE_LENGTH_KEY: T5_LENGTH}))
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+            ["a lighthouse", "two birds"], negative_prompt=["rain", ""]
+        )
+        np.savez(
+            folder / "embeds.npz", prompt_embeds=pos.numpy(), negative_prompt_embeds=neg.numpy(),
+            pooled_prompt_embeds=pooled.numpy(), negative_pooled_prompt_embeds=neg_pooled.numpy(),
+        )  # fmt: skip
         folders[name] = folder
     return folders
 
@@ -116,11 +158,32 @@ def single_process(tiny_pipelines, inputs) -> dict[str, np.ndarray]:
                 *(paddle.to_tensor(data[k]) for k in INPUT_NAMES)
             ).numpy()
         ref[f"{name}/bytes"] = parameter_bytes(pipe.transformer)
-        for case, args in CASES.items():
-            latents = pipe(**args, output_type="latent").images
+        for case, case_args in CASES.items():
+            with case_arguments(pipe, folder, case_args) as args:
+                latents = pipe(**args, output_type="latent").images
             ref[f"{name}/{case}"] = latents.numpy()
             ref[f"{name}/{case}/images"] = pipe.decode_latents(latents, "np")  # as pipe(output_type="np")
+        for case, marker in FEATURES.items():  # the same case without its feature, to show it acts
+            args = {k: v for k, v in CASES[case].items() if k not in marker}
+            with case_arguments(pipe, folder, args) as args:
+                ref[f"{name}/{case}/without"] = pipe(**args, output_type="latent").images.numpy()
     return ref
+
+
+# The cases of an optional feature and the arguments that switch it on.
+FEATURES = {
+    "skip_layer_guidance": ("skip_guidance_layers",),
+    "callback": ("$callback",),
+    "lora": ("$lora",),
+}
+
+
+def test_each_feature_changes_the_single_process_latents(single_process):
+    for name in TINY:
+        for case in FEATURES:
+            assert (
+                _max_diff(single_process[f"{name}/{case}"], single_process[f"{name}/{case}/without"]) > 1e-2
+            )
 
 
 # (cfg, mp) shapes; (1, 1) is the plain pipeline. Two launches: 8 processes hosting the larger
@@ -207,6 +270,10 @@ def test_collectives_per_forward_are_two_per_block_plus_one_gather(replica):
             assert calls == expected
 
 
+def _calls(report: dict, case: str, phase: str = "denoise") -> dict[str, int]:
+    return report[case][f"{phase}_collectives"]["calls"]
+
+
 def test_collectives_per_denoising_step(replica):
     mp = replica.mp
     per_forward = 2 * NUM_LAYERS + 1 if mp > 1 else 0
@@ -214,11 +281,22 @@ def test_collectives_per_denoising_step(replica):
     per_generation = 1 if replica.shared_text_encoding and mp > 1 else 0  # embeddings to the mp group
     for report in replica.reports:
         for key in replica.keys.values():
-            calls = report[key]["no_negatives"]["calls"]
-            assert sum(calls.values()) == STEPS * (per_forward + exchange) + per_generation
-            assert calls.get("all_gather", 0) == STEPS * ((mp > 1) + exchange)
+            calls = functools.partial(_calls, report[key])
+            assert sum(calls("no_negatives").values()) == STEPS * (per_forward + exchange)
+            assert calls("no_negatives").get("all_gather", 0) == STEPS * ((mp > 1) + exchange)
+            assert sum(calls("no_negatives", "encode").values()) == per_generation
             # Without guidance there is nothing to exchange: each half renders the same batch.
-            assert sum(report[key]["no_guidance"]["calls"].values()) == STEPS * per_forward + per_generation
+            assert sum(calls("no_guidance").values()) == STEPS * per_forward
+            # Skip-layer guidance at one step: one more forward (without the skipped block's two
+            # all-reduces) and, split, one more exchange.
+            skipping = per_forward - 2 * len(CASES["skip_layer_guidance"]["skip_guidance_layers"]) * (mp > 1)
+            expected = STEPS * (per_forward + exchange) + skipping + exchange
+            assert sum(calls("skip_layer_guidance").values()) == expected
+            # The callback runs on rank 0; its latents reach the others in one all-reduce per step.
+            shared = STEPS if replica.cfg * mp > 1 else 0
+            assert sum(calls("callback").values()) == STEPS * (per_forward + exchange) + shared
+            # Precomputed embeddings: nothing to encode or share.
+            assert sum(calls("prompt_embeds", "encode").values()) == 0
 
 
 def test_mp2_ranks_hold_at_most_055_of_the_transformer(replica, single_process):
@@ -256,6 +334,23 @@ def test_shards_split_heads_hidden_units_and_adaln_outputs():
     )
     assert shard_slice("transformer_blocks.0.attn.norm_q.weight", (16,), 1, 2) is None
     assert shard_slice("context_embedder.weight", (64, 128), 1, 2) is None
+
+
+def test_a_shard_keeps_its_slices_of_a_lora_file_and_cannot_save_one(tiny_pipelines):
+    comm = Collectives(1, 2)  # rank 1 of 2; building a shard sends nothing
+    with _default_dtype("float32"):
+        shard = TensorParallelSD3Transformer._build(tiny_config(), comm)
+    whole = lora.read_lora_file(tiny_pipelines["sd3"] / "lora")
+    local = shard.local_lora(whole).modules
+    column, row = "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0"
+    np.testing.assert_array_equal(local[column].b, whole.modules[column].b[32:])  # output rows 32..63
+    np.testing.assert_array_equal(local[column].a, whole.modules[column].a)
+    np.testing.assert_array_equal(local[row].a, whole.modules[row].a[:, 32:])  # input columns 32..63
+    np.testing.assert_array_equal(local[row].b, whole.modules[row].b)
+    assert local["proj_out"] is whole.modules["proj_out"]  # replicated layers keep the whole adapter
+    lora.load_lora(shard, whole, adapter_name="case")
+    with pytest.raises(lora.LoRAError, match="holds only its slices"):
+        lora.lora_state_dict(shard, "case")
 
 
 def test_sd3_medium_shard_bytes_for_mp2():
@@ -306,7 +401,7 @@ def test_report(tiny_pipelines, inputs, tmp_path_factory, single_process):
                 _max_diff(a[f"{key}/{c}"], single_process[f"{name}/{c}"]) for a in arrays for c in CASES
             )
             ratio = max(r[key]["param_bytes"] for r in reports) / single_process[f"{name}/bytes"]
-            step = reports[0][key]["no_negatives"]  # (includes world8's one per-generation all-reduce)
+            step = reports[0][key]["no_negatives"]["denoise_collectives"]
             calls = {k: v / STEPS for k, v in step["calls"].items()}
             nbytes = sum(step["bytes"].values()) / STEPS
             lines.append(

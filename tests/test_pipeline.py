@@ -94,6 +94,32 @@ def test_per_image_seeds_do_not_depend_on_batch_composition():
     np.testing.assert_allclose(batched[1], alone[0], atol=1e-5)
 
 
+def test_callback_sees_every_step_and_its_latents_replace_the_pipelines():
+    pipe = pipeline("sd3-tiny")
+    kwargs = dict(prompt=["a cat", "a dog"], height=64, width=64, num_inference_steps=3, guidance_scale=2.0,
+                  seed=[1, 2], output_type="latent")  # fmt: skip
+    seen = []
+
+    def record(p, i, t, tensors):
+        seen.append((p, i, float(t[0]), {k: list(v.shape) for k, v in tensors.items()}))
+        return {}
+
+    plain = pipe(**kwargs).images
+    recorded = pipe(
+        **kwargs, callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"],
+    ).images  # fmt: skip
+    np.testing.assert_array_equal(recorded.numpy(), plain.numpy())  # a callback returning {} changes nothing
+    assert [i for _, i, _, _ in seen] == [0, 1, 2] and all(p is pipe for p, *_ in seen)
+    assert [t for _, _, t, _ in seen] == pipe.scheduler.timesteps.numpy().tolist()
+    assert seen[0][3] == {"latents": [2, 16, 8, 8], "prompt_embeds": [4, 333, 128], "pooled_prompt_embeds": [4, 80]}
+
+    def zero_at_last_step(p, i, t, tensors):
+        return {"latents": tensors["latents"] * 0} if i == 2 else {}
+
+    assert float(pipe(**kwargs, callback_on_step_end=zero_at_last_step).images.abs().max()) == 0.0
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -109,6 +135,7 @@ def test_per_image_seeds_do_not_depend_on_batch_composition():
         (dict(latents=np.zeros((1, 16, 4, 4), np.float32)), "`latents` has shape [1, 16, 4, 4]"),
         (dict(seed=[1, 2]), "got 2 seeds/generators for a batch of 1"),
         (dict(skip_guidance_layers=[7]), "skip_guidance_layers [7]"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs ['noise']"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

@@ -21,6 +21,7 @@ from actors.replica import ReplicaSpec
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
 from pipelines.parallel_pipeline import ParallelStableDiffusion3Pipeline
 from tests import test_parallel
+from tests.parallel_worker import case_arguments
 from tests.test_parallel import CASES, NUM_LAYERS, STEPS, TINY, TOL
 
 # test_parallel's fixtures: the tiny 4-head pipeline folders and the single-process references.
@@ -56,8 +57,10 @@ def _render_all(pipe: ParallelStableDiffusion3Pipeline, folders: dict) -> dict:
         if str(folder) != pipe.group.spec.model:
             pipe.group.load(str(folder))
         out[f"{name}/bytes"] = list(pipe.group.parameter_bytes)
-        for case, args in CASES.items():
-            out[f"{name}/{case}"] = pipe(**args, output_type="np").images
+        for case, case_args in CASES.items():  # LoRA loading, embeddings and callbacks included
+            with case_arguments(pipe, folder, case_args) as args:
+                out[f"{name}/{case}"] = pipe(**args, output_type="np").images
+                out[f"{name}/{case}/adapters"] = pipe.get_list_adapters()  # rank 0's answer
             out[f"{name}/{case}/stats"] = pipe.group.last_stats
     return out
 
@@ -117,6 +120,13 @@ def test_group_images_equal_the_single_process_pipeline(runs, single_process, sh
             assert diff < TOL, (shape, name, case, diff)
 
 
+def test_lora_methods_run_on_every_rank(runs, shape):
+    for name in TINY:
+        for case, args in CASES.items():
+            expected = {"transformer": ["case"]} if "$lora" in args else {}
+            assert runs[shape][f"{name}/{case}/adapters"] == expected, case
+
+
 def test_group_reports_per_rank_transformer_bytes(runs, single_process, shape):
     cfg, mp = shape
     for name in TINY:
@@ -167,11 +177,15 @@ def test_batch_job_rejects_an_mp_the_heads_do_not_divide(tiny_pipelines, tmp_pat
     assert "--mp 3: model" in capsys.readouterr().err and not out.exists()
 
 
-def test_unsupported_arguments_are_named():
+def test_the_call_takes_exactly_the_single_pipelines_arguments():
+    import inspect
+
+    from pipelines import StableDiffusion3Pipeline
+
+    single = inspect.signature(StableDiffusion3Pipeline.__call__)
+    assert inspect.signature(ParallelStableDiffusion3Pipeline.__call__) == single
     pipe = ParallelStableDiffusion3Pipeline(group=None)
-    with pytest.raises(NotImplementedError, match="skip_guidance_layers.*skip-layer guidance"):
-        pipe("a cat", skip_guidance_layers=[1])
-    with pytest.raises(TypeError, match="unexpected argument `guidance`"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'guidance'"):
         pipe("a cat", guidance=3.0)
 
 
