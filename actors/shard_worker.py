@@ -23,14 +23,6 @@ import numpy as np
 
 __all__ = ["ShardWorker", "paddle_device"]
 
-_TEXT_COMPONENTS = (
-    "text_encoder",
-    "tokenizer",
-    "text_encoder_2",
-    "tokenizer_2",
-    "text_encoder_3",
-    "tokenizer_3",
-)
 
 
 def paddle_device(kind: str) -> str:
@@ -83,8 +75,8 @@ class ShardWorker:
         """Load this rank's part of ``model`` (folder or URL): its transformer's bytes and the
         model's identity (``jobs.model_cache.model_identity``)."""
         from jobs.model_cache import local_model_path, model_identity
-        from pipelines import StableDiffusion3Pipeline
         from pipelines.rank_pipeline import RankPipeline
+        from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
         from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
         self.pipe = None  # free the previous model first
@@ -92,7 +84,7 @@ class ShardWorker:
         transformer = load_transformer_shard(path, self.groups.mp_group, subfolder="transformer", dtype=dtype)
         parts: dict[str, Any] = {"transformer": transformer}
         if self.groups.mp > 1 and self.groups.mp_rank:
-            parts.update(dict.fromkeys(_TEXT_COMPONENTS))
+            parts.update(dict.fromkeys(TEXT_COMPONENTS))
         if self.rank:
             parts["vae"] = _vae_without_weights(path)
         pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)

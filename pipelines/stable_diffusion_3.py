@@ -50,6 +50,8 @@ _LIBRARY_CLASSES = {
     "tokenizer_3": ("transformers", "T5TokenizerFast"),
 }
 _OPTIONAL = ("text_encoder_3", "tokenizer_3")
+# The components only prompt encoding needs (a rank that receives its embeddings can go without).
+TEXT_COMPONENTS = tuple(name for name in _LIBRARY_CLASSES if name.startswith(("text_encoder", "tokenizer")))
 # What `callback_on_step_end` may ask for (`callback_on_step_end_tensor_inputs`), as in diffusers.
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 

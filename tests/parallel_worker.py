@@ -25,19 +25,10 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from pipelines import StableDiffusion3Pipeline
 from pipelines.rank_pipeline import RankPipeline
+from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
 from sd3_core.collectives import init_world, leave_world, replica_groups
 from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
-
-_TEXT_COMPONENTS = (
-    "text_encoder",
-    "tokenizer",
-    "text_encoder_2",
-    "tokenizer_2",
-    "text_encoder_3",
-    "tokenizer_3",
-)
 
 
 def halve_latents_at_step_0(pipe, i, t, tensors: dict) -> dict:
@@ -81,7 +72,7 @@ def run_shape(groups, spec: dict, prefix: str, arrays: dict, report: dict) -> No
         arrays[f"{key}/forward"] = velocity.numpy()
         share = spec["share_text_encoding"]
         # Sharing, only mp rank 0 of each half holds text encoders.
-        no_encoders = dict.fromkeys(_TEXT_COMPONENTS) if share and groups.mp_rank else {}
+        no_encoders = dict.fromkeys(TEXT_COMPONENTS) if share and groups.mp_rank else {}
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=transformer, **no_encoders)
         pipe.set_progress_bar_config(disable=True)
         rank_pipe = RankPipeline.of(pipe, groups, share_within_mp=share)
