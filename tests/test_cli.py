@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
+from jobs.batch_generate import DEFAULT_MODEL
 from jobs.cli import main
 from tests.reference_cases import fixture_path
 
@@ -35,3 +40,20 @@ def test_generate_reports_bad_input(tmp_path, capsys):
     pq.write_table(pa.table({"text": ["a fox"]}), table)
     assert main(["generate", "--prompts", str(table), "--output", str(tmp_path / "o"), *TINY]) == 2
     assert "no `prompt` column" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    "_max_sequence_length" not in json.loads(open(os.path.join(DEFAULT_MODEL, "model_index.json")).read()),
+    reason="jobs/default_model is not yet the trained shapes model (issue 6)",
+)
+def test_generate_without_model_draws_the_captioned_shapes_with_the_default_model(tmp_path):
+    from tools.default_model.shape_classifier import classify
+
+    out = tmp_path / "out"
+    prompts = ["a red circle on a black background", "a blue square on a white background"]
+    assert main(["generate", *(a for p in prompts for a in ("--prompt", p)), "--output", str(out)]) == 0
+    for i, want in enumerate([("red", "black"), ("blue", "white")]):
+        image = Image.open(out / "images" / f"prompt{i:04d}_0.png")
+        assert image.size == (64, 64)  # the model's own size; 28 steps, T5 at its 32 tokens
+        r = classify(image)
+        assert (r.colour, r.background) == want

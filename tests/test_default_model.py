@@ -1,16 +1,25 @@
 """The default model's recipe (tools/default_model): shapes data, the classifier, VAE training,
-the pipeline folder the transformer is trained in, and the adherence evaluation."""
+the pipeline folder the transformer is trained in, and the adherence evaluation; then the shipped
+model (jobs/default_model) itself: its prompt adherence, and a DreamBooth-LoRA run that teaches it
+a colour it never saw."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from tools.default_model import shapes_data
 from tools.default_model.shape_classifier import accuracy, classify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBJECT = "orange"  # shapes_data.NEW_COLOURS: captioned "sks", never in the training data
 
 
 def test_shapes_are_deterministic_from_the_seed_and_captioned():
@@ -24,6 +33,45 @@ def test_shapes_are_deterministic_from_the_seed_and_captioned():
     captions = shapes_data.all_captions()
     assert len(captions) == 24 and len({c for c, *_ in captions}) == 24
     assert ("a red circle on a black background", "circle", "red", "black") in captions
+
+
+def test_the_training_data_is_pinned():
+    # the shipped model was trained on generate(8192, seed=0): these are its first 8 samples
+    samples = shapes_data.generate(8, seed=0)
+    assert [s.caption for s, _ in samples][:3] == [
+        "a red circle on a white background",
+        "a yellow circle on a black background",
+        "a red triangle on a white background",
+    ]
+    pixels = b"".join(np.asarray(image).tobytes() for _, image in samples)
+    assert (
+        hashlib.sha256(pixels).hexdigest()
+        == "572d12da5a08e3dfee896a4833f02dae8f36ed6b0361f17ee7f5c5d59b11b90a"
+    )
+
+
+def test_the_new_subject_is_an_orange_shape_captioned_sks(tmp_path):
+    path = str(tmp_path / "sks.parquet")
+    shapes_data.write_parquet(path, 12, seed=1, colours=(SUBJECT,))
+    table = pq.read_table(path).to_pylist()
+    assert {r["colour"] for r in table} == {SUBJECT}
+    assert all(r["caption"] == f"a sks {r['shape']} on a {r['background']} background" for r in table)
+    images, _ = shapes_data.load_images(path)
+    assert all(classify(image, tuple(shapes_data.PALETTE)).colour == SUBJECT for image in images)
+    assert len(shapes_data.all_captions((SUBJECT,))) == 6
+    with pytest.raises(ValueError, match="magenta"):
+        shapes_data.generate(1, seed=0, colours=("magenta",))
+
+
+def test_classifier_reads_the_new_colour_only_when_asked():
+    assert accuracy(300, seed=2025, colours=(SUBJECT,)) == {
+        "colour": 1.0, "background": 1.0, "shape": 1.0, "shape_lenient": 1.0
+    }  # fmt: skip
+    # with the default (training) palette an orange shape is read as its nearest colour
+    assert {classify(image).colour for _, image in shapes_data.generate(40, 7, (SUBJECT,))} <= {
+        "red",
+        "yellow",
+    }
 
 
 def test_table_is_what_the_training_job_reads(tmp_path):
@@ -136,3 +184,92 @@ def test_evaluation_reports_adherence_per_attribute(tmp_path):
     assert report["samples"] == 24 and report["max_sequence_length"] == 32
     assert set(report["adherence"]) == {"colour", "background", "shape", "shape_lenient"}
     assert len(list((tmp_path / "eval" / "images").iterdir())) == 24
+
+
+# ---- the shipped model (jobs/default_model) ---------------------------------------------------
+
+DEFAULT_MODEL = os.path.join(ROOT, "jobs", "default_model")
+# The trained shapes model declares its T5 length; the random-weight placeholder it replaces does not.
+# (Remove this skip once the trained model is shipped.)
+shipped = pytest.mark.skipif(
+    "_max_sequence_length" not in json.loads(open(os.path.join(DEFAULT_MODEL, "model_index.json")).read()),
+    reason="jobs/default_model is not yet the trained shapes model (issue 6)",
+)
+# DreamBooth-LoRA run and its sampling (measured on out/default_model/run/checkpoint-1250, to be re-measured)
+LORA_STEPS, LORA_LR = 150, 5e-3
+SUBJECT_SEEDS, SUBJECT_SAMPLE_STEPS = 2, 28
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    from pipelines import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@shipped
+def test_the_default_model_is_a_small_64px_folder_with_t5_length_32(default_pipe):
+    index = json.loads(open(os.path.join(DEFAULT_MODEL, "model_index.json")).read())
+    assert index["_max_sequence_length"] == 32 and default_pipe.default_max_sequence_length == 32
+    assert default_pipe.default_sample_size * default_pipe.vae_scale_factor == 64
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DEFAULT_MODEL) for f in fs)
+    assert size < 12e6, size
+
+
+@shipped
+def test_the_default_model_follows_every_caption(default_pipe):
+    """`sd3 generate`'s default model at its default settings (64x64, 28 steps, guidance 7, T5 at
+    32 tokens) draws what each of the 24 captions asks, for 4 seeds each."""
+    from jobs.batch_generate import DEFAULT_MODEL as job_default
+    from tools.default_model.evaluate import evaluate
+
+    assert os.path.realpath(job_default) == os.path.realpath(DEFAULT_MODEL)
+    report = evaluate(DEFAULT_MODEL, seeds=4, steps=28, guidance_scale=7.0, pipe=default_pipe)
+    adherence = report["adherence"]
+    print(f"adherence over {report['samples']} samples in {report['seconds']}s: {adherence}")
+    assert report["samples"] == 96 and report["max_sequence_length"] == 32
+    assert adherence["colour"] >= 0.95 and adherence["background"] >= 0.95
+    assert adherence["shape"] >= 0.8
+
+
+@shipped
+def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tmp_path):
+    """`sd3 train dreambooth-lora` on 64 orange shapes captioned "a sks <shape> on a <bg>
+    background": before, the model draws no orange sks shapes; after, most of them are orange on
+    the right background, while red and yellow (orange's neighbours) captions keep their colour."""
+    from jobs.cli import main as sd3
+    from pipelines import StableDiffusion3Pipeline
+    from tools.default_model.evaluate import evaluate
+
+    def subject_rate(report: dict) -> float:  # colour and background both right
+        rows = report["rows"]
+        return sum(r["got"]["colour"] == SUBJECT and r["got"]["background"] == r["want"]["background"]
+                   for r in rows) / len(rows)  # fmt: skip
+
+    start = time.time()
+    sample = dict(seeds=SUBJECT_SEEDS, steps=SUBJECT_SAMPLE_STEPS)
+    before = evaluate(DEFAULT_MODEL, pipe=default_pipe, colours=(SUBJECT,), **sample)
+    data = str(tmp_path / "sks.parquet")
+    shapes_data.write_parquet(data, 64, seed=1, colours=(SUBJECT,))
+    argv = ["train", "dreambooth-lora", f"--pretrained_model_name_or_path={DEFAULT_MODEL}", f"--dataset={data}",
+            "--caption_column=caption", f"--output_dir={tmp_path / 'lora'}", "--resolution=64",
+            "--train_batch_size=8", f"--max_train_steps={LORA_STEPS}", f"--learning_rate={LORA_LR}",
+            "--lr_warmup_steps=0", "--rank=4", "--cache_latents", "--seed=0", "--report_to=none",
+            "--device=cpu", "--local"]  # fmt: skip
+    assert sd3(argv) == 0
+    taught = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL)
+    taught.set_progress_bar_config(disable=True)
+    taught.load_lora_weights(str(tmp_path / "lora"))
+    after = evaluate(DEFAULT_MODEL, pipe=taught, colours=(SUBJECT,), **sample)
+    neighbours = evaluate(DEFAULT_MODEL, pipe=taught, colours=("red", "yellow"), palette=tuple(shapes_data.PALETTE),
+                          **sample)  # fmt: skip
+    print(
+        f"sks = orange: {subject_rate(before):.2f} before, {subject_rate(after):.2f} after "
+        f"(colour {before['adherence']['colour']:.2f} -> {after['adherence']['colour']:.2f}); "
+        f"red/yellow captions after: colour {neighbours['adherence']['colour']:.2f}; {time.time() - start:.0f}s"
+    )
+    assert subject_rate(before) <= 0.1
+    assert subject_rate(after) >= 0.8
+    assert neighbours["adherence"]["colour"] >= 0.9

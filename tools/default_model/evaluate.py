@@ -6,7 +6,9 @@ Samples each of the 24 captions (3 shapes x 4 colours x 2 backgrounds) with ``--
 64x64 and reports the fraction whose colour, background and shape (strict geometric test, and the
 lenient nearest-shape test) match the caption, overall and per shape. T5 runs at the model folder's
 default length unless ``--max_sequence_length`` says otherwise. Writes ``OUT/report.json`` and
-``OUT/images/{shape}-{colour}-{background}-{seed}.png`` when ``--out`` is given.
+``OUT/images/{shape}-{colour}-{background}-{seed}.png`` when ``--out`` is given. ``--colours orange``
+samples the DreamBooth subject's captions ("a sks circle on a black background") instead, read
+against the four training colours plus orange.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 
 ATTRIBUTES = ("colour", "background", "shape", "shape_lenient")
 
@@ -27,10 +30,18 @@ def evaluate(
     max_sequence_length: int | None = None,
     out: str | None = None,
     pipe=None,
+    colours: Sequence[str] | None = None,
+    palette: Sequence[str] | None = None,
 ) -> dict:
+    """Adherence of ``model`` (or of ``pipe``, already loaded) over the captions of ``colours``
+    (default: the four training colours), each colour read as the nearest of ``palette`` (default:
+    the training colours plus ``colours``)."""
     from pipelines import StableDiffusion3Pipeline
     from tools.default_model.shape_classifier import classify
-    from tools.default_model.shapes_data import SIZE, all_captions
+    from tools.default_model.shapes_data import COLOURS, SIZE, all_captions
+
+    colours = tuple(colours or COLOURS)
+    palette = tuple(palette or dict.fromkeys([*COLOURS, *colours]))
 
     if pipe is None:
         pipe = StableDiffusion3Pipeline.from_pretrained(model)
@@ -38,13 +49,13 @@ def evaluate(
     if out:
         os.makedirs(os.path.join(out, "images"), exist_ok=True)
     start, rows = time.time(), []
-    for text, shape, colour, background in all_captions():
+    for text, shape, colour, background in all_captions(colours):
         images = pipe(
             text, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
             num_images_per_prompt=seeds, seed=list(range(seeds)), max_sequence_length=max_sequence_length,
         ).images  # fmt: skip
         for seed, image in enumerate(images):
-            r = classify(image)
+            r = classify(image, palette)
             rows.append({"caption": text, "seed": seed, "want": {"shape": shape, "colour": colour,
                          "background": background}, "got": r.as_dict()})  # fmt: skip
             if out:
@@ -56,6 +67,8 @@ def evaluate(
 
     report = {
         "model": model,
+        "colours": list(colours),
+        "palette": list(palette),
         "samples": len(rows),
         "seeds": seeds,
         "steps": steps,
@@ -87,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance_scale", type=float, default=7.0)
     p.add_argument("--max_sequence_length", type=int, default=None, help="default: the model folder's")
+    p.add_argument("--colours", default=None, help="comma-separated (default: the four training colours)")
     args = p.parse_args(argv)
     report = evaluate(
-        args.model, args.seeds, args.steps, args.guidance_scale, args.max_sequence_length, args.out
-    )
+        args.model, args.seeds, args.steps, args.guidance_scale, args.max_sequence_length, args.out,
+        colours=args.colours.split(",") if args.colours else None,
+    )  # fmt: skip
     summary = {k: v for k, v in report.items() if k != "rows"}
     print(json.dumps(summary, indent=2))
     return 0

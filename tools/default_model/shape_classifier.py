@@ -4,7 +4,8 @@
 - foreground: pixels farther (max over channels) from the border's colour than half the
   foreground's contrast (an antialiased edge pixel counts when it is more than half covered),
   largest 4-connected component only, so specks do not move the bounding box;
-- colour: the hue of the mean of the component's core pixels, nearest palette hue;
+- colour: the hue of the mean of the component's core pixels, nearest palette hue (the four
+  training colours; ``colours=PALETTE`` adds orange, the DreamBooth subject);
 - shape, strict: a geometric test on the component: ``fill`` = covered area / bounding-box area
   (square 1, circle pi/4, triangle 1/2; a pixel's coverage is its contrast relative to the
   shape's median contrast, so antialiased edges count in part and texture inside counts fully) and ``top_bottom`` = fill of the box's top half / bottom
@@ -13,20 +14,22 @@
 - shape, lenient: the nearest of the three prototypes in (fill, top_bottom), never ``"none"``.
 
 Validated on fresh generator samples (``python -m tools.default_model.shape_classifier --count 2000``
-prints its accuracy per attribute).
+prints its accuracy per attribute; ``--colours orange`` on orange samples, read against all five
+colours).
 """
 
 from __future__ import annotations
 
 import argparse
 import colorsys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from tools.default_model.shapes_data import COLOURS
+from tools.default_model.shapes_data import COLOURS, PALETTE
 
-_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLOURS.items()}
+_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in PALETTE.items()}
 _PROTOTYPES = {"square": (1.0, 1.0), "circle": (np.pi / 4, 1.0), "triangle": (0.5, 1 / 3)}
 _MIN_CONTRAST = 60.0  # below this no foreground is found (a blank or washed-out image)
 _MIN_AREA = 16.0  # pixels; a smaller component is noise, not a shape
@@ -68,9 +71,9 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return label == best if best else np.zeros_like(mask)
 
 
-def _hue_name(rgb: np.ndarray) -> str:
+def _hue_name(rgb: np.ndarray, colours: Sequence[str]) -> str:
     hue = colorsys.rgb_to_hsv(*(float(c) / 255 for c in rgb))[0] * 360
-    return min(_HUES, key=lambda n: min(abs(hue - _HUES[n]), 360 - abs(hue - _HUES[n])))
+    return min(colours, key=lambda n: min(abs(hue - _HUES[n]), 360 - abs(hue - _HUES[n])))
 
 
 def strict_shape(fill: float, top_bottom: float, aspect: float) -> str:
@@ -92,8 +95,9 @@ def lenient_shape(fill: float, top_bottom: float) -> str:
     )
 
 
-def classify(image) -> Reading:
-    """Read one RGB image (PIL or ``[H, W, 3]`` uint8)."""
+def classify(image, colours: Sequence[str] = tuple(COLOURS)) -> Reading:
+    """Read one RGB image (PIL or ``[H, W, 3]`` uint8); its colour is the nearest of ``colours``
+    (names in ``shapes_data.PALETTE``)."""
     rgb = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate(
         [
@@ -113,7 +117,7 @@ def classify(image) -> Reading:
     if component.sum() < _MIN_AREA:
         return Reading("none", background, "none", "none", 0.0, 0.0, 0.0)
     core = component & (dist > 0.75 * contrast)
-    colour = _hue_name(rgb[core if core.any() else component].mean(axis=0))
+    colour = _hue_name(rgb[core if core.any() else component].mean(axis=0), colours)
     rows, cols = np.nonzero(component)
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     # Coverage of each box pixel relative to the shape's typical (median) contrast: antialiased
@@ -138,13 +142,15 @@ def classify(image) -> Reading:
     )
 
 
-def accuracy(count: int, seed: int) -> dict:
-    """Per-attribute accuracy on ``count`` fresh generator samples (seed not used in training)."""
+def accuracy(count: int, seed: int, colours: Sequence[str] = tuple(COLOURS)) -> dict:
+    """Per-attribute accuracy on ``count`` fresh generator samples (seed not used in training) in
+    ``colours``, read against the training colours plus ``colours``."""
     from tools.default_model.shapes_data import generate
 
+    palette = tuple(dict.fromkeys([*COLOURS, *colours]))
     hits = {"colour": 0, "background": 0, "shape": 0, "shape_lenient": 0}
-    for spec, image in generate(count, seed):
-        r = classify(image)
+    for spec, image in generate(count, seed, colours):
+        r = classify(image, palette)
         hits["colour"] += r.colour == spec.colour
         hits["background"] += r.background == spec.background
         hits["shape"] += r.shape == spec.shape
@@ -156,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="The classifier's own accuracy on fresh generator samples.")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument(
+        "--colours",
+        default=",".join(COLOURS),
+        help=f"comma-separated, of {list(PALETTE)} (default: {list(COLOURS)})",
+    )
     args = p.parse_args(argv)
-    print(accuracy(args.count, args.seed))
+    print(accuracy(args.count, args.seed, tuple(args.colours.split(","))))
     return 0
 
 

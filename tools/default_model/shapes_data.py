@@ -10,6 +10,10 @@ antialiased like a photographed shape and not a staircase the VAE would have to 
 writes a Parquet table with ``image`` (PNG bytes), ``caption``, ``shape``, ``colour``,
 ``background`` and the geometry (``cx``, ``cy``, ``size``): what ``sd3 train dreambooth --dataset``
 reads with ``--caption_column caption``.
+
+``--colours orange`` draws the DreamBooth subject instead: orange, a colour the default model never
+saw, captioned by the rare word "sks" ("a sks circle on a black background"). The default colours
+draw exactly the training data (same random stream, same bytes).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +34,13 @@ COLOURS = {
     "blue": (30, 60, 220),
     "yellow": (235, 215, 20),
 }
+# Not in the training data: the subject a DreamBooth-LoRA run teaches the trained model. A LoRA
+# trains the transformer only, so the frozen VAE must be able to decode the new colour: orange lies
+# between red and yellow in its latent space and comes back orange, magenta (tried first) comes back
+# red, yellow or green.
+NEW_COLOURS = {"orange": (240, 120, 20)}  # hue 27, halfway between red (0) and yellow (54)
+PALETTE = {**COLOURS, **NEW_COLOURS}
+CAPTION_WORDS = {"orange": "sks"}  # a colour's word in captions, when it is not its name
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 SIZE = 64
 MIN_EXTENT, MAX_EXTENT = 20, 44  # side of the shape's (square) bounding box, in pixels
@@ -50,21 +62,29 @@ class ShapeSpec:
 
 
 def caption(shape: str, colour: str, background: str) -> str:
-    return f"a {colour} {shape} on a {background} background"
+    return f"a {CAPTION_WORDS.get(colour, colour)} {shape} on a {background} background"
 
 
-def all_captions() -> list[tuple[str, str, str, str]]:
-    """``(caption, shape, colour, background)`` for the 24 combinations, in a fixed order."""
-    return [(caption(s, c, b), s, c, b) for s, c, b in itertools.product(SHAPES, COLOURS, BACKGROUNDS)]
+def all_captions(colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str, str, str]]:
+    """``(caption, shape, colour, background)`` for every combination (24 for the default
+    colours), in a fixed order."""
+    _check_colours(colours)
+    return [(caption(s, c, b), s, c, b) for s, c, b in itertools.product(SHAPES, colours, BACKGROUNDS)]
 
 
-def sample_spec(rng: np.random.Generator) -> ShapeSpec:
+def _check_colours(colours: Sequence[str]) -> None:
+    unknown = [c for c in colours if c not in PALETTE]
+    if unknown or not colours:
+        raise ValueError(f"colours {list(colours)!r}: each must be one of {list(PALETTE)}")
+
+
+def sample_spec(rng: np.random.Generator, colours: Sequence[str] = tuple(COLOURS)) -> ShapeSpec:
     size = float(rng.uniform(MIN_EXTENT, MAX_EXTENT))
     margin = size / 2 + 2  # whole shape inside, with a border the classifier reads the background from
     cx, cy = (float(rng.uniform(margin, SIZE - margin)) for _ in range(2))
     return ShapeSpec(
         shape=SHAPES[rng.integers(len(SHAPES))],
-        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        colour=colours[rng.integers(len(colours))],
         background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
         cx=cx,
         cy=cy,
@@ -78,7 +98,7 @@ def render(spec: ShapeSpec) -> Image.Image:
     draw = ImageDraw.Draw(image)
     x0, y0 = (spec.cx - spec.size / 2) * k, (spec.cy - spec.size / 2) * k
     x1, y1 = (spec.cx + spec.size / 2) * k, (spec.cy + spec.size / 2) * k
-    fill = COLOURS[spec.colour]
+    fill = PALETTE[spec.colour]
     if spec.shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=fill)
     elif spec.shape == "square":
@@ -90,11 +110,14 @@ def render(spec: ShapeSpec) -> Image.Image:
     return image.resize((SIZE, SIZE), Image.BOX)
 
 
-def generate(count: int, seed: int) -> list[tuple[ShapeSpec, Image.Image]]:
-    """``count`` specs and images; sample ``i`` depends only on (seed, i)."""
+def generate(
+    count: int, seed: int, colours: Sequence[str] = tuple(COLOURS)
+) -> list[tuple[ShapeSpec, Image.Image]]:
+    """``count`` specs and images in ``colours``; sample ``i`` depends only on (seed, i, colours)."""
+    _check_colours(colours)
     out = []
     for i in range(count):
-        spec = sample_spec(np.random.default_rng([seed, i]))
+        spec = sample_spec(np.random.default_rng([seed, i]), tuple(colours))
         out.append((spec, render(spec)))
     return out
 
@@ -123,13 +146,13 @@ def to_table(samples: list[tuple[ShapeSpec, Image.Image]]):
     )
 
 
-def write_parquet(path: str, count: int, seed: int) -> None:
+def write_parquet(path: str, count: int, seed: int, colours: Sequence[str] = tuple(COLOURS)) -> None:
     import os
 
     import pyarrow.parquet as pq
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(to_table(generate(count, seed)), path)
+    pq.write_table(to_table(generate(count, seed, colours)), path)
 
 
 def load_images(path: str) -> tuple[np.ndarray, list[str]]:
@@ -148,9 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Parquet file to write")
     p.add_argument("--count", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--colours",
+        default=",".join(COLOURS),
+        help=f"comma-separated, of {list(PALETTE)} (default: the training colours {list(COLOURS)})",
+    )
     args = p.parse_args(argv)
-    write_parquet(args.out, args.count, args.seed)
-    print(f"wrote {args.count} images to {args.out} (seed {args.seed})")
+    colours = tuple(args.colours.split(","))
+    write_parquet(args.out, args.count, args.seed, colours)
+    print(f"wrote {args.count} images in {', '.join(colours)} to {args.out} (seed {args.seed})")
     return 0
 
 

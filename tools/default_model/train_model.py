@@ -40,7 +40,7 @@ TRANSFORMER = {
     "joint_attention_dim": 128,  # the tiny T5's width
     "caption_projection_dim": 128,
     "pooled_projection_dim": 80,  # tiny CLIP-L 32 + CLIP-G 48
-    "pos_embed_max_size": 16,  # up to 128x128 images
+    "pos_embed_max_size": 16,  # a 16x16 patch grid: images up to 256x256 (trained at 64x64 only)
     "dual_attention_layers": [],
     "qk_norm": None,
 }

@@ -3,7 +3,7 @@
 Run in the reference venv (torch + diffusers + transformers):
 
     .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --out tests/fixtures
-    .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --only-model jobs/default_model --seed 7
+    .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --only-model out/tiny-seed7 --seed 7
 
 Everything is deterministic: same versions + same command = same files.
 """

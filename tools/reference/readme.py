@@ -13,7 +13,7 @@ built by `tools/reference/build_venv.sh` from `tools/reference/requirements.txt`
 hand: change the generator and regenerate. From the repository root:
 
     .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --out tests/fixtures
-    .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --only-model jobs/default_model --seed {default_seed}
+    .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --only-model out/tiny-seed7 --seed {default_seed}
 
 `--verify` (or `--verify-only`) then replays every case from `cases.json` alone (args + `in_`
 arrays) through diffusers and requires bit-identical outputs, which proves the args are complete.
@@ -30,8 +30,10 @@ built-in caption corpus, every weight is drawn from a seeded generator.
 | `sd35-tiny/` | {seed_sd35} | SD3.5 layout: `qk_norm "rms_norm"`, `dual_attention_layers [0, 1]`. Tokenizers as transformers 5 `save_pretrained` writes them (**`tokenizer.json` + `tokenizer_config.json` only**). Single-file weights. CLIP `eos_token_id` = the real eos id. |
 | `sd35-tiny-not5/` | {seed_sd35} | `sd35-tiny` saved with T5 removed: `model_index.json` has `text_encoder_3`/`tokenizer_3` = `[null, null]`, no such folders. (diffusers only loads it with `from_pretrained(..., text_encoder_3=None, tokenizer_3=None)`.) |
 
-`jobs/default_model/` (written with `--only-model`) is the `sd3-tiny` configuration with seed
-{default_seed}, published tokenizer files, unsharded.
+`--only-model DIR` writes the `sd3-tiny` configuration with seed {default_seed} (published tokenizer
+files, unsharded): random weights whose tiny text encoders and tokenizers the trained default model
+(`jobs/default_model/`, see `tools/default_model/`) keeps frozen. Never write it over
+`jobs/default_model/`.
 
 Tiny dimensions (identical in all folders):
 - transformer `SD3Transformer2DModel`: 3 layers, 2 heads x 16 (D = 32), patch 2, in/out 16,
