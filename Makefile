@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job: render the example prompt table with the embedded default model, as the batch job
 # on a local Ray that the job starts (and stops) itself. Rerunning resumes (nothing left: no writes).
 demo: $(STAMP)
-	$(VENV)/bin/sd3 generate --prompts examples/prompts.parquet --output $(OUT) --steps 8
+	$(VENV)/bin/sd3 generate --prompts examples/prompts.parquet --output $(OUT)
 	@echo "images: $(OUT)/images/  manifest: $(OUT)/manifest.parquet  job: $(OUT)/job.json  contact sheet: $(OUT)/contact_sheet.png"
 
 # The whole test suite (what CI runs).

@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _submit(args)
         if args.command in ("train", "schedule", "nightly"):
             return _training_command(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"sd3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 1

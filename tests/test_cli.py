@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
-from jobs.batch_generate import DEFAULT_MODEL
 from jobs.cli import main
 from tests.reference_cases import fixture_path
 
@@ -42,10 +37,6 @@ def test_generate_reports_bad_input(tmp_path, capsys):
     assert "no `prompt` column" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    "_max_sequence_length" not in json.loads(open(os.path.join(DEFAULT_MODEL, "model_index.json")).read()),
-    reason="jobs/default_model is not yet the trained shapes model (issue 6)",
-)
 def test_generate_without_model_draws_the_captioned_shapes_with_the_default_model(tmp_path):
     from tools.default_model.shape_classifier import classify
 

@@ -517,6 +517,18 @@ def test_sd3_train_local_writes_the_lora(instance_dir, tmp_path, capsys):
     assert out["global_step"] == 2 and out["weights"] == str(tmp_path / "pytorch_lora_weights.safetensors")
 
 
+def test_sd3_train_names_an_unwritable_output_dir(instance_dir, capsys):
+    from jobs.cli import main
+
+    # /sys refuses new entries even to root (EPERM): the job's PermissionError, not a traceback.
+    argv = ["train", "dreambooth-lora", f"--pretrained_model_name_or_path={MODEL}", f"--instance_data_dir={instance_dir}",
+            "--instance_prompt", "a photo of sks dog", "--output_dir=/sys/sd3-train-out", "--resolution=32",
+            "--max_train_steps=1", "--report_to=none", "--device=cpu", "--local"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sd3 train: error: output /sys/sd3-train-out is not writable" in err and "Traceback" not in err
+
+
 def test_caption_dropout_replaces_a_seeded_fraction_of_prompts_by_the_empty_prompt(instance_dir, tmp_path):
     from jobs.train_data import Entry
 
