@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.replica import DEVICES, DTYPES, ITEM_SCHEMA, GenerateStage, ReplicaSpec
+from actors.replica import DEVICES, DTYPES, GROUP_COLUMNS, ITEM_SCHEMA, GenerateStage, ReplicaSpec
 from jobs import manifest
 from jobs.prompt_table import (
+    WORK_ROW_SCHEMA,
     JobDefaults,
     PromptTableError,
     ReadUnit,
@@ -49,13 +50,12 @@ from jobs.prompt_table import (
     resolve_rows,
 )
 from jobs.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
-from sd3_core.folder_defaults import folder_max_sequence_length
+from sd3_core.folder_defaults import DEFAULT_T5_LENGTH, folder_max_sequence_length
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-DEFAULT_MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 length
 CONTACT_SHEET_IMAGES = 16
 # Map tasks that fail with one of these (after botocore/s3fs's own retries) are rerun by Ray Data.
 TRANSIENT_STORAGE_ERRORS = [
@@ -230,25 +230,9 @@ def _items_of_rows(rows: Sequence[WorkRow], done: frozenset, errors: frozenset) 
     images that failed while rendering are tried again."""
     out: list[dict[str, Any]] = []
     for row in rows:
-        base = {
-            "id": row.id,
-            "key": row.key,
-            "position": row.position,
-            "prompt": row.prompt,
-            "prompt_2": row.prompt_2,
-            "prompt_3": row.prompt_3,
-            "negative_prompt": row.negative_prompt,
-            "negative_prompt_2": row.negative_prompt_2,
-            "negative_prompt_3": row.negative_prompt_3,
-            "height": row.height,
-            "width": row.width,
-            "num_inference_steps": row.num_inference_steps,
-            "guidance_scale": row.guidance_scale,
-            "max_sequence_length": row.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
-            "num_images": row.num_images,
-            "extra": row.extra,
-            "error": row.error,
-        }
+        # Every work-row column; `seed` and `k` are set per image below.
+        base = {name: getattr(row, name) for name in WORK_ROW_SCHEMA.names}
+        base["max_sequence_length"] = row.max_sequence_length or DEFAULT_T5_LENGTH
         if row.error is not None:
             todo = [
                 r
@@ -268,9 +252,13 @@ def _items_of_rows(rows: Sequence[WorkRow], done: frozenset, errors: frozenset) 
             item["row_items"] = len(items)
         out.extend(items)
     # Same-shape images next to each other, so the replica's batches are mostly one pipeline call.
-    shape = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
     out.sort(
-        key=lambda it: (it["status"] != "todo", tuple(it[c] or 0 for c in shape), it["position"], it["k"])
+        key=lambda it: (
+            it["status"] != "todo",
+            tuple(it[c] or 0 for c in GROUP_COLUMNS),
+            it["position"],
+            it["k"],
+        )
     )
     return out
 
