@@ -127,10 +127,9 @@ class ReplicaGroup:
         """Start one pipeline call on every rank; the refs of their ``(images, stats)``."""
         import ray
 
-        if not self.workers:
-            raise ReplicaGroupBroken("this replica group has been shut down")
+        workers = self._live_workers()
         shared = ray.put(args)  # once, not once per rank (arguments may hold prompt embeddings)
-        return [w.generate.remote(shared) for w in self.workers]
+        return [w.generate.remote(shared) for w in workers]
 
     def result(self, refs: list[Any]) -> np.ndarray:
         """Rank 0's images of a :meth:`submit`; every rank's stats go to ``last_stats``."""
@@ -144,8 +143,6 @@ class ReplicaGroup:
 
     def call_pipeline(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """``pipe.<name>(...)`` on every rank (the LoRA methods); rank 0's result."""
-        if not self.workers:
-            raise ReplicaGroupBroken("this replica group has been shut down")
         return self._all("call_pipeline", name, args, kwargs)[0]
 
     def shutdown(self, leave: bool = True) -> None:
@@ -170,8 +167,13 @@ class ReplicaGroup:
             remove_placement_group(self.placement_group)
             self.placement_group = None
 
+    def _live_workers(self) -> list[Any]:
+        if not self.workers:
+            raise ReplicaGroupBroken("this replica group has been shut down")
+        return self.workers
+
     def _all(self, method: str, *args: Any) -> list[Any]:
-        return self._wait([getattr(w, method).remote(*args) for w in self.workers])
+        return self._wait([getattr(w, method).remote(*args) for w in self._live_workers()])
 
     def _wait(self, refs: list[Any]) -> list[Any]:
         """Every rank's result, in rank order; see the module docstring for failures."""

@@ -24,7 +24,6 @@ import numpy as np
 __all__ = ["ShardWorker", "paddle_device"]
 
 
-
 def paddle_device(kind: str) -> str:
     """Paddle's device for a rank holding one device of ``kind`` ("gpu", "npu", "cpu").
 

@@ -24,7 +24,7 @@ import paddle
 from PIL import Image
 
 from pipelines.lora_loading import SD3LoraLoaderMixin
-from pipelines.rank_pipeline import TENSOR_ARGUMENTS
+from pipelines.rank_pipeline import TENSOR_ARGUMENTS, call_arguments
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
 
 __all__ = ["LORA_METHODS", "ParallelStableDiffusion3Pipeline"]
@@ -72,14 +72,13 @@ class ParallelStableDiffusion3Pipeline:
 
     def __call__(self, *args: Any, **kwargs: Any) -> StableDiffusion3PipelineOutput | tuple:
         """Generate images: see ``StableDiffusion3Pipeline.__call__``."""
-        bound = _CALL_SIGNATURE.bind(None, *args, **kwargs)  # a TypeError names a wrong argument
-        call = {k: v for k, v in bound.arguments.items() if k != "self"}
-        return_dict = call.pop("return_dict", True)
+        call = call_arguments(_CALL_SIGNATURE, *args, **kwargs)
+        return_dict = call.pop("return_dict")
         for name in TENSOR_ARGUMENTS:
-            if isinstance(call.get(name), paddle.Tensor):
+            if isinstance(call[name], paddle.Tensor):
                 call[name] = call[name].numpy()
         images: Any = self.group.generate(call)
-        output_type = call.get("output_type", "pil")
+        output_type = call["output_type"]
         if output_type == "latent":
             images = paddle.to_tensor(images)
         elif output_type == "pil":

@@ -40,7 +40,7 @@ import paddle
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
 from sd3_core.collectives import DeviceGroups
 
-__all__ = ["RankPipeline", "generate_on_rank"]
+__all__ = ["RankPipeline", "call_arguments", "generate_on_rank"]
 
 _ENCODE_SIGNATURE = inspect.signature(StableDiffusion3Pipeline.encode_prompt)
 _CALL_SIGNATURE = inspect.signature(StableDiffusion3Pipeline.__call__)
@@ -52,6 +52,14 @@ TENSOR_ARGUMENTS = (
     "pooled_prompt_embeds",
     "negative_pooled_prompt_embeds",
 )
+
+
+def call_arguments(signature: inspect.Signature, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Every argument of a call to a method of ``signature`` by name (``self`` left out), defaults
+    filled in; a wrong argument raises the TypeError Python would."""
+    bound = signature.bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name != "self"}
 
 
 class RankPipeline(StableDiffusion3Pipeline):
@@ -77,10 +85,7 @@ class RankPipeline(StableDiffusion3Pipeline):
     @paddle.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``StableDiffusion3Pipeline.__call__``, as this rank's part of the replica's call."""
-        bound = _CALL_SIGNATURE.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        del call["self"]
+        call = call_arguments(_CALL_SIGNATURE, *args, **kwargs)
         for name in TENSOR_ARGUMENTS:
             if isinstance(call[name], np.ndarray):
                 call[name] = paddle.to_tensor(call[name])
@@ -105,10 +110,7 @@ class RankPipeline(StableDiffusion3Pipeline):
     def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[paddle.Tensor, ...]:
         """``encode_prompt``'s four tensors, of which this rank computes only its half's: under
         the CFG split the other half's are zeros of the same shape."""
-        bound = _ENCODE_SIGNATURE.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        del a["self"]
+        a = call_arguments(_ENCODE_SIGNATURE, *args, **kwargs)
         g = self.groups
         do_cfg = a["do_classifier_free_guidance"]
         split = g.cfg == 2 and do_cfg
