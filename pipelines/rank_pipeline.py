@@ -76,6 +76,7 @@ class RankPipeline(StableDiffusion3Pipeline):
         (the same on every rank) only mp rank 0 of each half needs text encoders."""
         rank = cls(**pipe.components)
         rank.default_max_sequence_length = pipe.default_max_sequence_length
+        rank.default_guidance_scale = pipe.default_guidance_scale
         rank._progress_bar_config = dict(pipe._progress_bar_config)
         rank.groups, rank.share_within_mp = groups, share_within_mp
         rank._split = False
@@ -89,6 +90,8 @@ class RankPipeline(StableDiffusion3Pipeline):
         for name in TENSOR_ARGUMENTS:
             if isinstance(call[name], np.ndarray):
                 call[name] = paddle.to_tensor(call[name])
+        if call["guidance_scale"] is None:
+            call["guidance_scale"] = self.default_guidance_scale
         self._split = self.groups.cfg == 2 and call["guidance_scale"] > 1
         if call["callback_on_step_end"] is not None and self.groups.replica.world_size > 1:
             call["callback_on_step_end"] = self._shared_callback(

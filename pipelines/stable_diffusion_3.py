@@ -23,9 +23,12 @@ from tqdm.auto import tqdm
 from pipelines.lora_loading import SD3LoraLoaderMixin
 from sd3_core import text_encoders
 from sd3_core.folder_defaults import (
+    DEFAULT_GUIDANCE_SCALE,
     DEFAULT_T5_LENGTH,
+    GUIDANCE_SCALE_KEY,
     MAX_SEQUENCE_LENGTH_KEY,
     MAX_T5_LENGTH,
+    folder_guidance_scale,
     folder_max_sequence_length,
 )
 from sd3_core.modeling import read_json_object, resolve_dtype
@@ -116,8 +119,10 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         self.patch_size = transformer.config.patch_size
         self.default_sample_size = transformer.config.sample_size
         self.tokenizer_max_length = getattr(tokenizer, "model_max_length", 77)
-        # What max_sequence_length=None means; from_pretrained takes it from the folder when it says.
+        # What max_sequence_length=None and guidance_scale=None mean; from_pretrained takes them from
+        # the folder when it says (sd3_core.folder_defaults).
         self.default_max_sequence_length = DEFAULT_T5_LENGTH
+        self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE
         self._progress_bar_config: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loading and saving
@@ -167,6 +172,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
         pipe = cls(**loaded)
         pipe.default_max_sequence_length = folder_max_sequence_length(index, index_file)
+        pipe.default_guidance_scale = folder_guidance_scale(index, index_file)
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -190,6 +196,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                 component.save_pretrained(os.path.join(staging, name))
             if self.default_max_sequence_length != DEFAULT_T5_LENGTH:
                 index[MAX_SEQUENCE_LENGTH_KEY] = self.default_max_sequence_length
+            if self.default_guidance_scale != DEFAULT_GUIDANCE_SCALE:
+                index[GUIDANCE_SCALE_KEY] = self.default_guidance_scale
             index["image_encoder"] = [None, None]
             index["feature_extractor"] = [None, None]
             with open(os.path.join(staging, "model_index.json"), "w", encoding="utf-8") as f:
@@ -462,7 +470,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         width: int | None = None,
         num_inference_steps: int = 28,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         negative_prompt_3: str | list[str] | None = None,
@@ -487,11 +495,15 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         mu: float | None = None,
     ) -> StableDiffusion3PipelineOutput | tuple:
         """Generate images. Arguments and defaults follow diffusers' StableDiffusion3Pipeline; `seed`
-        (an int, or one per image) is an alternative to `generator` (NumPy generators)."""
+        (an int, or one per image) is an alternative to `generator` (NumPy generators);
+        `guidance_scale=None` and `max_sequence_length=None` take the model folder's defaults (7.0
+        and 256 unless its model_index.json declares others)."""
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if max_sequence_length is None:
             max_sequence_length = self.default_max_sequence_length
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         # 1. check inputs
         self.check_inputs(
             prompt, height, width, num_inference_steps, num_images_per_prompt, max_sequence_length,

@@ -112,7 +112,11 @@ def test_callback_sees_every_step_and_its_latents_replace_the_pipelines():
     np.testing.assert_array_equal(recorded.numpy(), plain.numpy())  # a callback returning {} changes nothing
     assert [i for _, i, _, _ in seen] == [0, 1, 2] and all(p is pipe for p, *_ in seen)
     assert [t for _, _, t, _ in seen] == pipe.scheduler.timesteps.numpy().tolist()
-    assert seen[0][3] == {"latents": [2, 16, 8, 8], "prompt_embeds": [4, 333, 128], "pooled_prompt_embeds": [4, 80]}
+    assert seen[0][3] == {
+        "latents": [2, 16, 8, 8],
+        "prompt_embeds": [4, 333, 128],
+        "pooled_prompt_embeds": [4, 80],
+    }
 
     def zero_at_last_step(p, i, t, tensors):
         return {"latents": tensors["latents"] * 0} if i == 2 else {}
@@ -193,19 +197,23 @@ def test_half_precision_weights_stay_close_to_float32(dtype, tolerance):
     assert 0 < difference < tolerance  # rounded weights change the result, but only slightly
 
 
-# ---- a model folder's own default T5 length ------------------------------------------------------
+# ---- a model folder's own defaults (T5 length, guidance) ------------------------------------------------------
 
 
-def _folder_with_t5_length(tmp_path, value) -> str:
+def _folder_with(tmp_path, key: str, value) -> str:
     import json
     import shutil
 
     folder = tmp_path / "model"
     shutil.copytree(fixture_path("sd3-tiny"), folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_max_sequence_length"] = value
+    index[key] = value
     (folder / "model_index.json").write_text(json.dumps(index))
     return str(folder)
+
+
+def _folder_with_t5_length(tmp_path, value) -> str:
+    return _folder_with(tmp_path, "_max_sequence_length", value)
 
 
 def test_folder_declared_t5_length_is_the_default_and_survives_save(tmp_path):
@@ -235,3 +243,22 @@ def test_folder_declared_t5_length_is_the_default_and_survives_save(tmp_path):
 def test_folder_declared_t5_length_must_be_a_valid_length(tmp_path, value):
     with pytest.raises(ValueError, match="_max_sequence_length"):
         StableDiffusion3Pipeline.from_pretrained(_folder_with_t5_length(tmp_path, value))
+
+
+def test_folder_declared_guidance_scale_is_the_default_and_survives_save(tmp_path):
+    pipe = StableDiffusion3Pipeline.from_pretrained(_folder_with(tmp_path, "_guidance_scale", 2.5))
+    assert pipe.default_guidance_scale == 2.5
+    latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    call = dict(prompt="a red circle", height=64, width=64, num_inference_steps=2, latents=latents, output_type="np")
+    default = pipe(**call).images
+    np.testing.assert_array_equal(default, pipe(**call, guidance_scale=2.5).images)
+    assert np.abs(default - pipe(**call, guidance_scale=7.0).images).max() > 1e-3  # the default is not 7
+    pipe.save_pretrained(tmp_path / "saved")
+    assert StableDiffusion3Pipeline.from_pretrained(tmp_path / "saved").default_guidance_scale == 2.5
+    assert StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny")).default_guidance_scale == 7.0
+
+
+@pytest.mark.parametrize("value", [-1, 101, float("nan"), "3", True])
+def test_folder_declared_guidance_scale_must_be_a_valid_number(tmp_path, value):
+    with pytest.raises(ValueError, match="_guidance_scale"):
+        StableDiffusion3Pipeline.from_pretrained(_folder_with(tmp_path, "_guidance_scale", value))

@@ -5,7 +5,8 @@
 Samples each of the 24 captions (3 shapes x 4 colours x 2 backgrounds) with ``--seeds`` seeds at
 64x64 and reports the fraction whose colour, background and shape (strict geometric test, and the
 lenient nearest-shape test) match the caption, overall and per shape. T5 runs at the model folder's
-default length unless ``--max_sequence_length`` says otherwise. Writes ``OUT/report.json`` and
+default length and guidance scale unless ``--max_sequence_length`` / ``--guidance_scale`` say
+otherwise; ``--first_seed`` moves the seeds (a held-out set for choosing sampling settings). Writes ``OUT/report.json`` and
 ``OUT/images/{shape}-{colour}-{background}-{seed}.png`` when ``--out`` is given. ``--colours orange``
 samples the DreamBooth subject's captions ("a sks circle on a black background") instead, read
 against the four training colours plus orange.
@@ -26,16 +27,18 @@ def evaluate(
     model: str,
     seeds: int = 4,
     steps: int = 28,
-    guidance_scale: float = 7.0,
+    guidance_scale: float | None = None,
     max_sequence_length: int | None = None,
     out: str | None = None,
     pipe=None,
     colours: Sequence[str] | None = None,
     palette: Sequence[str] | None = None,
+    first_seed: int = 0,
 ) -> dict:
     """Adherence of ``model`` (or of ``pipe``, already loaded) over the captions of ``colours``
     (default: the four training colours), each colour read as the nearest of ``palette`` (default:
-    the training colours plus ``colours``)."""
+    the training colours plus ``colours``). Seeds are ``first_seed .. first_seed + seeds - 1``;
+    ``guidance_scale=None`` is the model folder's default."""
     from pipelines import StableDiffusion3Pipeline
     from tools.default_model.shape_classifier import classify
     from tools.default_model.shapes_data import COLOURS, SIZE, all_captions
@@ -48,13 +51,16 @@ def evaluate(
         pipe.set_progress_bar_config(disable=True)
     if out:
         os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    if guidance_scale is None:
+        guidance_scale = pipe.default_guidance_scale
+    seed_list = list(range(first_seed, first_seed + seeds))
     start, rows = time.time(), []
     for text, shape, colour, background in all_captions(colours):
         images = pipe(
             text, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
-            num_images_per_prompt=seeds, seed=list(range(seeds)), max_sequence_length=max_sequence_length,
+            num_images_per_prompt=seeds, seed=seed_list, max_sequence_length=max_sequence_length,
         ).images  # fmt: skip
-        for seed, image in enumerate(images):
+        for seed, image in zip(seed_list, images, strict=True):
             r = classify(image, palette)
             rows.append({"caption": text, "seed": seed, "want": {"shape": shape, "colour": colour,
                          "background": background}, "got": r.as_dict()})  # fmt: skip
@@ -70,7 +76,7 @@ def evaluate(
         "colours": list(colours),
         "palette": list(palette),
         "samples": len(rows),
-        "seeds": seeds,
+        "seeds": seed_list,
         "steps": steps,
         "guidance_scale": guidance_scale,
         "max_sequence_length": max_sequence_length or pipe.default_max_sequence_length,
@@ -98,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder for report.json and the images")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance_scale", type=float, default=7.0)
+    p.add_argument("--first_seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
+    p.add_argument("--guidance_scale", type=float, default=None, help="default: the model folder's")
     p.add_argument("--max_sequence_length", type=int, default=None, help="default: the model folder's")
     p.add_argument("--colours", default=None, help="comma-separated (default: the four training colours)")
     args = p.parse_args(argv)
     report = evaluate(
         args.model, args.seeds, args.steps, args.guidance_scale, args.max_sequence_length, args.out,
-        colours=args.colours.split(",") if args.colours else None,
+        colours=args.colours.split(",") if args.colours else None, first_seed=args.first_seed,
     )  # fmt: skip
     summary = {k: v for k, v in report.items() if k != "rows"}
     print(json.dumps(summary, indent=2))
