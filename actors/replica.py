@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from jobs.lora_registry import PinnedLoRA
 from jobs.prompt_table import WORK_ROW_SCHEMA
 from jobs.storage import StorageOptions
 
@@ -62,6 +63,8 @@ RESULT_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("replica", pa.string()),
         ("model", pa.string()),  # model identity: URI + hash of its configs
+        ("lora", pa.string()),  # adapter identity: pinned reference + sha256 (null: no adapter)
+        ("lora_scale", pa.float64()),
     ]
 )
 
@@ -74,7 +77,8 @@ class ReplicaSpec:
 
     `cfg` x `mp` is the replica group shape (issue 4: CFG halves x tensor-parallel shards); 1 x 1 is
     one process. `cpus` is the CPU share of a replica on `device="cpu"` (its thread count), or of
-    its host-side work on accelerators."""
+    its host-side work on accelerators. `lora` is an adapter every replica bakes into its
+    transformer at `lora_scale` (see `apply_lora`)."""
 
     model: str
     dtype: str = "float32"
@@ -83,6 +87,8 @@ class ReplicaSpec:
     mp: int = 1
     cpus: float = 1.0
     storage: StorageOptions = field(default_factory=StorageOptions)
+    lora: PinnedLoRA | None = None
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -160,6 +166,7 @@ class Replica(Protocol):
 
     name: str  # which replica made an image (host:pid of the process driving it)
     model: str  # model identity (the manifest's `model` column)
+    lora: str | None  # identity of the adapter in its weights (the manifest's `lora` column)
 
     def render(self, request: RenderRequest) -> list[np.ndarray]: ...
 
@@ -170,6 +177,20 @@ def _paddle_device(device: str) -> str:
     if device == "npu":
         return "npu:0"  # Ray sets ASCEND_RT_VISIBLE_DEVICES to the actor's NPU
     return "cpu"
+
+
+def apply_lora(pipe: Any, lora: PinnedLoRA, scale: float, storage: StorageOptions) -> str:
+    """Load exactly the pinned adapter (its sha256 checked) into `pipe` at `scale` and bake it
+    into the transformer's weights; returns its identity.
+
+    Fused, then unloaded, as diffusers users do for inference: the forward then costs what the
+    base model's does, and no unfused copy of the adapted weights is kept."""
+    from jobs.lora_registry import fetch_lora
+
+    pipe.load_lora_weights(fetch_lora(lora, storage), adapter_name="job", scale=scale)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return lora.identity
 
 
 class LocalReplica:
@@ -189,6 +210,9 @@ class LocalReplica:
         self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=spec.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.model = model_identity(path, spec.model)
+        self.lora = (
+            None if spec.lora is None else apply_lora(self.pipe, spec.lora, spec.lora_scale, spec.storage)
+        )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:
@@ -243,6 +267,7 @@ class GenerateStage:
     def __init__(self, spec: ReplicaSpec) -> None:
         started = time.perf_counter()
         self.replica = make_replica(spec)
+        self.lora_scale = None if spec.lora is None else spec.lora_scale
         logger.info(
             "replica %s loaded %s in %.1fs", self.replica.name, spec.model, time.perf_counter() - started
         )
@@ -253,6 +278,7 @@ class GenerateStage:
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for row in rows:
             row.update(image=None, seconds=None, replica=None, model=self.replica.model)
+            row.update(lora=self.replica.lora, lora_scale=self.lora_scale)
             if row["status"] == "todo":
                 groups.setdefault(_group_key(row), []).append(row)
             else:

@@ -26,6 +26,7 @@ import numpy as np
 
 from actors.replica import LocalReplica, RenderRequest, ReplicaSpec
 from actors.shard_worker import ShardWorker
+from jobs.lora_registry import PinnedLoRA
 from jobs.storage import join_url, read_bytes
 from sd3_core.tensor_parallel import check_tensor_parallel
 
@@ -105,6 +106,8 @@ class ReplicaGroup:
             self.endpoints = ray.get([w.endpoint.remote() for w in self.workers])
             self.pids = self._all("join", self.endpoints)
             self.load(spec.model)
+            if spec.lora is not None:
+                self.load_lora(spec.lora, spec.lora_scale)
         except BaseException:
             self.shutdown(leave=False)
             raise
@@ -121,7 +124,14 @@ class ReplicaGroup:
         loaded = self._all("load", model, self.spec.dtype, self.spec.storage)
         self.parameter_bytes: list[int] = [r["param_bytes"] for r in loaded]
         self.model: str = loaded[0]["model"]
+        self.lora: str | None = None
         return self.parameter_bytes
+
+    def load_lora(self, lora: PinnedLoRA, scale: float = 1.0) -> str:
+        """Bake the pinned adapter into every rank's transformer shard (``actors.replica.apply_lora``,
+        each rank fetching the file on its node); its identity."""
+        self.lora = self._all("apply_lora", lora, scale, self.spec.storage)[0]
+        return self.lora
 
     def submit(self, args: dict[str, Any]) -> list[Any]:
         """Start one pipeline call on every rank; the refs of their ``(images, stats)``."""
@@ -222,6 +232,7 @@ class GroupReplica(LocalReplica):
         self.group = ReplicaGroup(spec)
         self.pipe = ParallelStableDiffusion3Pipeline(self.group)
         self.model = self.group.model
+        self.lora = self.group.lora
         self.name = f"{socket.gethostname()}:{os.getpid()}/{self.group.name}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:

@@ -2,9 +2,10 @@
 
 The group (``actors/replica_group.py``) drives its ranks in lockstep: ``endpoint`` on every rank
 (rank 0's address and free port is the rendezvous of the Paddle world), then ``join`` on all at
-once (collectives: NCCL on GPU, the custom-device backend on NPU, gloo on CPU), ``load``, any
-number of ``generate``, and ``leave`` on all at once before the actors are killed (a rank that
-vanishes while its peers still talk to it, rank 0 also hosting the store, makes them abort).
+once (collectives: NCCL on GPU, the custom-device backend on NPU, gloo on CPU), ``load`` (and
+``apply_lora`` for a job's adapter), any number of ``generate``, and ``leave`` on all at once
+before the actors are killed (a rank that vanishes while its peers still talk to it, rank 0 also
+hosting the store, makes them abort).
 
 Memory: a rank holds only its transformer shard; with mp > 1 only mp rank 0 of each CFG half
 holds the text encoders (its embeddings reach the other mp ranks in one all-reduce), and only
@@ -90,6 +91,13 @@ class ShardWorker:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = RankPipeline.of(pipe, self.groups, share_within_mp=self.groups.mp > 1)
         return {"param_bytes": parameter_bytes(transformer), "model": model_identity(path, model)}
+
+    def apply_lora(self, lora: Any, scale: float, storage: Any = None) -> str:
+        """Bake a pinned adapter (``jobs.lora_registry.PinnedLoRA``) into this rank's shard at
+        ``scale`` (see ``actors.replica.apply_lora``); its identity."""
+        from actors.replica import apply_lora
+
+        return apply_lora(self._loaded(), lora, scale, storage)
 
     def generate(self, args: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """This rank's part of one pipeline call (see ``pipelines.rank_pipeline.generate_on_rank``)."""

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -37,6 +38,7 @@ import pyarrow as pa
 
 from actors.replica import DEVICES, DTYPES, GROUP_COLUMNS, ITEM_SCHEMA, GenerateStage, ReplicaSpec
 from jobs import manifest
+from jobs.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
 from jobs.prompt_table import (
     WORK_ROW_SCHEMA,
     JobDefaults,
@@ -94,6 +96,8 @@ class JobConfig:
     cpus_per_replica: float = 1.0
     mp: int = 1  # tensor-parallel shards per replica (issue 4)
     cfg_parallel: bool = False  # the two CFG halves on two devices: a replica of 2 x mp ranks
+    lora: str | None = None  # a LoRA adapter for every row: file, folder, URL or REGISTRY[:VERSION]
+    lora_scale: float = 1.0
     batch_size: int = 4
     dtype: str = "float32"
     defaults: JobDefaults = field(default_factory=JobDefaults)
@@ -158,6 +162,12 @@ def _check_config(config: JobConfig) -> None:
         raise JobError(f"--steps {d.num_inference_steps!r} must be >= 1")
     if d.num_images is None or d.num_images < 1:
         raise JobError(f"--num-images {d.num_images!r} must be >= 1")
+    if config.lora is not None and not config.lora.strip():
+        raise JobError("--lora: empty reference")
+    if not isinstance(config.lora_scale, int | float) or not math.isfinite(config.lora_scale):
+        raise JobError(f"--lora-scale {config.lora_scale!r} must be a finite number")
+    if config.lora is None and config.lora_scale != 1.0:
+        raise JobError(f"--lora-scale {config.lora_scale:g} needs --lora")
     if not math.isfinite(d.guidance_scale):
         raise JobError(f"--guidance-scale {d.guidance_scale!r} must be finite")
     if d.max_sequence_length is not None and not 1 <= d.max_sequence_length <= 512:
@@ -216,6 +226,79 @@ def _model_defaults(model: str, options: StorageOptions) -> tuple[int, int]:
     except ValueError as e:
         raise JobError(f"--model {model}: {e}") from None
     return int(transformer.get("sample_size", 128)) * factor, t5_length
+
+
+def _pin_lora(ref: str, model: str, options: StorageOptions) -> PinnedLoRA:
+    """The adapter `ref` names now, pinned (version, sha256) and checked against `model`'s
+    transformer, so a missing, unreadable or mismatched adapter fails before any row runs."""
+    from sd3_core.lora import LoRAError
+    from sd3_core.safetensors_io import WeightsFileError
+
+    try:
+        pinned = pin_lora(ref, options)
+        _check_lora_fits(fetch_lora(pinned, options), model, options, pinned.pinned_ref)
+    except LoRARefError as e:
+        raise JobError(f"--lora {ref}: {e.reason}") from None
+    except (LoRAError, WeightsFileError, ValueError) as e:
+        raise JobError(f"--lora {ref}: {e}") from None
+    except Exception as e:  # storage errors: botocore's text says which (no access, no bucket, ...)
+        raise JobError(f"--lora {ref}: cannot read it ({type(e).__name__}: {e})") from None
+    return pinned
+
+
+def _check_lora_fits(path: str, model: str, options: StorageOptions, source: str) -> None:
+    """LoRAError unless the LoRA file at `path` fits `model`'s transformer (built from its config
+    without weights: shapes only)."""
+    import paddle
+
+    from sd3_core.lora import check_lora_fits, read_lora_file
+    from sd3_core.transformer import SD3Transformer2DModel
+
+    config = json.loads(read_bytes(join_url(model, "transformer", "config.json"), options))
+    with paddle.LazyGuard():
+        transformer = SD3Transformer2DModel.from_config(config)
+    check_lora_fits(transformer, replace(read_lora_file(path), source=source))
+
+
+def _lora_record(lora: PinnedLoRA | None, scale: float) -> dict[str, Any] | None:
+    """What job.json says about the adapter the images were rendered with."""
+    if lora is None:
+        return None
+    return {
+        **asdict(lora),
+        "pinned": lora.pinned_ref,
+        "identity": lora.identity,
+        "scale": scale,
+        "fused": True,
+    }
+
+
+def _check_same_lora(output: str, rendered: Counter, lora: PinnedLoRA | None, scale: float) -> None:
+    """JobError when `output` holds images rendered with another adapter or scale than this run's.
+
+    `rendered`: (lora identity, scale) of the ok images there -> count. Adapters are the same when
+    their bytes are (sha256), wherever the file is now."""
+    now = (lora.identity, scale) if lora is not None else (None, None)
+    for (identity, used_scale), n in rendered.items():
+        if (_sha256_of(identity), used_scale) == (_sha256_of(now[0]), now[1]):
+            continue
+        before = _describe_lora(identity, used_scale)
+        raise JobError(
+            f"--lora: {output} already holds {n} image(s) rendered with {before}, but this run has "
+            f"{_describe_lora(*now)}; resume with the same --lora and --lora-scale, or write to a new "
+            "--output"
+        )
+
+
+def _sha256_of(identity: str | None) -> str | None:
+    return identity.rpartition("#sha256:")[2] if identity else None
+
+
+def _describe_lora(identity: str | None, scale: float | None) -> str:
+    if identity is None:
+        return "no --lora"
+    ref, _, sha256 = identity.rpartition("#sha256:")
+    return f"--lora {ref} --lora-scale {scale:g} (sha256 {sha256[:16]}...)"
 
 
 # --------------------------------------------------------------------------- stages
@@ -406,20 +489,23 @@ def _configure_ray_data() -> None:
     ctx.max_map_retries = MAX_MAP_RETRIES
 
 
-def _known_outcomes(output: str, options: StorageOptions) -> tuple[frozenset, frozenset]:
-    """(key, k) with an ok row, and (key, k, error) of error rows, from the parts of earlier runs."""
-    table, bad = manifest.read_parts(output, options, columns=["key", "k", "status", "error"])
+def _known_outcomes(output: str, options: StorageOptions) -> tuple[frozenset, frozenset, Counter]:
+    """From the parts of earlier runs: (key, k) with an ok row, (key, k, error) of error rows, and
+    how many ok images each (lora identity, lora scale) rendered."""
+    columns = ["key", "k", "status", "error", "lora", "lora_scale"]
+    table, bad = manifest.read_parts(output, options, columns=columns)
     if bad:
         logger.warning("%d unreadable manifest part(s) ignored; their rows are redone", len(bad))
-    done, errors = set(), set()
-    for key, k, status, error in zip(
-        *(table.column(c).to_pylist() for c in ("key", "k", "status", "error")), strict=True
+    done, errors, adapters = set(), set(), Counter()
+    for key, k, status, error, lora, scale in zip(
+        *(table.column(c).to_pylist() for c in columns), strict=True
     ):
         if status == manifest.STATUS_OK:
             done.add((key, k))
+            adapters[(lora, scale)] += 1
         else:
             errors.add((key, k, error))
-    return frozenset(done), frozenset(errors)
+    return frozenset(done), frozenset(errors), adapters
 
 
 class _Progress:
@@ -506,9 +592,11 @@ def run_job(config: JobConfig) -> JobResult:
         max_sequence_length=config.defaults.max_sequence_length or t5_length,
         model=model,
     )
+    # Pinned once, here: every replica then loads these bytes even if a registry's `latest` moves.
+    lora = _pin_lora(config.lora, model, storage) if config.lora is not None else None
     spec = ReplicaSpec(
         model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage,
-        cfg=2 if config.cfg_parallel else 1, mp=config.mp,
+        cfg=2 if config.cfg_parallel else 1, mp=config.mp, lora=lora, lora_scale=config.lora_scale,
     )  # fmt: skip
     if spec.world_size > 1:  # heads % mp, before any actor starts
         from actors.replica_group import check_replica_shape
@@ -520,7 +608,8 @@ def run_job(config: JobConfig) -> JobResult:
     previous = _read_job_json(output, storage)
     if previous is None:  # a finished job's rerun must write nothing, not even a probe
         _check_output(output, storage)
-    done, errors = _known_outcomes(output, storage)
+    done, errors, rendered = _known_outcomes(output, storage)
+    _check_same_lora(output, rendered, lora, config.lora_scale)
 
     # 2. The graph.
     import ray
@@ -613,6 +702,7 @@ def run_job(config: JobConfig) -> JobResult:
             "prompts": normalize_url(config.prompts) if config.prompts is not None else None,
             "output": output,
             "model": model,
+            "lora": _lora_record(lora, config.lora_scale),
             "defaults": asdict(defaults),
             "replica": {**asdict(spec), "storage": storage.public_dict(), **spec.pool_actor_resources()},
         },

@@ -42,6 +42,12 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--output", required=True, metavar="URL", help="output folder or s3:// prefix")
     gen.add_argument("--model", default=None, metavar="URI", help="diffusers SD3 folder or s3:// prefix "
                      "(default: the embedded tiny model)")  # fmt: skip
+    gen.add_argument("--lora", default=None, metavar="REF", help="a LoRA adapter for every row: a "
+                     ".safetensors file, a folder holding pytorch_lora_weights.safetensors, an s3:// URL "
+                     "of either, or a registry REGISTRY[:VERSION] (without VERSION: its `latest`, read "
+                     "once when the job starts)")  # fmt: skip
+    gen.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                     help="the adapter's weight (default 1.0)")  # fmt: skip
     run = gen.add_argument_group("execution")
     run.add_argument("--replicas", type=_positive_int, default=1, help="model replicas (actors), default 1")
     run.add_argument(
@@ -123,6 +129,8 @@ def _generate(args: argparse.Namespace) -> int:
         cpus_per_replica=args.cpus_per_replica,
         mp=args.mp,
         cfg_parallel=args.cfg_parallel,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
         batch_size=args.batch_size,
         dtype=args.dtype,
         defaults=defaults,

@@ -9,7 +9,9 @@ Layout (``REGISTRY`` a local folder or ``s3://bucket/prefix``)::
 A version is complete once its ``adapter.json`` exists (written after the weights), and
 ``latest`` is written after that, so a reader following ``latest`` never meets a half-published
 adapter. Consumers name an adapter as ``REGISTRY`` (its latest version) or ``REGISTRY:VERSION``
-and call :func:`resolve_lora` for a local file path.
+and call :func:`resolve_lora` for a local file path. A batch job calls :func:`pin_lora` once, on
+its driver, and every replica :func:`fetch_lora` with the result, so all of them render with the
+same bytes even if ``latest`` moves meanwhile.
 """
 
 from __future__ import annotations
@@ -20,9 +22,19 @@ import os
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from jobs.storage import StorageOptions, exists, join_url, read_bytes, split_url, write_bytes_atomic
+from jobs.storage import (
+    StorageOptions,
+    exists,
+    get_fs,
+    join_url,
+    normalize_url,
+    read_bytes,
+    split_url,
+    write_bytes_atomic,
+)
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 INFO = "adapter.json"
@@ -94,6 +106,62 @@ def latest_version(registry: str, options: StorageOptions | None = None) -> str:
     return check_version(text)
 
 
+class LoRARefError(FileNotFoundError):
+    """A LoRA reference that names no adapter; ``reason`` says why without repeating ``ref``."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        super().__init__(f"LoRA {ref}: {reason}")
+        self.ref, self.reason = ref, reason
+
+
+@dataclass(frozen=True)
+class PinnedLoRA:
+    """One adapter file, named so that it cannot move: its URL and the sha256 of its bytes.
+
+    ``ref`` is the reference as given; ``registry``/``version`` are set when it named a registry
+    (``url`` is then that version's weights, whatever ``latest`` says later)."""
+
+    ref: str
+    url: str
+    sha256: str
+    size: int
+    registry: str | None = None
+    version: str | None = None
+
+    @property
+    def pinned_ref(self) -> str:
+        """A reference to exactly this adapter: ``REGISTRY:VERSION``, else the file's URL."""
+        return f"{self.registry}:{self.version}" if self.registry is not None else self.url
+
+    @property
+    def identity(self) -> str:
+        """``{pinned_ref}#sha256:{hex}``: what a manifest records as the adapter of an image."""
+        return f"{self.pinned_ref}#sha256:{self.sha256}"
+
+
+def locate_lora(ref: str, options: StorageOptions | None = None) -> tuple[str, str | None, str | None]:
+    """``(weights URL, registry, version)`` that ``ref`` names now (``latest`` is read once);
+    registry and version are None unless ``ref`` names a registry. :class:`LoRARefError` when
+    ``ref`` names nothing."""
+    base, version = split_ref(ref)
+    base = normalize_url(base)  # absolute: replicas do not share this process's working directory
+    if version is not None:
+        if not is_published(base, version, options):
+            raise LoRARefError(ref, f"version {version!r} is not published in registry {base}")
+        return join_url(base, version, WEIGHTS), base, version
+    if base.endswith(".safetensors"):
+        return base, None, None
+    if exists(join_url(base, LATEST), options):
+        version = latest_version(base, options)
+        return join_url(base, version, WEIGHTS), base, version
+    if exists(join_url(base, WEIGHTS), options):
+        return join_url(base, WEIGHTS), None, None
+    fs, path = get_fs(base, options)
+    if fs.isfile(path):  # a LoRA file under another name
+        return base, None, None
+    raise LoRARefError(ref, f"neither a registry (no {LATEST}), a folder with {WEIGHTS}, nor a file")
+
+
 def resolve_lora(ref: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> str:
     """A local path to the LoRA file that ``ref`` names.
 
@@ -102,41 +170,87 @@ def resolve_lora(ref: str, options: StorageOptions | None = None, cache_dir: str
     downloaded once into ``$SD3_RAY_LORA_CACHE`` (default ``~/.cache/sd3-ray/loras``), keyed by
     their URL and content hash, so every actor on a node reads the same verified copy.
     """
-    base, version = split_ref(ref)
-    scheme, path = split_url(base)
-    if version is None:
-        if base.endswith(".safetensors"):
-            url = base
-        elif exists(join_url(base, LATEST), options):
-            version = latest_version(base, options)
-            url = join_url(base, version, WEIGHTS)
-        elif exists(join_url(base, WEIGHTS), options):
-            url = join_url(base, WEIGHTS)
-        else:
-            raise FileNotFoundError(
-                f"LoRA {ref}: neither a registry (no {LATEST}), a folder with {WEIGHTS}, nor a .safetensors file"
-            )
-    else:
-        if not is_published(base, version, options):
-            raise FileNotFoundError(f"LoRA {ref}: version {version!r} is not published in registry {base}")
-        url = join_url(base, version, WEIGHTS)
+    url, _, _ = locate_lora(ref, options)
     if split_url(url)[0] == "":
         local = split_url(url)[1]
         if not os.path.isfile(local):
-            raise FileNotFoundError(f"LoRA {ref}: {local} does not exist")
+            raise LoRARefError(ref, f"{local} does not exist")
         return local
-    return _cached_copy(url, options, cache_dir)
+    data = read_bytes(url, options)
+    return _store_in_cache(url, data, hashlib.sha256(data).hexdigest(), cache_dir)
 
 
-def _cached_copy(url: str, options: StorageOptions | None, cache_dir: str | None) -> str:
+def pin_lora(ref: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> PinnedLoRA:
+    """Resolve ``ref`` once to the adapter it names now, with the sha256 of its bytes.
+
+    A remote file is downloaded into the cache on the way (so :func:`fetch_lora` on this node
+    reads it from there); a registry version's ``adapter.json`` must agree on the sha256."""
+    url, registry, version = locate_lora(ref, options)
+    scheme, path = split_url(url)
+    try:
+        if scheme == "":
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)
+            digest, size = _sha256_file(path), os.path.getsize(path)
+        else:
+            data = read_bytes(url, options)
+            digest, size = hashlib.sha256(data).hexdigest(), len(data)
+            _store_in_cache(url, data, digest, cache_dir)
+    except FileNotFoundError:
+        raise LoRARefError(ref, f"{url} does not exist") from None
+    if registry is not None:
+        recorded = json.loads(read_bytes(join_url(registry, version, INFO), options)).get("sha256")
+        if recorded is not None and recorded != digest:
+            raise ValueError(
+                f"LoRA {ref}: {url} has sha256 {digest}, but its {INFO} says {recorded} (a damaged publish?)"
+            )
+    return PinnedLoRA(ref=ref, url=url, sha256=digest, size=size, registry=registry, version=version)
+
+
+def fetch_lora(
+    pinned: PinnedLoRA, options: StorageOptions | None = None, cache_dir: str | None = None
+) -> str:
+    """A local path to exactly the bytes ``pinned`` names (downloaded once per node into the
+    cache); ValueError if the file no longer has the pinned sha256."""
+    scheme, path = split_url(pinned.url)
+    if scheme != "":
+        path = _cache_path(pinned.url, pinned.sha256, cache_dir)
+        if not os.path.isfile(path):
+            data = read_bytes(pinned.url, options)
+            _check_digest(pinned, hashlib.sha256(data).hexdigest())
+            return _store_in_cache(pinned.url, data, pinned.sha256, cache_dir)
+    _check_digest(pinned, _sha256_file(path))
+    return path
+
+
+def _check_digest(pinned: PinnedLoRA, digest: str) -> None:
+    if digest != pinned.sha256:
+        raise ValueError(
+            f"LoRA {pinned.pinned_ref}: {pinned.url} now has sha256 {digest}, not {pinned.sha256} "
+            "as when the job resolved it (the file was replaced)"
+        )
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_path(url: str, digest: str, cache_dir: str | None) -> str:
     root = (
         cache_dir
         or os.environ.get(CACHE_ENV)
         or os.path.join(os.path.expanduser("~"), ".cache", "sd3-ray", "loras")
     )
-    data = read_bytes(url, options)
-    digest = hashlib.sha256(data).hexdigest()
-    dest = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16], digest[:16], WEIGHTS)
+    return os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16], digest[:16], WEIGHTS)
+
+
+def _store_in_cache(url: str, data: bytes, digest: str, cache_dir: str | None) -> str:
+    """The cache's copy of ``url`` (content ``data`` with sha256 ``digest``), written if absent."""
+    dest = _cache_path(url, digest, cache_dir)
     if os.path.isfile(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)

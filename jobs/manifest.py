@@ -62,11 +62,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("seconds", pa.float64()),  # compute time attributed to this image
         ("replica", pa.string()),
         ("model", pa.string()),  # model identity: URI + content hash (model_cache.model_identity)
+        ("lora", pa.string()),  # adapter baked in: pinned reference + sha256 (PinnedLoRA.identity)
+        ("lora_scale", pa.float64()),  # its scale (null without an adapter)
         ("extra", pa.string()),  # JSON of the input's other columns
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+# Columns added after parts were first written: an older part without them reads them as null.
+ADDED_COLUMNS = ("lora", "lora_scale")
 
 
 def image_url(out: str, key: str, k: int, ext: str = "png") -> str:
@@ -103,6 +107,8 @@ def manifest_row(
     replica: str | None = None,
     model: str | None = None,
     seed: int | None = None,
+    lora: str | None = None,
+    lora_scale: float | None = None,
 ) -> dict[str, Any]:
     """The manifest row of image `k` of `row` (`seed` defaults to row seed + k)."""
     if status not in (STATUS_OK, STATUS_ERROR):
@@ -132,6 +138,8 @@ def manifest_row(
         "seconds": seconds,
         "replica": replica,
         "model": model,
+        "lora": lora,
+        "lora_scale": lora_scale,
         "extra": row.extra,
         "finished_at": _now(),
     }
@@ -231,7 +239,7 @@ def read_parts(
                     # finalize a manifest that silently lacks this part's rows.
                     raise OSError(f"cannot read manifest part {url}: {data}") from data
                 try:
-                    t = pq.read_table(pa.BufferReader(data), columns=wanted).cast(schema)
+                    t = _read_part(data, schema)
                 except (pa.ArrowException, KeyError, ValueError) as e:
                     # Parts are written atomically, so this is a foreign or damaged file.
                     log.warning("skipping unreadable manifest part %s: %s", url, e)
@@ -241,6 +249,19 @@ def read_parts(
     if not tables:
         return pa.schema([*schema, pa.field("_part", pa.string())]).empty_table(), bad
     return pa.concat_tables(tables), bad
+
+
+def _read_part(data: bytes, schema: pa.Schema) -> pa.Table:
+    """The `schema` columns of a part's bytes; an `ADDED_COLUMNS` column it predates is null."""
+    # Not pq.read_table: its background reads of an in-memory file can outlive the call and abort
+    # the process when it exits soon after (apache/arrow#34314), e.g. a refused `sd3 generate`.
+    with pq.ParquetFile(pa.BufferReader(data), pre_buffer=False) as part:
+        present = set(part.schema_arrow.names)
+        absent = {name for name in schema.names if name not in present and name in ADDED_COLUMNS}
+        table = part.read(columns=[n for n in schema.names if n not in absent], use_threads=False)
+    for name in absent:
+        table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names).cast(schema)
 
 
 def _cat_one(fs, path: str) -> bytes | BaseException:

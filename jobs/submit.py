@@ -31,7 +31,7 @@ SUBMITTABLE: dict[str, str] = {
 # Arguments of submittable commands that name files; a relative one resolves on the cluster, in
 # the job's working directory, which is rarely what the submitter meant.
 PATH_ARGUMENTS = (
-    "prompts", "output", "model",
+    "prompts", "output", "model", "lora",
     "instance_data_dir", "dataset", "class_data_dir", "output_dir", "pretrained_model_name_or_path",
 )  # fmt: skip
 

@@ -37,6 +37,7 @@ __all__ = [
     "LoRAError",
     "LoRAFile",
     "LoRALinear",
+    "check_lora_fits",
     "delete_adapter",
     "fuse_lora",
     "inject_lora",
@@ -569,24 +570,10 @@ def read_lora_file(path: str | os.PathLike, weight_name: str | None = None) -> L
     return out
 
 
-def load_lora(
-    model: paddle.nn.Layer,
-    lora: str | os.PathLike | LoRAFile,
-    adapter_name: str | None = None,
-    scale: float = 1.0,
-    weight_name: str | None = None,
-) -> str:
-    """Load a LoRA file into ``model`` as adapter ``adapter_name`` (default ``default_<n>``) with
-    weight ``scale``. As in diffusers, the new adapter becomes the only active one (combine
-    several with :func:`set_adapters`). Returns the adapter name."""
-    lora = lora if isinstance(lora, LoRAFile) else read_lora_file(lora, weight_name)
-    local = getattr(model, "local_lora", None)
-    if local is not None:  # a tensor-parallel shard keeps its slices (sd3_core.tensor_parallel)
-        lora = local(lora)
-    if adapter_name is None:
-        adapter_name = f"default_{len(adapter_names(model))}"
-    if adapter_name in adapter_names(model):
-        raise LoRAError(f"{lora.source}: adapter name {adapter_name!r} is already loaded; pick another")
+def check_lora_fits(model: paddle.nn.Layer, lora: LoRAFile) -> None:
+    """LoRAError unless every module of ``lora`` is a Linear of ``model`` with matching features.
+
+    Reads only shapes, so ``model`` may be built under ``paddle.LazyGuard`` (no weights)."""
     sublayers = dict(model.named_sublayers())
     problems = []
     for module, w in lora.modules.items():
@@ -609,6 +596,27 @@ def load_lora(
         )
     if not lora.modules:
         raise LoRAError(f"{lora.source}: no transformer LoRA modules found")
+
+
+def load_lora(
+    model: paddle.nn.Layer,
+    lora: str | os.PathLike | LoRAFile,
+    adapter_name: str | None = None,
+    scale: float = 1.0,
+    weight_name: str | None = None,
+) -> str:
+    """Load a LoRA file into ``model`` as adapter ``adapter_name`` (default ``default_<n>``) with
+    weight ``scale``. As in diffusers, the new adapter becomes the only active one (combine
+    several with :func:`set_adapters`). Returns the adapter name."""
+    lora = lora if isinstance(lora, LoRAFile) else read_lora_file(lora, weight_name)
+    local = getattr(model, "local_lora", None)
+    if local is not None:  # a tensor-parallel shard keeps its slices (sd3_core.tensor_parallel)
+        lora = local(lora)
+    if adapter_name is None:
+        adapter_name = f"default_{len(adapter_names(model))}"
+    if adapter_name in adapter_names(model):
+        raise LoRAError(f"{lora.source}: adapter name {adapter_name!r} is already loaded; pick another")
+    check_lora_fits(model, lora)
     for module, w in lora.modules.items():
         layer = _wrap(model, module)
         layer.add_adapter(adapter_name, w.rank, w.alpha, rslora=w.rslora)

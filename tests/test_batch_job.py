@@ -2,12 +2,13 @@
 
 One Ray instance (started here with ray.init, dashboard on for the state API) serves the whole
 module; the driver-kill test runs `sd3 generate` as a subprocess against it. Tiny model, 64-96 px,
-1-2 steps.
+1-2 steps; the LoRA tests use the embedded default model with adapters from an S3 registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -25,8 +26,9 @@ import pytest
 from PIL import Image
 
 from jobs import manifest
-from jobs.batch_generate import JobConfig, JobError, JobFailed, run_job
+from jobs.batch_generate import DEFAULT_MODEL, JobConfig, JobError, JobFailed, run_job
 from jobs.cli import main
+from jobs.lora_registry import publish
 from jobs.prompt_table import JobDefaults
 from jobs.storage import StorageOptions, get_fs, read_bytes
 from tests.reference_cases import fixture_path
@@ -414,3 +416,139 @@ def test_model_folder_declares_its_default_t5_length(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "_max_sequence_length": 0}))
     with pytest.raises(JobError, match="_max_sequence_length"):
         _model_defaults(str(folder), StorageOptions())
+
+
+# --------------------------------------------------------------------------- a LoRA adapter for all rows
+
+LORA_PROMPTS = ["a red circle on a white background", "a blue square on a black background",
+                "a yellow triangle on a white background"]  # fmt: skip
+LORA_DEFAULTS = JobDefaults(height=64, width=64, num_inference_steps=2, guidance_scale=5.0, job_seed=11)
+LORA_SCALE = 0.8
+
+
+def default_model_lora(folder, seed: int) -> str:
+    """A rank-4 adapter on every default target of the embedded model, random non-zero A and B."""
+    from sd3_core import lora
+    from sd3_core.transformer import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel.from_pretrained(DEFAULT_MODEL, subfolder="transformer")
+    lora.inject_lora(model, "default", rank=4)
+    lora.random_lora_weights(model, "default", seed=seed, std=0.2)
+    return str(lora.save_lora_weights(folder, model))
+
+
+def _lora_job(output: str, prompts: list[str], storage: StorageOptions, **kw) -> JobConfig:
+    return JobConfig(output=output, prompt_list=prompts, model=DEFAULT_MODEL, defaults=LORA_DEFAULTS,
+                     storage=storage, progress=False, **kw)  # fmt: skip
+
+
+def _pngs(output: str) -> dict[str, np.ndarray]:
+    rows = manifest.read_manifest(output).to_pylist()
+    return {r["prompt"]: np.asarray(Image.open(r["image"]), dtype=np.int16) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def lora_jobs(ray_address, s3_endpoint, tmp_path_factory):
+    """Adapters v1, v2 published to a registry on S3 (`latest` = v2); the embedded model's job on
+    two prompts with `--lora REGISTRY` (CLI), resumed on three with `--lora REGISTRY:v2`, and the
+    same three prompts without an adapter."""
+    tmp = tmp_path_factory.mktemp("lora")
+    bucket = make_bucket(s3_endpoint)
+    storage = storage_options(s3_endpoint)
+    registry = f"s3://{bucket}/loras"
+    for version, seed in (("v1", 1), ("v2", 2)):
+        publish(default_model_lora(tmp / version, seed), registry, version, storage)
+    with_lora, without = str(tmp / "with-lora"), str(tmp / "without")
+    argv = ["generate", *(a for p in LORA_PROMPTS[:2] for a in ("--prompt", p)), "--output", with_lora,
+            "--height", "64", "--width", "64", "--steps", "2", "--guidance-scale", "5", "--seed", "11",
+            "--lora", registry, "--lora-scale", str(LORA_SCALE), "--s3-endpoint-url", s3_endpoint,
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    resumed = run_job(
+        _lora_job(with_lora, LORA_PROMPTS, storage, lora=f"{registry}:v2", lora_scale=LORA_SCALE)
+    )
+    run_job(_lora_job(without, LORA_PROMPTS, storage))
+    return {"registry": registry, "storage": storage, "with": with_lora, "without": without,
+            "resumed": resumed, "tmp": tmp}  # fmt: skip
+
+
+def test_lora_job_renders_what_the_pipeline_renders_with_that_adapter(lora_jobs):
+    from pipelines import StableDiffusion3Pipeline
+
+    assert (lora_jobs["resumed"].processed_images, lora_jobs["resumed"].skipped_rows) == (1, 2)
+    rows = manifest.read_manifest(lora_jobs["with"]).to_pylist()
+    assert [r["prompt"] for r in rows] == LORA_PROMPTS and all(r["status"] == "ok" for r in rows)
+    pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt=LORA_PROMPTS, seed=[r["seed"] for r in rows], height=64, width=64,
+                num_inference_steps=2, guidance_scale=5.0)  # fmt: skip
+    base = pipe(**call).images
+    pipe.load_lora_weights(f"{lora_jobs['registry']}:v2", scale=LORA_SCALE)  # unfused
+    adapted = pipe(**call).images
+    with_lora, without = _pngs(lora_jobs["with"]), _pngs(lora_jobs["without"])
+    for prompt, a, b in zip(LORA_PROMPTS, adapted, base, strict=True):
+        a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+        assert np.abs(with_lora[prompt] - a).max() <= 2, prompt  # the job fuses: float rounding only
+        assert np.abs(without[prompt] - b).max() <= 1, prompt
+        assert np.abs(with_lora[prompt] - without[prompt]).mean() > 2, prompt  # the adapter shows
+
+
+def test_lora_registry_reference_is_pinned_and_recorded(lora_jobs):
+    registry, storage = lora_jobs["registry"], lora_jobs["storage"]
+    v2 = read_bytes(f"{registry}/v2/pytorch_lora_weights.safetensors", storage)
+    sha256 = hashlib.sha256(v2).hexdigest()
+    rows = manifest.read_manifest(lora_jobs["with"]).to_pylist()
+    assert {(r["lora"], r["lora_scale"]) for r in rows} == {(f"{registry}:v2#sha256:{sha256}", LORA_SCALE)}
+    assert {
+        (r["lora"], r["lora_scale"]) for r in manifest.read_manifest(lora_jobs["without"]).to_pylist()
+    } == {(None, None)}
+    job = json.loads(read_bytes(os.path.join(lora_jobs["with"], "job.json")))
+    record = job["resolved"]["lora"]
+    assert (record["ref"], record["registry"], record["version"]) == (f"{registry}:v2", registry, "v2")
+    assert (record["sha256"], record["size"], record["scale"]) == (sha256, len(v2), LORA_SCALE)
+    assert record["url"] == f"{registry}/v2/pytorch_lora_weights.safetensors"
+    assert job["config"]["lora"] == f"{registry}:v2"
+    assert json.loads(read_bytes(os.path.join(lora_jobs["without"], "job.json")))["resolved"]["lora"] is None
+
+
+def test_resume_with_another_adapter_is_refused(lora_jobs):
+    registry, storage, tmp = lora_jobs["registry"], lora_jobs["storage"], lora_jobs["tmp"]
+    publish(default_model_lora(tmp / "v3", 3), registry, "v3", storage)  # `latest` moves on
+    used, s = f"--lora {registry}:v2 --lora-scale 0.8", {"lora_scale": LORA_SCALE}
+    cases = {  # name: (output, this run's adapter, the adapter of the images there, this run's)
+        "other version": ("with", {"lora": f"{registry}:v1", **s}, used, f"--lora {registry}:v1 --lora-scale 0.8"),
+        "other scale": ("with", {"lora": f"{registry}:v2"}, used, f"--lora {registry}:v2 --lora-scale 1 "),
+        "latest moved": ("with", {"lora": registry, **s}, used, f"--lora {registry}:v3 --lora-scale 0.8"),
+        "no adapter": ("with", {}, used, "no --lora;"),
+        "adapter added": ("without", {"lora": f"{registry}:v2"}, "no --lora,", f"--lora {registry}:v2 "),
+    }  # fmt: skip
+    for name, (output, adapter, before, now) in cases.items():
+        output = lora_jobs[output]
+        files = listing(output)
+        with pytest.raises(JobError, match=r"^--lora: .* already holds \d image\(s\) rendered with ") as e:
+            run_job(_lora_job(output, LORA_PROMPTS, storage, **adapter))
+        message = str(e.value)
+        assert f"rendered with {before}" in message and f"this run has {now}" in message, (name, message)
+        assert listing(output) == files, name  # refused before anything is written
+
+
+def test_bad_lora_fails_before_any_work(lora_jobs, capsys):
+    tmp = lora_jobs["tmp"]
+    (tmp / "garbage.safetensors").write_text("not a safetensors file")
+    tiny = os.path.join(ROOT, "tests", "fixtures", "training", "lora", "ours_sd3-tiny_r4_alpha6.safetensors")
+    cases = [
+        (["--lora", str(tmp / "missing.safetensors")], "missing.safetensors does not exist"),
+        (["--lora", str(tmp / "no-such-folder")], "neither a registry"),
+        (["--lora", f"{lora_jobs['registry']}:v9"], "version 'v9' is not published"),
+        (["--lora", str(tmp / "garbage.safetensors")], "safetensors header"),
+        (["--lora", tiny], "LoRA does not match SD3Transformer2DModel"),
+        (["--lora", tiny, "--lora-scale", "nan"], "--lora-scale nan must be a finite number"),
+        (["--lora-scale", "0.5"], "--lora-scale 0.5 needs --lora"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp / f"bad-{i}"
+        argv = ["generate", "--prompt", "a cat", "--output", str(out), "--steps", "1", "--no-progress", *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "--lora" in err and "Traceback" not in err, (args, err)
+        assert not out.exists(), args  # not even the write probe: the adapter is checked first

@@ -140,6 +140,22 @@ def test_unreadable_and_temporary_parts_are_skipped(tmp_path):
     assert summary["images_ok"] == 2
 
 
+def test_a_part_written_before_the_lora_columns_reads_them_as_null(tmp_path):
+    out = str(tmp_path)
+    old, new = work_rows(2, num_images=1)
+    parts = tmp_path / "manifest" / "parts"
+    parts.mkdir(parents=True)
+    older = manifest.rows_to_table(ok_rows(out, [old])).drop_columns(list(manifest.ADDED_COLUMNS))
+    pq.write_table(older, parts / "older.parquet")
+    write_part(out, [{**ok_rows(out, [new])[0], "lora": "/l.safetensors#sha256:ab", "lora_scale": 0.5}])
+    assert done_keys(out) == {(old.key, 0), (new.key, 0)}
+    summary = finalize(out)
+    assert summary["unreadable_parts"] == [] and summary["images_ok"] == 2
+    by_key = {r["key"]: r for r in read_manifest(out).to_pylist()}
+    assert (by_key[old.key]["lora"], by_key[old.key]["lora_scale"]) == (None, None)
+    assert (by_key[new.key]["lora"], by_key[new.key]["lora_scale"]) == ("/l.safetensors#sha256:ab", 0.5)
+
+
 def test_failed_part_write_leaves_no_part(tmp_path, monkeypatch):
     out = str(tmp_path)
     rows = work_rows(1)

@@ -3,6 +3,7 @@ adapter registry (publish with `latest` last, `resolve_lora` for the batch job).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 
 from jobs import nightly
 from jobs.cli import build_parser, main
-from jobs.lora_registry import is_published, publish, resolve_lora, split_ref
+from jobs.lora_registry import fetch_lora, is_published, pin_lora, publish, resolve_lora, split_ref
 from jobs.storage import StorageOptions, get_fs, list_files, read_bytes
 from jobs.train import train
 from jobs.train_cli import config_from_args
@@ -166,3 +167,52 @@ def test_registry_refs_and_local_publish(tmp_path):
         tmp_path / "reg" / "v2" / "pytorch_lora_weights.safetensors"
     )
     assert resolve_lora(f"{tmp_path / 'reg'}:v1").endswith("v1/pytorch_lora_weights.safetensors")
+
+
+def test_a_pinned_adapter_stays_the_version_latest_named_when_pinned(tmp_path):
+    registry, files = str(tmp_path / "reg"), {}
+    for version in ("v1", "v2", "v3"):
+        files[version] = tmp_path / f"{version}.safetensors"
+        files[version].write_bytes(version.encode() * 100)
+    publish(str(files["v1"]), registry, "v1")
+    publish(str(files["v2"]), registry, "v2")
+    pinned = pin_lora(registry)
+    assert (pinned.registry, pinned.version, pinned.pinned_ref) == (registry, "v2", f"{registry}:v2")
+    assert pinned.sha256 == hashlib.sha256(files["v2"].read_bytes()).hexdigest()
+    assert pinned.identity == f"{registry}:v2#sha256:{pinned.sha256}"
+    publish(str(files["v3"]), registry, "v3")  # `latest` moves while a job runs
+    assert Path(fetch_lora(pinned)).read_bytes() == files["v2"].read_bytes()
+    assert pin_lora(f"{registry}:v1").url == str(tmp_path / "reg" / "v1" / "pytorch_lora_weights.safetensors")
+    # A plain file pinned, then replaced: replicas refuse it rather than render with other weights.
+    plain = pin_lora(str(files["v1"]))
+    assert (plain.registry, plain.pinned_ref) == (None, str(files["v1"]))
+    files["v1"].write_bytes(b"retrained")
+    with pytest.raises(ValueError, match="was replaced"):
+        fetch_lora(plain)
+    # A version whose weights do not match its adapter.json is a damaged publish.
+    (tmp_path / "reg" / "v3" / "pytorch_lora_weights.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="adapter.json says"):
+        pin_lora(registry)
+    with pytest.raises(FileNotFoundError, match="neither a registry"):
+        pin_lora(str(tmp_path / "nothing-here"))
+
+
+def test_a_pinned_remote_adapter_is_fetched_once_per_node_and_checked(tmp_path, s3_endpoint):
+    options = StorageOptions.from_env()
+    bucket = make_bucket(s3_endpoint)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"remote adapter" * 10)
+    publish(str(weights), f"s3://{bucket}/reg", "2026-11-26", options)
+    cache = str(tmp_path / "cache")
+    pinned = pin_lora(f"s3://{bucket}/reg", options, cache_dir=cache)
+    assert pinned.url == f"s3://{bucket}/reg/2026-11-26/pytorch_lora_weights.safetensors"
+    local = fetch_lora(pinned, options, cache_dir=cache)
+    assert local.startswith(cache) and Path(local).read_bytes() == weights.read_bytes()
+    other_node = str(tmp_path / "other-node-cache")
+    assert Path(fetch_lora(pinned, options, cache_dir=other_node)).read_bytes() == weights.read_bytes()
+    # The object is overwritten in place after pinning: a node that has not fetched it yet refuses.
+    fs, _ = get_fs(pinned.url, options)
+    fs.pipe_file(pinned.url.removeprefix("s3://"), b"overwritten")
+    assert fetch_lora(pinned, options, cache_dir=cache) == local  # this node's verified copy
+    with pytest.raises(ValueError, match="was replaced"):
+        fetch_lora(pinned, options, cache_dir=str(tmp_path / "third-node-cache"))

@@ -208,8 +208,10 @@ def test_report(runs, single_process):
 
 
 def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelines, tmp_path, capsys):
-    """`sd3 generate --mp 2 --cfg-parallel --device cpu`: one pool actor holding a 2 x 2 group;
-    its PNGs are the single-process pipeline's images for the manifest's seeds."""
+    """`sd3 generate --mp 2 --cfg-parallel --device cpu --lora ...`: one pool actor holding a 2 x 2
+    group whose ranks bake their slices of the adapter in; its PNGs are the single-process
+    pipeline's images (adapter loaded, unfused) for the manifest's seeds."""
+    import hashlib
     import io
 
     from PIL import Image
@@ -224,6 +226,8 @@ def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelin
     argv = ["generate", *(a for p in prompts for a in ("--prompt", p)), "--output", out, "--model", model]
     argv += ["--mp", "2", "--cfg-parallel", "--device", "cpu", "--height", "64", "--width", "64"]
     argv += ["--steps", "2", "--guidance-scale", "5", "--negative-prompt", "blurry", "--no-progress"]
+    lora_file = tiny_pipelines["sd3"] / "lora" / "pytorch_lora_weights.safetensors"
+    argv += ["--lora", str(lora_file.parent), "--lora-scale", "0.7"]  # every kind of split layer
     assert main(argv) == 0, capsys.readouterr().err
     deadline = time.monotonic() + 30  # the pool actor's group frees its placement group on exit
     while any(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values()):
@@ -232,8 +236,11 @@ def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelin
     rows = [r for r in manifest.read_manifest(out).to_pylist() if r["status"] == "ok"]
     assert sorted(r["prompt"] for r in rows) == sorted(prompts)
     assert all("cfg2xmp2@" in r["replica"] for r in rows)
+    identity = f"{lora_file}#sha256:{hashlib.sha256(lora_file.read_bytes()).hexdigest()}"
+    assert {(r["lora"], r["lora_scale"]) for r in rows} == {(identity, 0.7)}
     pipe = StableDiffusion3Pipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_file.parent, scale=0.7)
     expected = pipe(
         prompt=[r["prompt"] for r in rows], negative_prompt="blurry", seed=[r["seed"] for r in rows],
         height=64, width=64, num_inference_steps=2, guidance_scale=5.0, output_type="pil",
