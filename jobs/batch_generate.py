@@ -31,7 +31,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +52,7 @@ from jobs.prompt_table import (
     resolve_rows,
 )
 from jobs.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
-from sd3_core.folder_defaults import DEFAULT_T5_LENGTH, folder_max_sequence_length
+from sd3_core.folder_defaults import DEFAULT_T5_LENGTH, folder_guidance_scale, folder_max_sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _check_config(config: JobConfig) -> None:
         raise JobError(f"--lora-scale {config.lora_scale!r} must be a finite number")
     if config.lora is None and config.lora_scale != 1.0:
         raise JobError(f"--lora-scale {config.lora_scale:g} needs --lora")
-    if not math.isfinite(d.guidance_scale):
+    if d.guidance_scale is not None and not math.isfinite(d.guidance_scale):
         raise JobError(f"--guidance-scale {d.guidance_scale!r} must be finite")
     if d.max_sequence_length is not None and not 1 <= d.max_sequence_length <= 512:
         raise JobError(f"--max-sequence-length {d.max_sequence_length} must be in 1..512")
@@ -201,9 +201,16 @@ def _check_output(url: str, options: StorageOptions) -> None:
         logger.warning("could not remove the write probe %s: %s", probe, e)
 
 
-def _model_defaults(model: str, options: StorageOptions) -> tuple[int, int]:
-    """The model's default image side (transformer sample_size x VAE factor) and T5 length (its
-    model_index.json ``_max_sequence_length``, else 256), read from its configs.
+class ModelDefaults(NamedTuple):
+    """What a model folder implies for rows that do not say: image side, T5 length, guidance."""
+
+    size: int  # transformer sample_size x VAE factor
+    max_sequence_length: int  # model_index.json ``_max_sequence_length``, else 256
+    guidance_scale: float  # model_index.json ``_guidance_scale``, else 7.0
+
+
+def _model_defaults(model: str, options: StorageOptions) -> ModelDefaults:
+    """The model's call defaults (`ModelDefaults`), read from its configs.
 
     Also the up-front check that `model` is a readable diffusers folder/prefix."""
     try:
@@ -221,11 +228,13 @@ def _model_defaults(model: str, options: StorageOptions) -> tuple[int, int]:
     if not isinstance(index, dict) or "transformer" not in index:
         raise JobError(f"--model {model}: model_index.json lists no transformer")
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    where = join_url(model, "model_index.json")
     try:
-        t5_length = folder_max_sequence_length(index, join_url(model, "model_index.json"))
+        t5_length = folder_max_sequence_length(index, where)
+        guidance = folder_guidance_scale(index, where)
     except ValueError as e:
         raise JobError(f"--model {model}: {e}") from None
-    return int(transformer.get("sample_size", 128)) * factor, t5_length
+    return ModelDefaults(int(transformer.get("sample_size", 128)) * factor, t5_length, guidance)
 
 
 def _pin_lora(ref: str, model: str, options: StorageOptions) -> PinnedLoRA:
@@ -584,12 +593,14 @@ def run_job(config: JobConfig) -> JobResult:
         model = normalize_url(config.model)
     except ValueError as e:
         raise JobError(f"--model {config.model}: {e}") from None
-    size, t5_length = _model_defaults(model, storage)
+    implied = _model_defaults(model, storage)
+    given = config.defaults
     defaults = replace(
-        config.defaults,
-        height=config.defaults.height or size,
-        width=config.defaults.width or size,
-        max_sequence_length=config.defaults.max_sequence_length or t5_length,
+        given,
+        height=given.height or implied.size,
+        width=given.width or implied.size,
+        max_sequence_length=given.max_sequence_length or implied.max_sequence_length,
+        guidance_scale=implied.guidance_scale if given.guidance_scale is None else given.guidance_scale,
         model=model,
     )
     # Pinned once, here: every replica then loads these bytes even if a registry's `latest` moves.

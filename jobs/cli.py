@@ -87,7 +87,12 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     d.add_argument("--height", type=_positive_int, default=None, help="default: the model's size")
     d.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
     d.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
-    d.add_argument("--guidance-scale", type=float, default=7.0)
+    d.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the model folder's _guidance_scale, else 7.0)",
+    )
     d.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     d.add_argument(
         "--seed", type=int, default=0, help="job seed; a row without `seed` gets one from it and its id"

@@ -56,7 +56,8 @@ class JobDefaults:
 
     `seed=None` derives each row's seed from (`job_seed`, id); `height`/`width` None means the
     model's default size (resolve it from the model before `resolve_rows` so manifests hold
-    concrete sizes); `max_sequence_length` None means the model's default (its folder's, else 256)."""
+    concrete sizes); `max_sequence_length` and `guidance_scale` None mean the model's defaults
+    (its folder's, else 256 and 7.0)."""
 
     prompt_2: str | None = None
     prompt_3: str | None = None
@@ -67,7 +68,7 @@ class JobDefaults:
     height: int | None = None
     width: int | None = None
     num_inference_steps: int = 28
-    guidance_scale: float = 7.0
+    guidance_scale: float | None = None
     num_images: int = 1
     max_sequence_length: int | None = None
     job_seed: int = 0
@@ -186,8 +187,8 @@ def work_rows_from_batch(batch: pa.Table | Mapping[str, Any]) -> list[WorkRow]:
         values = {}
         for f in fields(WorkRow):
             v = cols[f.name][i] if f.name in cols else None
-            if isinstance(v, float) and math.isnan(v) and f.name != "guidance_scale":
-                v = None  # pandas turns missing ints into NaN
+            if isinstance(v, float) and math.isnan(v):
+                v = None  # pandas turns missing numbers into NaN (a NaN given in a table is an error row's)
             if v is not None and f.name in INT_COLUMNS:
                 v = int(v)
             values[f.name] = v
@@ -451,7 +452,7 @@ def _resolve_one(data: dict, i: int, position: str, extra_names: list[str], d: J
     num_images = integer("num_images", d.num_images)
     max_seq = integer("max_sequence_length", d.max_sequence_length)
     guidance = get("guidance_scale")
-    guidance = d.guidance_scale if guidance is None else float(guidance)
+    guidance = d.guidance_scale if guidance is None else float(guidance)  # None: the model's default
 
     for name, v in (("height", height), ("width", width)):
         if v is None:
@@ -469,7 +470,7 @@ def _resolve_one(data: dict, i: int, position: str, extra_names: list[str], d: J
             problems.append(f"num_images: {num_images} exceeds the job limit {d.max_num_images}")
     if max_seq is not None and not 1 <= max_seq <= MAX_SEQUENCE_LENGTH:
         problems.append(f"max_sequence_length: {max_seq} is not in 1..{MAX_SEQUENCE_LENGTH}")
-    if not math.isfinite(guidance):
+    if guidance is not None and not math.isfinite(guidance):
         problems.append(f"guidance_scale: {guidance} is not finite")
     if seed is None and not any(p.startswith("seed:") for p in problems):
         seed = row_seed(d.job_seed, row_id)

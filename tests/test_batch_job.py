@@ -401,21 +401,24 @@ def test_model_that_fails_to_load_on_the_replica_stops_the_job_clearly(ray_addre
     assert not (tmp_path / "out" / "manifest.parquet").exists()
 
 
-def test_model_folder_declares_its_default_t5_length(tmp_path):
+def test_model_folder_declares_its_default_t5_length_and_guidance(tmp_path):
     import shutil
 
     from jobs.batch_generate import _model_defaults
 
-    # side = sample_size 16 x VAE factor 8; T5 length diffusers' 256 unless the folder says
-    assert _model_defaults(MODEL, StorageOptions()) == (128, 256)
+    # side = sample_size 16 x VAE factor 8; T5 length 256 and guidance 7 (diffusers') unless the folder says
+    assert _model_defaults(MODEL, StorageOptions()) == (128, 256, 7.0)
     folder = tmp_path / "model"
     shutil.copytree(MODEL, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_max_sequence_length": 32}))
-    assert _model_defaults(str(folder), StorageOptions()) == (128, 32)
-    (folder / "model_index.json").write_text(json.dumps({**index, "_max_sequence_length": 0}))
-    with pytest.raises(JobError, match="_max_sequence_length"):
-        _model_defaults(str(folder), StorageOptions())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "_max_sequence_length": 32, "_guidance_scale": 2})
+    )
+    assert _model_defaults(str(folder), StorageOptions()) == (128, 32, 2.0)
+    for bad in ({"_max_sequence_length": 0}, {"_guidance_scale": "high"}):
+        (folder / "model_index.json").write_text(json.dumps({**index, **bad}))
+        with pytest.raises(JobError, match=next(iter(bad))):
+            _model_defaults(str(folder), StorageOptions())
 
 
 # --------------------------------------------------------------------------- a LoRA adapter for all rows

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -38,6 +42,10 @@ def test_generate_reports_bad_input(tmp_path, capsys):
 
 
 def test_generate_without_model_draws_the_captioned_shapes_with_the_default_model(tmp_path):
+    from jobs.batch_generate import DEFAULT_MODEL
+    from jobs.manifest import read_manifest
+    from pipelines import StableDiffusion3Pipeline
+    from sd3_core.folder_defaults import folder_guidance_scale, folder_max_sequence_length
     from tools.default_model.shape_classifier import classify
 
     out = tmp_path / "out"
@@ -48,3 +56,16 @@ def test_generate_without_model_draws_the_captioned_shapes_with_the_default_mode
         assert image.size == (64, 64)  # the model's own size; 28 steps, T5 at its 32 tokens
         r = classify(image)
         assert (r.colour, r.background) == want
+    # every default came from the model folder (guidance included): the job's first image is what
+    # the pipeline draws with no arguments but the prompt and the row's seed
+    row = read_manifest(str(out)).to_pylist()[0]
+    index = json.loads(open(os.path.join(DEFAULT_MODEL, "model_index.json")).read())
+    assert (row["guidance_scale"], row["max_sequence_length"], row["num_inference_steps"]) == (
+        folder_guidance_scale(index),
+        folder_max_sequence_length(index),
+        28,
+    )
+    pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL)
+    expected = np.asarray(pipe(prompts[0], seed=row["seed"]).images[0], np.int16)
+    got = np.asarray(Image.open(out / "images" / "prompt0000_0.png").convert("RGB"), np.int16)
+    assert np.abs(got - expected).max() <= 1

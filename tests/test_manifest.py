@@ -30,7 +30,7 @@ from tests.s3_server import make_bucket, s3_client, storage_options
 
 def work_rows(n: int = 4, num_images: int = 2) -> list[WorkRow]:
     table = prompts_table([f"prompt {i}" for i in range(n)])
-    return resolve_rows(table, JobDefaults(height=64, width=64, num_images=num_images))
+    return resolve_rows(table, JobDefaults(height=64, width=64, guidance_scale=7.0, num_images=num_images))
 
 
 def ok_rows(out: str, rows: list[WorkRow], replica: str = "r0") -> list[dict]:

@@ -249,7 +249,9 @@ def test_folder_declared_guidance_scale_is_the_default_and_survives_save(tmp_pat
     pipe = StableDiffusion3Pipeline.from_pretrained(_folder_with(tmp_path, "_guidance_scale", 2.5))
     assert pipe.default_guidance_scale == 2.5
     latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
-    call = dict(prompt="a red circle", height=64, width=64, num_inference_steps=2, latents=latents, output_type="np")
+    call = dict(
+        prompt="a red circle", height=64, width=64, num_inference_steps=2, latents=latents, output_type="np"
+    )
     default = pipe(**call).images
     np.testing.assert_array_equal(default, pipe(**call, guidance_scale=2.5).images)
     assert np.abs(default - pipe(**call, guidance_scale=7.0).images).max() > 1e-3  # the default is not 7

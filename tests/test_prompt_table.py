@@ -120,7 +120,8 @@ def test_single_file_rows_positions_and_defaults(tmp_path):
     assert r.error is None
     assert r.id == position_id("t.parquet#0") and r.key == r.id and SAFE.match(r.key)
     assert r.seed == row_seed(0, r.id)
-    assert (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.num_images) == (64, 64, 2, 7.0, 1)
+    # guidance None: the model's default (run_job resolves it from the folder before resolving rows)
+    assert (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.num_images) == (64, 64, 2, None, 1)
     assert json.loads(r.extra) == {"style": "x"} and json.loads(rows[1].extra) == {"style": None}
     assert len({r.id for r in rows}) == 3
     assert r.image_seeds() == [r.seed]
