@@ -498,23 +498,48 @@ def _configure_ray_data() -> None:
     ctx.max_map_retries = MAX_MAP_RETRIES
 
 
-def _known_outcomes(output: str, options: StorageOptions) -> tuple[frozenset, frozenset, Counter]:
-    """From the parts of earlier runs: (key, k) with an ok row, (key, k, error) of error rows, and
-    how many ok images each (lora identity, lora scale) rendered."""
-    columns = ["key", "k", "status", "error", "lora", "lora_scale"]
+class _Outcomes(NamedTuple):
+    """What the parts of earlier runs hold."""
+
+    done: frozenset  # (key, k) with an ok row
+    errors: frozenset  # (key, k, error) of error rows
+    adapters: Counter  # (lora identity, lora scale) -> ok images
+    models: Counter  # model identity -> ok images
+
+
+def _known_outcomes(output: str, options: StorageOptions) -> _Outcomes:
+    """The `_Outcomes` recorded in `output`'s manifest parts."""
+    columns = ["key", "k", "status", "error", "model", "lora", "lora_scale"]
     table, bad = manifest.read_parts(output, options, columns=columns)
     if bad:
         logger.warning("%d unreadable manifest part(s) ignored; their rows are redone", len(bad))
-    done, errors, adapters = set(), set(), Counter()
-    for key, k, status, error, lora, scale in zip(
+    done, errors, adapters, models = set(), set(), Counter(), Counter()
+    for key, k, status, error, model, lora, scale in zip(
         *(table.column(c).to_pylist() for c in columns), strict=True
     ):
         if status == manifest.STATUS_OK:
             done.add((key, k))
             adapters[(lora, scale)] += 1
+            models[model] += 1
         else:
             errors.add((key, k, error))
-    return frozenset(done), frozenset(errors), adapters
+    return _Outcomes(frozenset(done), frozenset(errors), adapters, models)
+
+
+def _check_same_model(output: str, models: Counter, model: str, options: StorageOptions) -> None:
+    """JobError when `output` holds images another model (URL or configs) rendered: a resume must
+    not mix two models' images in one manifest."""
+    from jobs.model_cache import model_identity
+
+    fs, path = get_fs(model, options)
+    now = model_identity(path, model, fs)
+    for identity, n in models.items():
+        if identity != now:
+            raise JobError(
+                f"--model: {output} already holds {n} image(s) rendered by {identity}, but this run's "
+                f"model is {now} (URL and config hash); resume with the same --model, or write to a "
+                "new --output"
+            )
 
 
 class _Progress:
@@ -619,8 +644,10 @@ def run_job(config: JobConfig) -> JobResult:
     previous = _read_job_json(output, storage)
     if previous is None:  # a finished job's rerun must write nothing, not even a probe
         _check_output(output, storage)
-    done, errors, rendered = _known_outcomes(output, storage)
-    _check_same_lora(output, rendered, lora, config.lora_scale)
+    known = _known_outcomes(output, storage)
+    _check_same_model(output, known.models, model, storage)
+    _check_same_lora(output, known.adapters, lora, config.lora_scale)
+    done, errors = known.done, known.errors
 
     # 2. The graph.
     import ray

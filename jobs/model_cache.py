@@ -16,6 +16,7 @@ import shutil
 import socket
 import time
 import uuid
+from typing import Any
 
 from jobs.storage import StorageOptions, get_fs, normalize_url, split_url
 
@@ -115,22 +116,30 @@ def _download(uri: str, target: str, options: StorageOptions | None) -> None:
     log.info("model %s downloaded in %.1fs", uri, time.monotonic() - t0)
 
 
-def model_identity(local_path: str, uri: str | None = None) -> str:
-    """`{uri}#sha256:{16 hex}` hashing model_index.json and every config JSON of the folder, so a
-    manifest says which model (and configuration) made an image without hashing the weights."""
+def model_identity(path: str, uri: str | None = None, fs: Any = None) -> str:
+    """`{uri}#sha256:{16 hex}` hashing model_index.json and every config JSON of the folder `path`
+    (on fsspec filesystem `fs`, default local), so a manifest says which model (and configuration)
+    made an image without hashing the weights. The same folder gives the same identity locally and
+    through s3://: files are hashed in os.walk order (a folder's files, then its sorted subfolders)."""
+    import fsspec
+
+    fs = fs or fsspec.filesystem("file")
+    root = fs._strip_protocol(path).rstrip("/")
+    rels = [f[len(root) + 1 :] for f in fs.find(root)]
+    wanted = [r for r in rels if _is_identity_file(r.rsplit("/", 1)[-1])]
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(local_path):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if (
-                name.endswith(".json")
-                and name != INFO_NAME
-                and ("config" in name or name == "model_index.json")
-            ):
-                full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, local_path).replace(os.sep, "/")
-                h.update(rel.encode() + b"\0")
-                with open(full, "rb") as f:
-                    h.update(f.read())
-                h.update(b"\0")
-    return f"{uri or local_path}#sha256:{h.hexdigest()[:16]}"
+    for rel in sorted(wanted, key=_walk_order):
+        h.update(rel.encode() + b"\0")
+        h.update(fs.cat_file(f"{root}/{rel}"))
+        h.update(b"\0")
+    return f"{uri or path}#sha256:{h.hexdigest()[:16]}"
+
+
+def _is_identity_file(name: str) -> bool:
+    return name.endswith(".json") and name != INFO_NAME and ("config" in name or name == "model_index.json")
+
+
+def _walk_order(rel: str) -> tuple:
+    """Sort key putting a folder's files (sorted) before its subfolders (sorted), as os.walk does."""
+    *folders, name = rel.split("/")
+    return (*((1, d) for d in folders), (0, name))

@@ -535,6 +535,23 @@ def test_resume_with_another_adapter_is_refused(lora_jobs):
         assert listing(output) == files, name  # refused before anything is written
 
 
+def test_resume_with_another_model_is_refused(lora_jobs, tmp_path):
+    import dataclasses
+    import shutil
+
+    output, storage = lora_jobs["without"], lora_jobs["storage"]
+    files = listing(output)
+    copy = tmp_path / "default_model"  # the same configs at another URL: maybe other weights
+    shutil.copytree(DEFAULT_MODEL, copy)
+    for model in (str(copy), MODEL):
+        with pytest.raises(JobError, match=r"^--model: .* already holds 3 image\(s\) rendered by ") as e:
+            run_job(dataclasses.replace(_lora_job(output, LORA_PROMPTS, storage), model=model))
+        assert f"rendered by {DEFAULT_MODEL}#sha256:" in str(e.value)
+        assert f"this run's model is {model}#sha256:" in str(e.value)
+        assert listing(output) == files  # refused before anything is written
+    assert run_job(_lora_job(output, LORA_PROMPTS, storage)).processed_images == 0  # the same model resumes
+
+
 def test_bad_lora_fails_before_any_work(lora_jobs, capsys):
     tmp = lora_jobs["tmp"]
     (tmp / "garbage.safetensors").write_text("not a safetensors file")

@@ -185,6 +185,37 @@ def test_model_identity(tmp_path):
     assert model_identity(str(tmp_path), "s3://b/m") != ident
 
 
+def _walk_identity(local: str, uri: str) -> str:
+    """The identity as first written (os.walk, sorted): a reference the fsspec version must match,
+    so manifests written before it still name the same model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(local):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(".json") and ("config" in name or name == "model_index.json"):
+                full = os.path.join(dirpath, name)
+                h.update(os.path.relpath(full, local).replace(os.sep, "/").encode() + b"\0")
+                h.update(open(full, "rb").read() + b"\0")
+    return f"{uri}#sha256:{h.hexdigest()[:16]}"
+
+
+def test_model_identity_is_the_same_locally_and_on_s3(s3_endpoint, tmp_path):
+    from jobs.storage import get_fs
+
+    # a root file that sorts after a folder name: hashed before the folder's files, as os.walk does
+    files = {**FILES, "z_config.json": b"{}", "a/b/config.json": b'{"x": 1}', "a/config.json": b"{}"}
+    uri = upload_model(s3_endpoint, files)
+    for rel, data in files.items():
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    fs, path = get_fs(uri, storage_options(s3_endpoint))
+    remote = model_identity(path, uri, fs)
+    assert remote == model_identity(str(tmp_path), uri) == _walk_identity(str(tmp_path), uri)
+    assert model_identity(str(tmp_path) + "/", uri) == remote
+
+
 def test_model_identity_of_the_default_model():
     default_model = os.path.join(os.path.dirname(model_cache.__file__), "default_model")
     assert model_identity(default_model) != model_identity(
