@@ -15,10 +15,8 @@ mkdir -p "$OUT"
 [ -f "$OUT/vae/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae/training.json" \
   || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae" --steps 600 \
        --lr 5e-4 --init "$OUT/vae-stage1"
-# Transformer: 3000 steps (cosine from lr 1e-3), then the same run extended to 6000 steps (the
-# schedule restarts at its 3000/6000 point, lr ~5e-4, and decays to 0 again).
-for steps in 3000 6000; do
-  $PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
-    --steps $steps --batch_size 16
-done
+# Transformer: 5000 steps, cosine from lr 1e-3 after 200 warm-up steps (resumes from its latest
+# checkpoint when rerun).
+$PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
+  --steps 5000 --batch_size 16
 $PY -m tools.default_model.evaluate --model "$OUT/model" --out "$OUT/eval"

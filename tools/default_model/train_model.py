@@ -3,15 +3,16 @@
 1. ``assemble``: a pipeline folder OUT/base: the trained VAE, the tiny frozen CLIP-L/CLIP-G/T5 and
    tokenizers of the embedded model (jobs/default_model, made by tools/reference with seed 7), a
    randomly initialised SD3Transformer2DModel (``TRANSFORMER``, ~3.5 M parameters), the flow-match
-   scheduler with shift 1 (16 image tokens: a 64x64 image is already destroyed at moderate noise,
-   so no shift towards high noise), and ``_max_sequence_length: 32`` in model_index.json.
+   scheduler with shift 1 (64 image tokens: a 64x64 image is already destroyed at moderate noise,
+   so no shift towards high noise), and ``_max_sequence_length: 32`` and ``_guidance_scale`` in
+   model_index.json.
 2. ``train``: ``sd3 train dreambooth --local`` full training of that transformer on the shapes
    table: rectified flow, logit-normal timesteps, 10 % caption dropout to "" (for CFG), T5 at 32
    tokens, cached latents; a checkpoint every ``--checkpointing_steps`` (resumable).
 3. ``finish``: OUT/model = OUT/base with the trained transformer: the folder to ship.
 
     nice -n 19 .venv/bin/python -m tools.default_model.train_model --vae out/default_model/vae \\
-        --data out/default_model/shapes.parquet --out out/default_model --steps 6000
+        --data out/default_model/shapes-8192.parquet --out out/default_model --steps 5000 --batch_size 16
 
 Rerunning the same command resumes from the latest checkpoint (``--resume_from_checkpoint latest``).
 """
@@ -31,7 +32,7 @@ FROZEN = os.path.join(ROOT, "jobs", "default_model")  # tiny text encoders + tok
 T5_LENGTH = 32
 TRANSFORMER = {
     "sample_size": 8,  # latent side of a 64x64 image
-    "patch_size": 2,
+    "patch_size": 1,  # 64 image tokens of 8x8 pixels (patch 2 gave 16 tokens and blobby shapes)
     "in_channels": 16,
     "out_channels": 16,
     "num_layers": 6,
@@ -40,18 +41,21 @@ TRANSFORMER = {
     "joint_attention_dim": 128,  # the tiny T5's width
     "caption_projection_dim": 128,
     "pooled_projection_dim": 80,  # tiny CLIP-L 32 + CLIP-G 48
-    "pos_embed_max_size": 16,  # a 16x16 patch grid: images up to 256x256 (trained at 64x64 only)
+    "pos_embed_max_size": 32,  # a 32x32 patch grid: images up to 256x256 (trained at 64x64 only)
     "dual_attention_layers": [],
     "qk_norm": None,
 }
 SCHEDULER_SHIFT = 1.0
+# The folder's default guidance (model_index.json ``_guidance_scale``), chosen after training on
+# held-out seeds: ``evaluate --first_seed 4 --guidance_scale G`` for G in 1.5, 2, 3, 4, 7.
+GUIDANCE_SCALE = 2.0
 
 
 def assemble(vae: str, base: str, seed: int) -> None:
     """Write the untrained pipeline folder ``base`` (whole or not at all)."""
     import paddle
 
-    from sd3_core.folder_defaults import MAX_SEQUENCE_LENGTH_KEY
+    from sd3_core.folder_defaults import GUIDANCE_SCALE_KEY, MAX_SEQUENCE_LENGTH_KEY
     from sd3_core.transformer import SD3Transformer2DModel
 
     staging = base + ".tmp"
@@ -78,6 +82,7 @@ def assemble(vae: str, base: str, seed: int) -> None:
     with open(os.path.join(FROZEN, "model_index.json")) as f:
         index = json.load(f)
     index[MAX_SEQUENCE_LENGTH_KEY] = T5_LENGTH
+    index[GUIDANCE_SCALE_KEY] = GUIDANCE_SCALE
     with open(os.path.join(staging, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
     paddle.seed(seed)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", required=True, help="trained VAE folder (tools/default_model/train_vae.py)")
     p.add_argument("--data", required=True, help="shapes Parquet table (tools/default_model/shapes_data.py)")
     p.add_argument("--out", required=True, help="work folder: base/, run/ (checkpoints), model/ (the result)")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpointing_steps", type=int, default=250)
