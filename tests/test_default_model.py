@@ -145,6 +145,29 @@ def test_vae_training_writes_a_folder_with_factors_from_its_latents(tmp_path):
     )
     assert again["init"] == str(tmp_path / "vae")
     assert again["shift_factor"] == pytest.approx(info["shift_factor"], abs=1e-5)  # lr 0: same weights
+    # a third stage trains the decoder alone: the encoder, the latents and the factors stay
+    third = train_vae.train(data, str(tmp_path / "vae3"), steps=2, batch_size=4, lr=1e-2, init=str(tmp_path / "vae"),
+                            check_count=4, decoder_only=True, edge_weight=4.0)  # fmt: skip
+    before, after = vae.state_dict(), AutoencoderKL.from_pretrained(tmp_path / "vae3").state_dict()
+    changed = {k for k in before if not np.array_equal(before[k].numpy(), after[k].numpy())}
+    assert changed and all(k.startswith("decoder.") for k in changed), sorted(changed)[:5]
+    assert (third["shift_factor"], third["scaling_factor"]) == (info["shift_factor"], info["scaling_factor"])
+    assert third["decoder_only"] and third["edge_weight"] == 4.0
+    with pytest.raises(ValueError, match="decoder_only: needs init"):
+        train_vae.train(data, str(tmp_path / "vae4"), steps=1, decoder_only=True)
+
+
+def test_edge_weights_mark_a_pixel_either_side_of_an_edge():
+    import paddle
+
+    from tools.default_model.train_vae import edge_weights
+
+    image = np.full((1, 3, 16, 16), -1.0, np.float32)
+    image[:, 0, 4:12, 4:12] = 1.0  # a red square on black: edges at rows/columns 3-4 and 11-12
+    w = edge_weights(paddle.to_tensor(image), 4.0).numpy()[0, 0]
+    assert w.shape == (16, 16) and set(np.unique(w)) == {1.0, 5.0}
+    assert w[8, 8] == 1.0 and w[0, 0] == 1.0  # flat inside and outside
+    assert w[4, 8] == w[11, 8] == w[8, 3] == w[8, 12] == 5.0  # on the border, either side
 
 
 def test_assembled_folder_loads_with_t5_length_32_and_the_training_command(tmp_path):
@@ -193,7 +216,7 @@ def test_evaluation_reports_adherence_per_attribute(tmp_path):
 
 DEFAULT_MODEL = os.path.join(ROOT, "jobs", "default_model")
 # DreamBooth-LoRA run and its sampling (measured on the shipped model)
-LORA_STEPS, LORA_LR = 150, 1e-3
+LORA_STEPS, LORA_LR = 150, 2e-3
 # Attention alone (the trainer's default) barely moves the colour (the patch-2 model: 150 steps at 1e-3, 0.17 orange);
 # the colour comes in through the pooled text embedding and the adaLN modulations, so adapt those too.
 LORA_LAYERS = (
@@ -234,13 +257,13 @@ def test_the_default_model_follows_every_caption(default_pipe):
     assert report["samples"] == 96 and report["max_sequence_length"] == 32
     assert report["guidance_scale"] == 2.0  # model_index.json _guidance_scale (7 draws concave sides)
     # Measured on the shipped model (float16 weights, this machine): colour 0.969, background 1.00,
-    # strict shape 0.625 (circle 0.88, square 0.12, triangle 0.88), lenient shape 0.75. Chance:
+    # strict shape 0.677 (circle 0.88, square 0.28, triangle 0.88), lenient shape 0.78. Chance:
     # colour 0.25, background 0.5, shape 1/3. The shape goal (strict >= 0.8) is not reached:
-    # squares come out with rounded corners. Floors: the measured figures less a few samples, so a
-    # regression shows.
+    # squares come out with rounded corners, some as rectangles. Floors: the measured figures less a
+    # few samples, so a regression shows.
     assert adherence["colour"] >= 0.93 and adherence["background"] >= 0.95
-    assert adherence["shape_lenient"] >= 0.7
-    assert adherence["shape"] >= 0.58
+    assert adherence["shape_lenient"] >= 0.73
+    assert adherence["shape"] >= 0.63
 
 
 def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tmp_path):
@@ -278,11 +301,11 @@ def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tm
         f"(colour {before['adherence']['colour']:.2f} -> {after['adherence']['colour']:.2f}); "
         f"red/yellow captions after: colour {neighbours['adherence']['colour']:.2f}; {time.time() - start:.0f}s"
     )
-    # Measured here (24 samples each; the folder's guidance 2): orange on the right background 0.04
-    # before (the model does not know "sks"), 0.88 after; red and yellow captions keep their colour
-    # 0.75 of the time after (1.00 without the LoRA: the adapter leaks into its neighbours, which
-    # prior preservation would limit; 300 steps at 2e-3 gave 0.92 after but 0.52 kept). Floors: the
-    # measured figures less a sample or two.
+    # Measured here (24 samples each; the folder's guidance 2): orange on the right background 0.00
+    # before (the model does not know "sks"), 0.92 after; red and yellow captions keep their colour
+    # 0.60 of the time after (1.00 without the LoRA: the adapter leaks into its neighbours, which
+    # prior preservation would limit; 150 steps at 1e-3 gave 0.71 after and 0.73 kept, 250 at 1e-3
+    # 0.83 and 0.56). Floors: the measured figures less a sample or two.
     assert subject_rate(before) <= 0.15
-    assert subject_rate(after) >= 0.8 and subject_rate(after) - subject_rate(before) >= 0.6
-    assert neighbours["adherence"]["colour"] >= 0.65
+    assert subject_rate(after) >= 0.83 and subject_rate(after) - subject_rate(before) >= 0.7
+    assert neighbours["adherence"]["colour"] >= 0.5

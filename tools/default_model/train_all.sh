@@ -9,12 +9,17 @@ OUT=${OUT:-out/default_model}
 mkdir -p "$OUT"
 [ -f "$OUT/shapes.parquet" ] || $PY -m tools.default_model.shapes_data --out "$OUT/shapes.parquet" --count 4096 --seed 0
 [ -f "$OUT/shapes-8192.parquet" ] || $PY -m tools.default_model.shapes_data --out "$OUT/shapes-8192.parquet" --count 8192 --seed 0
-# VAE: 600 steps at lr 2e-3, then a second stage of 600 from those weights at lr 5e-4 (cosine both)
+# VAE: 600 steps at lr 2e-3, then a second stage of 600 from those weights at lr 5e-4 (cosine both),
+# then the decoder alone for 800 steps at lr 3e-4 with edges weighted 5x (sharper corners; the
+# encoder, so the latents and the factors, stay stage 2's)
 [ -f "$OUT/vae-stage1/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae-stage1/training.json" \
   || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae-stage1" --steps 600
-[ -f "$OUT/vae/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae/training.json" \
-  || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae" --steps 600 \
+[ -f "$OUT/vae-stage2/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae-stage2/training.json" \
+  || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae-stage2" --steps 600 \
        --lr 5e-4 --init "$OUT/vae-stage1"
+[ -f "$OUT/vae/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae/training.json" \
+  || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae" --steps 800 \
+       --lr 3e-4 --init "$OUT/vae-stage2" --decoder_only --edge_weight 4
 # Transformer: 5000 steps, cosine from lr 1e-3 after 200 warm-up steps (resumes from its latest
 # checkpoint when rerun).
 $PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
