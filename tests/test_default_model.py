@@ -256,14 +256,14 @@ def test_the_default_model_follows_every_caption(default_pipe):
     print(f"adherence over {report['samples']} samples in {report['seconds']}s: {adherence}")
     assert report["samples"] == 96 and report["max_sequence_length"] == 32
     assert report["guidance_scale"] == 2.0  # model_index.json _guidance_scale (7 draws concave sides)
-    # Measured on the shipped model (float16 weights, this machine): colour 0.969, background 1.00,
-    # strict shape 0.677 (circle 0.88, square 0.28, triangle 0.88), lenient shape 0.78. Chance:
-    # colour 0.25, background 0.5, shape 1/3. The shape goal (strict >= 0.8) is not reached:
-    # squares come out with rounded corners, some as rectangles. Floors: the measured figures less a
-    # few samples, so a regression shows.
-    assert adherence["colour"] >= 0.93 and adherence["background"] >= 0.95
-    assert adherence["shape_lenient"] >= 0.73
-    assert adherence["shape"] >= 0.63
+    # Measured on the shipped model (float16 weights, this machine): colour 0.9375, background 1.00,
+    # strict shape 0.74 (circle 0.91, square 0.41, triangle 0.91), lenient shape 0.79 (held-out seeds
+    # 4-7: colour 1.00, strict 0.72). Chance: colour 0.25, background 0.5, shape 1/3. The issue's
+    # shape goal (strict >= 0.8) is not reached: squares come out with rounded corners, some as
+    # rectangles. Floors: the measured figures less a few samples, so a regression shows.
+    assert adherence["colour"] >= 0.9 and adherence["background"] >= 0.95
+    assert adherence["shape_lenient"] >= 0.74
+    assert adherence["shape"] >= 0.69
 
 
 def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tmp_path):
@@ -302,10 +302,10 @@ def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tm
         f"red/yellow captions after: colour {neighbours['adherence']['colour']:.2f}; {time.time() - start:.0f}s"
     )
     # Measured here (24 samples each; the folder's guidance 2): orange on the right background 0.00
-    # before (the model does not know "sks"), 0.92 after; red and yellow captions keep their colour
-    # 0.60 of the time after (1.00 without the LoRA: the adapter leaks into its neighbours, which
-    # prior preservation would limit; 150 steps at 1e-3 gave 0.71 after and 0.73 kept, 250 at 1e-3
-    # 0.83 and 0.56). Floors: the measured figures less a sample or two.
+    # before (the model does not know "sks"), 0.88 after; red and yellow captions keep their colour
+    # 0.56 of the time after (1.00 without the LoRA: the adapter leaks into its neighbours, which
+    # prior preservation would limit). On the 5000-step transformer 150 steps at 1e-3 gave 0.71
+    # after and 0.73 kept, 250 at 1e-3 0.83 and 0.56. Floors: the measured figures less a sample or two.
     assert subject_rate(before) <= 0.15
     assert subject_rate(after) >= 0.83 and subject_rate(after) - subject_rate(before) >= 0.7
     assert neighbours["adherence"]["colour"] >= 0.5

@@ -20,8 +20,11 @@ mkdir -p "$OUT"
 [ -f "$OUT/vae/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae/training.json" \
   || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae" --steps 800 \
        --lr 3e-4 --init "$OUT/vae-stage2" --decoder_only --edge_weight 4
-# Transformer: 5000 steps, cosine from lr 1e-3 after 200 warm-up steps (resumes from its latest
-# checkpoint when rerun).
-$PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
-  --steps 5000 --batch_size 16
+# Transformer: 5000 steps (cosine from lr 1e-3 after 200 warm-up steps), then the same run
+# extended to 8000 (the schedule restarts at its 5000/8000 point, lr ~3.2e-4, and decays to 0).
+# Rerunning resumes from the latest checkpoint.
+for steps in 5000 8000; do
+  $PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
+    --steps $steps --batch_size 16
+done
 $PY -m tools.default_model.evaluate --model "$OUT/model" --out "$OUT/eval"
