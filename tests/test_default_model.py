@@ -200,6 +200,20 @@ def test_assembled_folder_loads_with_t5_length_32_and_the_training_command(tmp_p
     )
 
 
+def test_a_work_folder_of_another_recipe_is_not_resumed(tmp_path, capsys):
+    from tools.default_model import train_model, train_vae
+
+    train_vae.build_vae(0).save_pretrained(tmp_path / "vae")
+    train_model.assemble(str(tmp_path / "vae"), str(tmp_path / "base"), seed=0)
+    assert train_model.stale_base(str(tmp_path / "base")) is None
+    config_file = tmp_path / "base" / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "patch_size": 2}))
+    argv = ["--vae", str(tmp_path / "vae"), "--data", "unused.parquet", "--out", str(tmp_path)]
+    assert train_model.main(argv) == 2  # before any training: its run/ would continue the old model
+    assert "assembled by another recipe (patch_size 2 != 1)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluation_reports_adherence_per_attribute(tmp_path):
     from tools.default_model import train_model, train_vae
     from tools.default_model.evaluate import evaluate

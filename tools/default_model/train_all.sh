@@ -12,6 +12,10 @@ mkdir -p "$OUT"
 # VAE: 600 steps at lr 2e-3, then a second stage of 600 from those weights at lr 5e-4 (cosine both),
 # then the decoder alone for 800 steps at lr 3e-4 with edges weighted 5x (sharper corners; the
 # encoder, so the latents and the factors, stay stage 2's)
+# A folder of the two-stage VAE recipe holds stage 2 in vae/ (no decoder_only in its training.json)
+if [ -f "$OUT/vae/training.json" ] && [ ! -e "$OUT/vae-stage2" ] && ! grep -q '"decoder_only": true' "$OUT/vae/training.json"; then
+  mv "$OUT/vae" "$OUT/vae-stage2"
+fi
 [ -f "$OUT/vae-stage1/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae-stage1/training.json" \
   || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae-stage1" --steps 600
 [ -f "$OUT/vae-stage2/training.json" ] && grep -q '"reconstruction_adherence"' "$OUT/vae-stage2/training.json" \

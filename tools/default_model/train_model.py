@@ -105,6 +105,15 @@ def train_args(base: str, data: str, run: str, steps: int, seed: int, batch_size
     ]  # fmt: skip
 
 
+def stale_base(base: str) -> str | None:
+    """What in ``base``'s transformer config differs from ``TRANSFORMER`` (None: nothing), so a
+    work folder of an older recipe is not resumed (its run/ would continue the old model)."""
+    with open(os.path.join(base, "transformer", "config.json")) as f:
+        config = json.load(f)
+    diffs = [f"{k} {config.get(k)!r} != {v!r}" for k, v in TRANSFORMER.items() if config.get(k) != v]
+    return ", ".join(diffs) or None
+
+
 def finish(base: str, run: str, model: str) -> None:
     """``model`` = ``base`` with the trained transformer."""
     staging = model + ".tmp"
@@ -130,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     base, run, model = (os.path.join(args.out, n) for n in ("base", "run", "model"))
     if not os.path.isdir(base):
         assemble(args.vae, base, args.seed)
+    stale = stale_base(base)
+    if stale:
+        print(f"{base} was assembled by another recipe ({stale}); use a new --out, or remove {base} "
+              f"and {run}", file=sys.stderr)  # fmt: skip
+        return 2
     from jobs.cli import main as sd3
 
     command = train_args(
