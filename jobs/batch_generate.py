@@ -531,6 +531,8 @@ def _check_same_model(output: str, models: Counter, model: str, options: Storage
     not mix two models' images in one manifest."""
     from jobs.model_cache import model_identity
 
+    if not models:  # a new output: nothing to compare, so no listing of the model
+        return
     fs, path = get_fs(model, options)
     now = model_identity(path, model, fs)
     for identity, n in models.items():

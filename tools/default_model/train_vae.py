@@ -150,9 +150,9 @@ def train(
         vae.set_state_dict(AutoencoderKL.from_pretrained(init).state_dict())
     vae.train()
     params = sum(int(np.prod(p.shape)) for p in vae.parameters())
-    trained = [p for name, p in vae.named_parameters() if not (decoder_only and name.startswith("encoder."))]
     for name, p in vae.named_parameters():
         p.stop_gradient = decoder_only and name.startswith("encoder.")
+    trained = [p for p in vae.parameters() if not p.stop_gradient]
     schedule = paddle.optimizer.lr.CosineAnnealingDecay(lr, T_max=steps, eta_min=lr * 0.05)
     opt = paddle.optimizer.AdamW(
         learning_rate=schedule,
