@@ -321,8 +321,8 @@ class Trainer:
             path, dtype=self.weight_dtype, transformer=transformer
         )
         self.pipe.set_progress_bar_config(disable=True)
-        if c.max_sequence_length is None:  # train at the length the model is sampled at
-            c.max_sequence_length = self.pipe.default_max_sequence_length
+        # train at the length the model is sampled at
+        _, c.max_sequence_length = self.pipe.folder_defaults(max_sequence_length=c.max_sequence_length)
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         self.transformer = transformer
         for component in (

@@ -90,8 +90,9 @@ class RankPipeline(StableDiffusion3Pipeline):
         for name in TENSOR_ARGUMENTS:
             if isinstance(call[name], np.ndarray):
                 call[name] = paddle.to_tensor(call[name])
-        if call["guidance_scale"] is None:
-            call["guidance_scale"] = self.default_guidance_scale
+        call["guidance_scale"], call["max_sequence_length"] = self.folder_defaults(
+            call["guidance_scale"], call["max_sequence_length"]
+        )
         self._split = self.groups.cfg == 2 and call["guidance_scale"] > 1
         if call["callback_on_step_end"] is not None and self.groups.replica.world_size > 1:
             call["callback_on_step_end"] = self._shared_callback(
@@ -156,7 +157,7 @@ class RankPipeline(StableDiffusion3Pipeline):
         """Zeros shaped like the mp leader's ``[embeds, pooled] * sides`` (CLIP then T5 tokens)."""
         prompts = [a["prompt"]] if isinstance(a["prompt"], str) else a["prompt"]
         n = len(prompts) * a["num_images_per_prompt"]
-        msl = a["max_sequence_length"] or self.default_max_sequence_length
+        _, msl = self.folder_defaults(max_sequence_length=a["max_sequence_length"])
         config = self.transformer.config
         embeds = paddle.zeros([n, self.tokenizer_max_length + msl, config.joint_attention_dim])
         pooled = paddle.zeros([n, config.pooled_projection_dim])

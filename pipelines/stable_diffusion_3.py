@@ -125,6 +125,17 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE
         self._progress_bar_config: dict[str, Any] = {}
 
+    def folder_defaults(
+        self, guidance_scale: float | None = None, max_sequence_length: int | None = None
+    ) -> tuple[float, int]:
+        """``(guidance_scale, max_sequence_length)`` with each None replaced by the model folder's
+        default (the one rule for what None means in encode_prompt and __call__)."""
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        if max_sequence_length is None:
+            max_sequence_length = self.default_max_sequence_length
+        return guidance_scale, max_sequence_length
+
     # ------------------------------------------------------------------ loading and saving
     @property
     def components(self) -> dict[str, Any]:
@@ -312,8 +323,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         `device` is accepted for diffusers compatibility; Paddle places tensors on its current device.
         """
         del device
-        if max_sequence_length is None:
-            max_sequence_length = self.default_max_sequence_length
+        _, max_sequence_length = self.folder_defaults(max_sequence_length=max_sequence_length)
         prompts = _as_list(prompt, "prompt")
         batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if prompt_embeds is None:
@@ -500,10 +510,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         and 256 unless its model_index.json declares others)."""
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        if max_sequence_length is None:
-            max_sequence_length = self.default_max_sequence_length
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
+        guidance_scale, max_sequence_length = self.folder_defaults(guidance_scale, max_sequence_length)
         # 1. check inputs
         self.check_inputs(
             prompt, height, width, num_inference_steps, num_images_per_prompt, max_sequence_length,

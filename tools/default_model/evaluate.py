@@ -51,8 +51,7 @@ def evaluate(
         pipe.set_progress_bar_config(disable=True)
     if out:
         os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    if guidance_scale is None:
-        guidance_scale = pipe.default_guidance_scale
+    guidance_scale, max_sequence_length = pipe.folder_defaults(guidance_scale, max_sequence_length)
     seed_list = list(range(first_seed, first_seed + seeds))
     start, rows = time.time(), []
     for text, shape, colour, background in all_captions(colours):
@@ -79,7 +78,7 @@ def evaluate(
         "seeds": seed_list,
         "steps": steps,
         "guidance_scale": guidance_scale,
-        "max_sequence_length": max_sequence_length or pipe.default_max_sequence_length,
+        "max_sequence_length": max_sequence_length,
         "seconds": round(time.time() - start, 1),
         "adherence": {a: rate(rows, a) for a in ATTRIBUTES},
         "all_three_strict": sum(
