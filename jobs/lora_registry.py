@@ -168,16 +168,12 @@ def resolve_lora(ref: str, options: StorageOptions | None = None, cache_dir: str
     ``ref`` is ``REGISTRY`` (its ``latest`` version), ``REGISTRY:VERSION``, or a LoRA file / a
     folder holding ``pytorch_lora_weights.safetensors`` (local or remote). Remote files are
     downloaded once into ``$SD3_RAY_LORA_CACHE`` (default ``~/.cache/sd3-ray/loras``), keyed by
-    their URL and content hash, so every actor on a node reads the same verified copy.
+    their URL and content hash, so every actor on a node reads the same verified copy. A registry
+    version whose weights do not match its ``adapter.json`` sha256 is refused (ValueError).
     """
-    url, _, _ = locate_lora(ref, options)
-    if split_url(url)[0] == "":
-        local = split_url(url)[1]
-        if not os.path.isfile(local):
-            raise LoRARefError(ref, f"{local} does not exist")
-        return local
-    data = read_bytes(url, options)
-    return _store_in_cache(url, data, hashlib.sha256(data).hexdigest(), cache_dir)
+    pinned = pin_lora(ref, options, cache_dir)  # downloads a remote file into the cache
+    scheme, path = split_url(pinned.url)
+    return path if scheme == "" else _cache_path(pinned.url, pinned.sha256, cache_dir)
 
 
 def pin_lora(ref: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> PinnedLoRA:

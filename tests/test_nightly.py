@@ -193,6 +193,8 @@ def test_a_pinned_adapter_stays_the_version_latest_named_when_pinned(tmp_path):
     (tmp_path / "reg" / "v3" / "pytorch_lora_weights.safetensors").write_bytes(b"damaged")
     with pytest.raises(ValueError, match="adapter.json says"):
         pin_lora(registry)
+    with pytest.raises(ValueError, match="adapter.json says"):  # also where the pipeline loads it
+        resolve_lora(registry)
     with pytest.raises(FileNotFoundError, match="neither a registry"):
         pin_lora(str(tmp_path / "nothing-here"))
 
