@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from jobs.storage import (
 )
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's save_pretrained
 INFO = "adapter.json"
 LATEST = "latest"
 CACHE_ENV = "SD3_RAY_LORA_CACHE"
@@ -119,7 +121,9 @@ class PinnedLoRA:
     """One adapter file, named so that it cannot move: its URL and the sha256 of its bytes.
 
     ``ref`` is the reference as given; ``registry``/``version`` are set when it named a registry
-    (``url`` is then that version's weights, whatever ``latest`` says later)."""
+    (``url`` is then that version's weights, whatever ``latest`` says later). ``peft_config`` is
+    the text of ``adapter_config.json`` when ``ref`` named a peft adapter folder (its alpha is
+    part of the adapter, so it is pinned too, with ``peft_config_sha256``)."""
 
     ref: str
     url: str
@@ -127,16 +131,23 @@ class PinnedLoRA:
     size: int
     registry: str | None = None
     version: str | None = None
+    peft_config: str | None = None
+    peft_config_sha256: str | None = None
 
     @property
     def pinned_ref(self) -> str:
-        """A reference to exactly this adapter: ``REGISTRY:VERSION``, else the file's URL."""
-        return f"{self.registry}:{self.version}" if self.registry is not None else self.url
+        """A reference to exactly this adapter: ``REGISTRY:VERSION``, a peft folder's URL, else
+        the file's URL."""
+        if self.registry is not None:
+            return f"{self.registry}:{self.version}"
+        return self.url.rpartition("/")[0] if self.peft_config is not None else self.url
 
     @property
     def identity(self) -> str:
-        """``{pinned_ref}#sha256:{hex}``: what a manifest records as the adapter of an image."""
-        return f"{self.pinned_ref}#sha256:{self.sha256}"
+        """``{pinned_ref}#sha256:{hex}`` (a peft folder's adds ``+{PEFT_CONFIG}:{hex}``): what a
+        manifest records as the adapter of an image."""
+        config = f"+{PEFT_CONFIG}:{self.peft_config_sha256}" if self.peft_config is not None else ""
+        return f"{self.pinned_ref}#sha256:{self.sha256}{config}"
 
 
 def locate_lora(ref: str, options: StorageOptions | None = None) -> tuple[str, str | None, str | None]:
@@ -154,26 +165,28 @@ def locate_lora(ref: str, options: StorageOptions | None = None) -> tuple[str, s
     if exists(join_url(base, LATEST), options):
         version = latest_version(base, options)
         return join_url(base, version, WEIGHTS), base, version
-    if exists(join_url(base, WEIGHTS), options):
-        return join_url(base, WEIGHTS), None, None
+    for name in (WEIGHTS, PEFT_WEIGHTS):
+        if exists(join_url(base, name), options):
+            return join_url(base, name), None, None
     fs, path = get_fs(base, options)
     if fs.isfile(path):  # a LoRA file under another name
         return base, None, None
-    raise LoRARefError(ref, f"neither a registry (no {LATEST}), a folder with {WEIGHTS}, nor a file")
+    raise LoRARefError(
+        ref, f"neither a registry (no {LATEST}), a folder with {WEIGHTS} or {PEFT_WEIGHTS}, nor a file"
+    )
 
 
 def resolve_lora(ref: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> str:
     """A local path to the LoRA file that ``ref`` names.
 
     ``ref`` is ``REGISTRY`` (its ``latest`` version), ``REGISTRY:VERSION``, or a LoRA file / a
-    folder holding ``pytorch_lora_weights.safetensors`` (local or remote). Remote files are
+    folder holding ``pytorch_lora_weights.safetensors`` or peft's two files (local or remote; a
+    peft folder's path is then a folder). Remote files are
     downloaded once into ``$SD3_RAY_LORA_CACHE`` (default ``~/.cache/sd3-ray/loras``), keyed by
     their URL and content hash, so every actor on a node reads the same verified copy. A registry
     version whose weights do not match its ``adapter.json`` sha256 is refused (ValueError).
     """
-    pinned = pin_lora(ref, options, cache_dir)  # downloads a remote file into the cache
-    scheme, path = split_url(pinned.url)
-    return path if scheme == "" else _cache_path(pinned.url, pinned.sha256, cache_dir)
+    return fetch_lora(pin_lora(ref, options, cache_dir), options, cache_dir)
 
 
 def pin_lora(ref: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> PinnedLoRA:
@@ -200,23 +213,64 @@ def pin_lora(ref: str, options: StorageOptions | None = None, cache_dir: str | N
             raise ValueError(
                 f"LoRA {ref}: {url} has sha256 {digest}, but its {INFO} says {recorded} (a damaged publish?)"
             )
-    return PinnedLoRA(ref=ref, url=url, sha256=digest, size=size, registry=registry, version=version)
+    config = config_sha256 = None
+    if url == join_url(normalize_url(split_ref(ref)[0]), PEFT_WEIGHTS):  # ref named a peft folder
+        try:
+            config = read_bytes(join_url(url.rpartition("/")[0], PEFT_CONFIG), options).decode()
+        except FileNotFoundError:
+            pass  # no config: alpha = rank, as the pipeline loads such a folder
+        else:
+            config_sha256 = hashlib.sha256(config.encode()).hexdigest()
+    return PinnedLoRA(ref=ref, url=url, sha256=digest, size=size, registry=registry, version=version,
+                      peft_config=config, peft_config_sha256=config_sha256)  # fmt: skip
 
 
 def fetch_lora(
     pinned: PinnedLoRA, options: StorageOptions | None = None, cache_dir: str | None = None
 ) -> str:
     """A local path to exactly the bytes ``pinned`` names (downloaded once per node into the
-    cache); ValueError if the file no longer has the pinned sha256."""
+    cache); ValueError if the file no longer has the pinned sha256. For a peft adapter, a folder
+    holding its weights and the pinned ``adapter_config.json``."""
     scheme, path = split_url(pinned.url)
     if scheme != "":
         path = _cache_path(pinned.url, pinned.sha256, cache_dir)
         if not os.path.isfile(path):
             data = read_bytes(pinned.url, options)
             _check_digest(pinned, hashlib.sha256(data).hexdigest())
-            return _store_in_cache(pinned.url, data, pinned.sha256, cache_dir)
-    _check_digest(pinned, _sha256_file(path))
-    return path
+            path = _store_in_cache(pinned.url, data, pinned.sha256, cache_dir)
+        else:
+            _check_digest(pinned, _sha256_file(path))
+    else:
+        _check_digest(pinned, _sha256_file(path))
+    if pinned.peft_config is None:
+        return path
+    return _peft_folder(pinned, path, cache_dir)
+
+
+def _peft_folder(pinned: PinnedLoRA, weights: str, cache_dir: str | None) -> str:
+    """A local folder with the verified ``weights`` and the pinned PEFT_CONFIG: a local peft folder
+    itself (ValueError if its config changed since pinning), else one made once in the cache."""
+    if split_url(pinned.url)[0] == "":
+        folder = os.path.dirname(weights)
+        config = os.path.join(folder, PEFT_CONFIG)
+        if not os.path.isfile(config) or _sha256_file(config) != pinned.peft_config_sha256:
+            raise ValueError(
+                f"LoRA {pinned.pinned_ref}: {config} is not the {PEFT_CONFIG} the job resolved "
+                f"(sha256 {pinned.peft_config_sha256}); it was replaced or removed"
+            )
+        return folder
+    dest = os.path.join(os.path.dirname(weights), f"peft-{pinned.peft_config_sha256[:16]}")
+    if not os.path.isdir(dest):
+        staging = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(staging)
+        shutil.copyfile(weights, os.path.join(staging, PEFT_WEIGHTS))
+        with open(os.path.join(staging, PEFT_CONFIG), "w", encoding="utf-8", newline="") as f:
+            f.write(pinned.peft_config)
+        try:
+            os.replace(staging, dest)
+        except OSError:  # another actor on this node made it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest
 
 
 def _check_digest(pinned: PinnedLoRA, digest: str) -> None:

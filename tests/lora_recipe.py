@@ -9,6 +9,8 @@ the committed files in diffusers and records the transformer outputs. Rewrite th
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +18,19 @@ from sd3_core import lora
 from sd3_core.transformer import SD3Transformer2DModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# A diffusers-format sd3-tiny LoRA of rank 2 without metadata (alpha = rank when read alone).
+PEFT_SOURCE = FIXTURES / "training" / "lora" / "diffusers_sd3-tiny_r2_blocks02_nometa.safetensors"
+
+
+def peft_folder(folder: Path, alpha: int) -> Path:
+    """peft's save_pretrained layout of PEFT_SOURCE: adapter_model.safetensors + adapter_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PEFT_SOURCE, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": alpha})
+    )
+    return folder
+
 
 OUR_LORAS = {
     # all diffusers default targets in every block; alpha != rank so the metadata must carry it

@@ -552,6 +552,33 @@ def test_resume_with_another_model_is_refused(lora_jobs, tmp_path):
     assert run_job(_lora_job(output, LORA_PROMPTS, storage)).processed_images == 0  # the same model resumes
 
 
+def test_a_peft_adapter_folder_is_what_replicas_apply(tmp_path):
+    """--lora PEFT_FOLDER: checked against the model on the driver, and a replica bakes in the
+    adapter with the alpha of its adapter_config.json, as the pipeline loads the folder."""
+    from actors.replica import apply_lora
+    from jobs.batch_generate import _pin_lora
+    from pipelines import StableDiffusion3Pipeline
+    from tests.lora_recipe import peft_folder
+
+    folder = peft_folder(tmp_path / "peft", alpha=8)
+    pinned = _pin_lora(str(folder), MODEL, StorageOptions())
+    call = dict(prompt="a cat", seed=3, height=64, width=64, num_inference_steps=2, guidance_scale=5.0,
+                output_type="np")  # fmt: skip
+
+    def render(load) -> np.ndarray:
+        pipe = StableDiffusion3Pipeline.from_pretrained(MODEL)
+        pipe.set_progress_bar_config(disable=True)
+        load(pipe)
+        return pipe(**call).images
+
+    want = render(lambda pipe: pipe.load_lora_weights(str(folder)))
+    np.testing.assert_allclose(
+        render(lambda pipe: apply_lora(pipe, pinned, 1.0, StorageOptions())), want, atol=1e-4
+    )
+    alone = render(lambda pipe: pipe.load_lora_weights(str(folder / "adapter_model.safetensors")))
+    assert np.abs(alone - want).max() > 1e-3  # the config's alpha (8, not the rank 2) shows
+
+
 def test_bad_lora_fails_before_any_work(lora_jobs, capsys):
     tmp = lora_jobs["tmp"]
     (tmp / "garbage.safetensors").write_text("not a safetensors file")

@@ -19,6 +19,8 @@ from jobs.lora_registry import fetch_lora, is_published, pin_lora, publish, reso
 from jobs.storage import StorageOptions, get_fs, list_files, read_bytes
 from jobs.train import train
 from jobs.train_cli import config_from_args
+from sd3_core.lora import read_lora_file
+from tests.lora_recipe import PEFT_SOURCE, peft_folder
 from tests.reference_cases import fixture_path
 from tests.s3_server import make_bucket
 
@@ -218,3 +220,37 @@ def test_a_pinned_remote_adapter_is_fetched_once_per_node_and_checked(tmp_path, 
     assert fetch_lora(pinned, options, cache_dir=cache) == local  # this node's verified copy
     with pytest.raises(ValueError, match="was replaced"):
         fetch_lora(pinned, options, cache_dir=str(tmp_path / "third-node-cache"))
+
+
+def _alphas(path) -> set[float]:
+    return {m.alpha for m in read_lora_file(path).modules.values()}
+
+
+def test_a_peft_adapter_folder_is_pinned_with_its_config(tmp_path, s3_endpoint):
+    local = peft_folder(tmp_path / "peft", alpha=8)
+    pinned = pin_lora(str(local))
+    weights_sha = hashlib.sha256(PEFT_SOURCE.read_bytes()).hexdigest()
+    config_sha = hashlib.sha256((local / "adapter_config.json").read_bytes()).hexdigest()
+    assert (pinned.pinned_ref, pinned.url) == (str(local), str(local / "adapter_model.safetensors"))
+    assert pinned.identity == f"{local}#sha256:{weights_sha}+adapter_config.json:{config_sha}"
+    assert fetch_lora(pinned) == str(local)
+    assert _alphas(fetch_lora(pinned)) == {8.0} and _alphas(PEFT_SOURCE) == {2.0}  # alpha = rank alone
+    assert pin_lora(str(local / "adapter_model.safetensors")).peft_config is None  # the file alone
+    (local / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    with pytest.raises(
+        ValueError, match="adapter_config.json is not the adapter_config.json the job resolved"
+    ):
+        fetch_lora(pinned)  # the config (so the adapter's scale) changed after pinning
+    # The same folder on S3: every node gets a cached folder with the weights and the pinned config.
+    options, bucket = StorageOptions.from_env(), make_bucket(s3_endpoint)
+    remote_src = peft_folder(tmp_path / "upload", alpha=8)
+    fs, _ = get_fs(f"s3://{bucket}", options)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        fs.put_file(str(remote_src / name), f"{bucket}/peft/{name}")
+    cache = str(tmp_path / "cache")
+    remote = pin_lora(f"s3://{bucket}/peft", options, cache_dir=cache)
+    assert remote.identity == f"s3://{bucket}/peft#sha256:{weights_sha}+adapter_config.json:{config_sha}"
+    got = fetch_lora(remote, options, cache_dir=cache)
+    assert got.startswith(cache) and _alphas(got) == {8.0}
+    assert fetch_lora(remote, options, cache_dir=cache) == got  # made once per node
+    assert resolve_lora(f"s3://{bucket}/peft", options, cache_dir=cache) == got  # the pipeline's path
