@@ -183,13 +183,14 @@ def apply_lora(pipe: Any, lora: PinnedLoRA, scale: float, storage: StorageOption
     """Load exactly the pinned adapter (its sha256 checked) into `pipe` at `scale` and bake it
     into the transformer's weights; returns its identity.
 
-    Fused, then unloaded, as diffusers users do for inference: the forward then costs what the
-    base model's does, and no unfused copy of the adapted weights is kept."""
+    Fused, then unloaded, as diffusers users do for inference, but a layer at a time
+    (``sd3_core.lora.bake_lora``): the forward then costs what the base model's does, and the
+    unfused weights are never all held at once."""
     from jobs.lora_registry import fetch_lora
+    from sd3_core.lora import bake_lora
 
     pipe.load_lora_weights(fetch_lora(lora, storage), adapter_name="job", scale=scale)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
+    bake_lora(pipe.transformer)
     return lora.identity
 
 

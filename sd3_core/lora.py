@@ -37,6 +37,7 @@ __all__ = [
     "LoRAError",
     "LoRAFile",
     "LoRALinear",
+    "bake_lora",
     "check_lora_fits",
     "delete_adapter",
     "fuse_lora",
@@ -158,12 +159,14 @@ class LoRALinear(Linear):
 
     # -- fusing
     @paddle.no_grad()
-    def fuse(self, adapter_names: Sequence[str] | None, lora_scale: float) -> None:
+    def fuse(self, adapter_names: Sequence[str] | None, lora_scale: float, restorable: bool = True) -> None:
+        """Add the adapters' deltas to the weight; ``restorable=False`` keeps no pre-fuse copy (the
+        caller replaces this layer by its base right after: :func:`bake_lora`)."""
         names = list(self.active if adapter_names is None else adapter_names)
         names = [n for n in names if n in self.lora_A and n not in self.fused]
         if not names:
             return
-        if self._unfused_weight is None:
+        if restorable and self._unfused_weight is None:
             # A copy, not a subtraction on unfuse: unfusing then restores the base bit for bit.
             self._unfused_weight = self.weight.detach().clone()
         w = self.weight.astype("float32")
@@ -355,6 +358,16 @@ def fuse_lora(
     for _, layer in lora_layers(model):
         if layer.enabled:
             layer.fuse(adapter_names, float(lora_scale))
+
+
+def bake_lora(model: paddle.nn.Layer, lora_scale: float = 1.0) -> None:
+    """:func:`fuse_lora` of the active adapters then :func:`unload_lora`, one layer at a time and
+    without the pre-fuse copies fuse_lora keeps for an unfuse, so at most one layer's weight is
+    held twice (fuse_lora + unload_lora hold every targeted weight twice until the unload)."""
+    for module, layer in list(lora_layers(model)):
+        if layer.enabled:
+            layer.fuse(None, float(lora_scale), restorable=False)
+        _replace(model, module, layer.to_base())
 
 
 def unfuse_lora(model: paddle.nn.Layer) -> None:

@@ -121,6 +121,38 @@ def test_pipeline_lora_methods_match_diffusers():
     assert pipe.get_list_adapters() == {}
 
 
+def test_bake_is_fuse_then_unload_without_keeping_the_unfused_weights(monkeypatch):
+    """bake_lora (what batch-job replicas use) gives fuse_lora + unload_lora's weights bit for bit,
+    diffusers' fused output, and never holds more than one layer's pre-fuse copy."""
+    case = next(c for c in CASES if c["name"] == "lora_two_adapters_sd3")
+    data = case_data(case)
+
+    def loaded() -> SD3Transformer2DModel:
+        model = transformer()
+        lora.load_lora(model, OURS_FILE, adapter_name="ours")
+        lora.load_lora(model, DIFFUSERS_FILE, adapter_name="theirs")
+        lora.set_adapters(model, ["ours", "theirs"], [0.5, 1.5])
+        return model
+
+    reference = loaded()
+    lora.fuse_lora(reference)
+    lora.unload_lora(reference)
+    baked, copies = loaded(), []
+    fuse = LoRALinear.fuse
+
+    def counting_fuse(self, *args, **kwargs):
+        fuse(self, *args, **kwargs)
+        copies.append(sum(layer._unfused_weight is not None for _, layer in lora.lora_layers(baked)))
+
+    monkeypatch.setattr(LoRALinear, "fuse", counting_fuse)
+    lora.bake_lora(baked)
+    assert len(copies) == 23 and max(copies) == 0  # every layer fused; no pre-fuse copy kept
+    assert not any(isinstance(m, LoRALinear) for m in baked.sublayers())
+    want, got = weights(reference), weights(baked)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    assert max_diff(run(baked, data), data["out_fused"]) < TOL
+
+
 def test_load_scale_equals_set_adapters_weight():
     case = next(c for c in CASES if c["name"] == "lora_ours_sd3_weight03")
     data = case_data(case)
