@@ -180,11 +180,11 @@ def resolve_lora(ref: str, options: StorageOptions | None = None, cache_dir: str
     """A local path to the LoRA file that ``ref`` names.
 
     ``ref`` is ``REGISTRY`` (its ``latest`` version), ``REGISTRY:VERSION``, or a LoRA file / a
-    folder holding ``pytorch_lora_weights.safetensors`` or peft's two files (local or remote; a
-    peft folder's path is then a folder). Remote files are
-    downloaded once into ``$SD3_RAY_LORA_CACHE`` (default ``~/.cache/sd3-ray/loras``), keyed by
-    their URL and content hash, so every actor on a node reads the same verified copy. A registry
-    version whose weights do not match its ``adapter.json`` sha256 is refused (ValueError).
+    folder holding ``pytorch_lora_weights.safetensors`` or peft's two files (local or remote; for
+    a peft folder the path is a folder). Remote files are downloaded into ``$SD3_RAY_LORA_CACHE``
+    (default ``~/.cache/sd3-ray/loras``), keyed by their URL and content hash, so every actor on a
+    node reads the same verified copy. A registry version whose weights do not match its
+    ``adapter.json`` sha256 is refused (ValueError).
     """
     return fetch_lora(pin_lora(ref, options, cache_dir), options, cache_dir)
 
