@@ -25,9 +25,10 @@ fi
   || $PY -m tools.default_model.train_vae --data "$OUT/shapes.parquet" --out "$OUT/vae" --steps 800 \
        --lr 3e-4 --init "$OUT/vae-stage2" --decoder_only --edge_weight 4
 # Transformer: 5000 steps (cosine from lr 1e-3 after 200 warm-up steps), then the same run
-# extended to 8000 (the schedule restarts at its 5000/8000 point, lr ~3.2e-4, and decays to 0).
-# Rerunning resumes from the latest checkpoint.
-for steps in 5000 8000; do
+# extended to 8000 and to 14000 (each call's schedule restarts at its point of the longer cosine,
+# lr ~3.2e-4 at 5000/8000 and ~4e-4 at 8000/14000, and decays to 0). Rerunning resumes from the
+# latest checkpoint.
+for steps in 5000 8000 14000; do
   $PY -m tools.default_model.train_model --vae "$OUT/vae" --data "$OUT/shapes-8192.parquet" --out "$OUT" \
     --steps $steps --batch_size 16
 done

@@ -13,7 +13,8 @@
 
     nice -n 19 .venv/bin/python -m tools.default_model.train_model --vae out/default_model/vae \\
         --data out/default_model/shapes-8192.parquet --out out/default_model --steps 5000 --batch_size 16
-    (then the same with --steps 8000: the run extended, as tools/default_model/train_all.sh does)
+    (then the same with --steps 8000 and --steps 14000: the run extended, as
+    tools/default_model/train_all.sh does)
 
 Rerunning the same command resumes from the latest checkpoint (``--resume_from_checkpoint latest``).
 """
