@@ -44,8 +44,9 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
                      "(default: the embedded tiny model)")  # fmt: skip
     gen.add_argument("--lora", default=None, metavar="REF", help="a LoRA adapter for every row: a "
                      ".safetensors file, a folder holding pytorch_lora_weights.safetensors (or peft's "
-                     "adapter_model.safetensors + adapter_config.json), an s3:// URL of either, or a registry REGISTRY[:VERSION] (without VERSION: its `latest`, read "
-                     "once when the job starts)")  # fmt: skip
+                     "adapter_model.safetensors + adapter_config.json), an s3:// URL of either, or a "
+                     "registry REGISTRY[:VERSION] (without VERSION: its `latest`, read once when the job "
+                     "starts)")  # fmt: skip
     gen.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
                      help="the adapter's weight (default 1.0)")  # fmt: skip
     run = gen.add_argument_group("execution")
