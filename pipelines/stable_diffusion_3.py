@@ -31,6 +31,7 @@ from sd3_core.folder_defaults import (
     folder_guidance_scale,
     folder_max_sequence_length,
 )
+from sd3_core.inference_program import TransformerProgram, program_precision
 from sd3_core.modeling import read_json_object, resolve_dtype
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
@@ -124,6 +125,19 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         self.default_max_sequence_length = DEFAULT_T5_LENGTH
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE
         self._progress_bar_config: dict[str, Any] = {}
+        #: The static-program runner of the transformer (``inference_optimize``); None: eager.
+        self.transformer_program: TransformerProgram | None = None
+
+    def enable_inference_optimize(self, precision: str | None = None, cache_dir: str | None = None) -> None:
+        """Run the transformer as cached static Paddle Inference programs (``sd3_core.inference_program``).
+
+        ``precision`` defaults to what the loaded dtype means on this device: on CPU, bfloat16
+        math for ``dtype="bfloat16"`` where the CPU has it (else float32, with a warning)."""
+        precision = precision or program_precision(self.transformer.dtype)
+        self.transformer_program = TransformerProgram(self.transformer, precision, cache_dir)
+
+    def disable_inference_optimize(self) -> None:
+        self.transformer_program = None
 
     def folder_defaults(
         self, guidance_scale: float | None = None, max_sequence_length: int | None = None
@@ -146,10 +160,12 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         dtype: str | Any = "float32",
+        inference_optimize: bool = False,
         **components: Any,
     ) -> StableDiffusion3Pipeline:
         """Load a diffusers-format SD3 folder. Pass `text_encoder_3=None, tokenizer_3=None` to drop T5;
-        any other component may be passed in ready-made instead of loaded."""
+        any other component may be passed in ready-made instead of loaded. `inference_optimize=True`
+        runs the transformer as static programs (:meth:`enable_inference_optimize`)."""
         path = os.fspath(pretrained_model_name_or_path)
         unknown = sorted(set(components) - set(_LIBRARY_CLASSES))
         if unknown:
@@ -184,6 +200,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         pipe = cls(**loaded)
         pipe.default_max_sequence_length = folder_max_sequence_length(index, index_file)
         pipe.default_guidance_scale = folder_guidance_scale(index, index_file)
+        if inference_optimize:
+            pipe.enable_inference_optimize()
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -600,7 +618,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
 
         The one place the denoising loop calls the transformer: a replica rank
         (``pipelines.rank_pipeline``) overrides it to run only its CFG half."""
-        velocity = self.transformer(
+        transformer = self.transformer_program or self.transformer
+        velocity = transformer(
             latents.astype(self.transformer.dtype), embeds, pooled,
             paddle.expand(t, [latents.shape[0]]), skip_layers=skip_layers,
         )  # fmt: skip

@@ -142,6 +142,18 @@ class LoRALinear(Linear):
         b = self.lora_B[name].weight.astype("float32")
         return paddle.matmul(a, b) * (self.scaling[name] * multiplier)
 
+    def effective_weight(self) -> paddle.Tensor:
+        """The ``[in, out]`` weight this layer computes with: the (possibly fused) weight plus
+        every active, unfused adapter's delta, in float32 (the weight itself without any)."""
+        deltas = [
+            self.delta_weight(name, self.adapter_weight[name])
+            for name in (self.active if self.enabled else ())
+            if name not in self.fused
+        ]
+        if not deltas:
+            return self.weight
+        return self.weight.astype("float32") + paddle.add_n(deltas)
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         out = self.base_type.forward(self, x)  # the wrapped class's own math (it only uses weight/bias)
         if not self.enabled:
