@@ -89,6 +89,7 @@ class ReplicaSpec:
     storage: StorageOptions = field(default_factory=StorageOptions)
     lora: PinnedLoRA | None = None
     lora_scale: float = 1.0
+    inference_optimize: bool = False  # the transformer as cached static programs (sd3_core.inference_program)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -101,6 +102,13 @@ class ReplicaSpec:
             raise ValueError(f"mp={self.mp!r} must be an integer >= 1")
         if not self.cpus > 0:
             raise ValueError(f"cpus={self.cpus!r} must be > 0")
+        if self.inference_optimize and self.device == "npu":
+            raise ValueError("inference_optimize runs on CPU and GPU; NPU replicas run eagerly")
+        if self.inference_optimize and self.mp > 1:
+            raise ValueError(
+                f"inference_optimize runs whole transformers; mp={self.mp} shards run eagerly "
+                "(use mp=1: CFG parallelism works with it)"
+            )
 
     @property
     def world_size(self) -> int:
@@ -214,6 +222,10 @@ class LocalReplica:
         self.lora = (
             None if spec.lora is None else apply_lora(self.pipe, spec.lora, spec.lora_scale, spec.storage)
         )
+        if spec.inference_optimize:  # after the adapter is baked: the program holds the final weights
+            self.pipe.enable_inference_optimize(
+                threads=max(1, int(spec.cpus)) if spec.device == "cpu" else None
+            )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:

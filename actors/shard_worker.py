@@ -51,7 +51,8 @@ class ShardWorker:
         self.rank, self.cfg, self.mp = rank, cfg, mp
         self.device = paddle_device(compute)
         paddle.set_device(self.device)
-        paddle.base.core.set_num_threads(max(1, int(threads)))
+        self.threads = max(1, int(threads))
+        paddle.base.core.set_num_threads(self.threads)
         self.groups = None
         self.pipe = None
 
@@ -71,9 +72,12 @@ class ShardWorker:
             self.groups = init_device_groups(self.cfg, self.mp, self.rank, endpoints, self.device)
         return os.getpid()
 
-    def load(self, model: str, dtype: str = "float32", storage: Any = None) -> dict[str, Any]:
+    def load(
+        self, model: str, dtype: str = "float32", storage: Any = None, inference_optimize: bool = False
+    ) -> dict[str, Any]:
         """Load this rank's part of ``model`` (folder or URL): its transformer's bytes and the
-        model's identity (``jobs.model_cache.model_identity``)."""
+        model's identity (``jobs.model_cache.model_identity``). ``inference_optimize`` runs the
+        (whole, mp = 1) transformer as cached static programs."""
         from jobs.model_cache import local_model_path, model_identity
         from pipelines.rank_pipeline import RankPipeline
         from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
@@ -90,6 +94,8 @@ class ShardWorker:
         pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = RankPipeline.of(pipe, self.groups, share_within_mp=self.groups.mp > 1)
+        if inference_optimize:
+            self.pipe.enable_inference_optimize(threads=self.threads if self.device == "cpu" else None)
         return {"param_bytes": parameter_bytes(transformer), "model": model_identity(path, model)}
 
     def apply_lora(self, lora: Any, scale: float, storage: Any = None) -> str:

@@ -100,6 +100,7 @@ class JobConfig:
     lora_scale: float = 1.0
     batch_size: int = 4
     dtype: str = "float32"
+    inference_optimize: bool = False  # replicas run the transformer as static programs
     defaults: JobDefaults = field(default_factory=JobDefaults)
     image_format: str = "png"
     ray_address: str | None = None
@@ -151,6 +152,11 @@ def _check_config(config: JobConfig) -> None:
         raise JobError(f"--device {config.device!r} must be one of {', '.join(DEVICES)}")
     if config.dtype not in DTYPES:
         raise JobError(f"--dtype {config.dtype!r} must be one of {', '.join(DTYPES)}")
+    if config.inference_optimize and config.device == "npu":
+        raise JobError("--inference-optimize runs on CPU and GPU; --device npu runs eagerly")
+    if config.inference_optimize and config.mp > 1:
+        raise JobError(f"--inference-optimize runs whole transformers; --mp {config.mp} shards run eagerly "
+                       "(use --mp 1; --cfg-parallel works with it)")  # fmt: skip
     if config.image_format not in IMAGE_FORMATS:
         raise JobError(f"--image-format {config.image_format!r} must be one of {', '.join(IMAGE_FORMATS)}")
     d = config.defaults
@@ -635,6 +641,7 @@ def run_job(config: JobConfig) -> JobResult:
     spec = ReplicaSpec(
         model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage,
         cfg=2 if config.cfg_parallel else 1, mp=config.mp, lora=lora, lora_scale=config.lora_scale,
+        inference_optimize=config.inference_optimize,
     )  # fmt: skip
     if spec.world_size > 1:  # heads % mp, before any actor starts
         from actors.replica_group import check_replica_shape

@@ -14,6 +14,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _zero_or_one(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or 0")
+    return text == "1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3", description="Stable Diffusion 3 on PaddlePaddle and Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +72,11 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
                      "devices each (a replica is then 2 x mp devices)")  # fmt: skip
     run.add_argument("--batch-size", type=_positive_int, default=4, help="images per replica call, default 4")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    run.add_argument("--inference-optimize", "--inference_optimize", dest="inference_optimize", nargs="?",
+                     const=True, default=False, type=_zero_or_one, metavar="1|0",
+                     help="run the transformer as cached static Paddle Inference programs (oneDNN on CPU, "
+                     "bfloat16 math with --dtype bfloat16 where the CPU has it); PPDiffusers' "
+                     "`--inference_optimize 1` is the same")  # fmt: skip
     run.add_argument("--image-format", default="png", choices=["png", "jpeg", "webp"])
     run.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster to use ('auto': the one "
                      "`ray start` runs here); default $RAY_ADDRESS, else a local Ray just for this job")  # fmt: skip
@@ -139,6 +150,7 @@ def _generate(args: argparse.Namespace) -> int:
         lora_scale=args.lora_scale,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        inference_optimize=args.inference_optimize,
         defaults=defaults,
         image_format=args.image_format,
         ray_address=args.ray_address,

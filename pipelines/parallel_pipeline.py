@@ -57,17 +57,20 @@ class ParallelStableDiffusion3Pipeline:
         device: str = "gpu",
         dtype: str = "float32",
         cpus_per_rank: float = 1.0,
+        inference_optimize: bool = False,
         **group_options: Any,
     ) -> ParallelStableDiffusion3Pipeline:
         """Start a ``cfg x mp`` replica group on ``device`` ("gpu", "npu", "cpu") with ``model``
         (a diffusers folder or URL). Ray must be initialised (``ray.init``) first.
+        ``inference_optimize`` (mp = 1 only) runs each rank's transformer as static programs.
 
         ``group_options`` go to ``ReplicaGroup`` (e.g. ``compute_device="cpu"`` to run GPU-kind
         bundles on the CPU, as the tests do with Ray's logical GPUs)."""
         from actors.replica import ReplicaSpec
         from actors.replica_group import ReplicaGroup
 
-        spec = ReplicaSpec(model=model, dtype=dtype, device=device, cfg=cfg, mp=mp, cpus=cpus_per_rank)
+        spec = ReplicaSpec(model=model, dtype=dtype, device=device, cfg=cfg, mp=mp, cpus=cpus_per_rank,
+                           inference_optimize=inference_optimize)  # fmt: skip
         return cls(ReplicaGroup(spec, **group_options))
 
     def __call__(self, *args: Any, **kwargs: Any) -> StableDiffusion3PipelineOutput | tuple:

@@ -128,13 +128,15 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         #: The static-program runner of the transformer (``inference_optimize``); None: eager.
         self.transformer_program: TransformerProgram | None = None
 
-    def enable_inference_optimize(self, precision: str | None = None, cache_dir: str | None = None) -> None:
+    def enable_inference_optimize(
+        self, precision: str | None = None, cache_dir: str | None = None, threads: int | None = None
+    ) -> None:
         """Run the transformer as cached static Paddle Inference programs (``sd3_core.inference_program``).
 
         ``precision`` defaults to what the loaded dtype means on this device: on CPU, bfloat16
         math for ``dtype="bfloat16"`` where the CPU has it (else float32, with a warning)."""
         precision = precision or program_precision(self.transformer.dtype)
-        self.transformer_program = TransformerProgram(self.transformer, precision, cache_dir)
+        self.transformer_program = TransformerProgram(self.transformer, precision, cache_dir, threads)
 
     def disable_inference_optimize(self) -> None:
         self.transformer_program = None

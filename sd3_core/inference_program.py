@@ -149,6 +149,9 @@ class TransformerProgram:
             raise ValueError(
                 "inference_optimize runs whole models; a tensor-parallel shard (mp > 1) runs eagerly"
             )
+        device = paddle.get_device()
+        if not (device.startswith("cpu") or device.startswith("gpu")):
+            raise ValueError(f"inference_optimize runs on CPU and GPU, not on {device!r}; run it eagerly")
         self.model = model
         self.precision = resolve_dtype(precision)
         if _on_cpu() and self.precision == "float16":
@@ -157,6 +160,8 @@ class TransformerProgram:
             raise ValueError("this CPU has no native bfloat16 (avx512_bf16 / amx_bf16); use 'float32'")
         self.cache_dir = cache_dir or default_program_cache()
         self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        # The faster attention layout for this precision (benchmarks/step_time.py measures both).
+        self.attention_layout = "per_head" if _on_cpu() and self.precision == "float32" else "batched"
         self._predictors: dict[tuple, Any] = {}
         self._weights: tuple[Any, str] | None = None  # (LoRA state token, weights sha256)
         self.exports = 0  # programs this object exported (the rest came from the cache)
@@ -202,6 +207,7 @@ class TransformerProgram:
             "encoder_hidden_states": list(shape.context),
             "pooled_projections": list(shape.pooled),
             "skip_layers": list(shape.skip),
+            "attention_layout": self.attention_layout,
         }
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
         return key, material
@@ -271,7 +277,7 @@ class TransformerProgram:
         batched = None
         if self._weights is None or self._weights[0] != token:
             self._predictors.clear()
-            batched = BatchedSD3Transformer(self.model, shape.skip)
+            batched = BatchedSD3Transformer(self.model, shape.skip, self.attention_layout)
             self._weights = (token, self._weights_sha256(batched))
         key, material = self._entry_key(self._weights[1], shape)
         predictor = self._predictors.get(key)
@@ -282,7 +288,7 @@ class TransformerProgram:
         with FileLock(folder + ".lock"):
             if not self._valid_entry(folder):
                 if batched is None or batched.skip != frozenset(shape.skip):
-                    batched = BatchedSD3Transformer(self.model, shape.skip)
+                    batched = BatchedSD3Transformer(self.model, shape.skip, self.attention_layout)
                 self._export(batched, shape, folder, material)
             predictor = self._predictor(folder)
         self._predictors[key] = predictor

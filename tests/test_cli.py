@@ -69,3 +69,35 @@ def test_generate_without_model_draws_the_captioned_shapes_with_the_default_mode
     expected = np.asarray(pipe(prompts[0], seed=row["seed"]).images[0], np.int16)
     got = np.asarray(Image.open(out / "images" / "prompt0000_0.png").convert("RGB"), np.int16)
     assert np.abs(got - expected).max() <= 1
+
+
+def test_generate_with_inference_optimize_draws_the_eager_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("SD3_RAY_PROGRAM_CACHE", str(tmp_path / "programs"))
+    prompts = ["--prompt", "a red fox", "--prompt", "a cat"]
+    assert main(["generate", *prompts, "--output", str(tmp_path / "eager"), *TINY]) == 0
+    # PPDiffusers' spelling; `--inference-optimize` alone means the same
+    assert (
+        main(["generate", *prompts, "--output", str(tmp_path / "opt"), "--inference_optimize", "1", *TINY])
+        == 0
+    )
+    for name in ("prompt0000_0.png", "prompt0001_0.png"):
+        a = np.asarray(Image.open(tmp_path / "eager" / "images" / name), np.int16)
+        b = np.asarray(Image.open(tmp_path / "opt" / "images" / name), np.int16)
+        assert np.abs(a - b).max() <= 2
+    assert json.loads((tmp_path / "opt" / "job.json").read_text())["config"]["inference_optimize"] is True
+    assert [p for p in (tmp_path / "programs").iterdir() if p.is_dir()]  # the replica used the program cache
+
+
+def test_inference_optimize_flag_errors_name_the_fix(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    try:
+        main(["generate", "--prompt", "a fox", "--output", out, "--inference_optimize", "2", *TINY])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "'2' is not 1 or 0" in capsys.readouterr().err
+    assert (
+        main(["generate", "--prompt", "a fox", "--output", out, "--inference-optimize", "--mp", "2", *TINY])
+        == 2
+    )
+    assert "--mp 2 shards run eagerly" in capsys.readouterr().err
+    assert not os.path.exists(out)

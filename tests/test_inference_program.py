@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import StableDiffusion3Pipeline
 from sd3_core import inference_program
-from sd3_core.batched_transformer import BatchedSD3Transformer
+from sd3_core.batched_transformer import ATTENTION_LAYOUTS, BatchedSD3Transformer
 from sd3_core.inference_program import TransformerProgram, cpu_has_native_bfloat16, program_precision
 from sd3_core.lora import inject_lora, random_lora_weights
 from sd3_core.transformer import SD3Transformer2DModel
@@ -27,13 +27,14 @@ def _timestep(inputs: list[paddle.Tensor]) -> paddle.Tensor:
     return t.expand([inputs[0].shape[0]]) if t.shape[0] == 1 else t
 
 
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_batched_forward_equals_the_eager_forward(case):
+def test_batched_forward_equals_the_eager_forward(case, layout):
     model = fixture_model(case["fixture"])
     inputs, expected = case_inputs(case)
     skip = case["args"]["skip_layers"] or ()
     eager = model(*inputs, skip_layers=skip).numpy()
-    batched = BatchedSD3Transformer(model, skip)(*inputs[:3], _timestep(inputs)).numpy()
+    batched = BatchedSD3Transformer(model, skip, layout)(*inputs[:3], _timestep(inputs)).numpy()
     np.testing.assert_allclose(batched, eager, rtol=0, atol=1e-5)
     np.testing.assert_allclose(batched, expected, rtol=0, atol=2e-5)  # diffusers' own output
 
@@ -120,6 +121,19 @@ def test_lora_changes_select_another_program(tmp_path):
     enable_lora(model, False)
     np.testing.assert_allclose(program(*inputs).numpy(), base, rtol=0, atol=1e-6)  # the first entry again
     assert program.exports == 2
+
+
+@NEEDS_BF16
+def test_bfloat16_programs_run_batched_attention_and_float32_per_head(tmp_path):
+    model = fixture_model("sd3-tiny")
+    inputs, expected = case_inputs(CASES[0])
+    f32 = TransformerProgram(model, "float32", str(tmp_path))
+    bf16 = TransformerProgram(model, "bfloat16", str(tmp_path))
+    assert (f32.attention_layout, bf16.attention_layout) == ("per_head", "batched")
+    out = bf16(*inputs).numpy()
+    assert 0 < np.abs(out - expected).max() < 0.1  # bfloat16 math, near the float32 reference
+    f32(*inputs)
+    assert (f32.exports, bf16.exports) == (1, 1)  # one program per layout
 
 
 def test_tensor_parallel_shards_and_cpu_float16_are_refused():

@@ -11,6 +11,9 @@ second into the same ranks.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +23,7 @@ import pytest
 from actors.replica import ReplicaSpec
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
 from pipelines.parallel_pipeline import ParallelStableDiffusion3Pipeline
+from sd3_core.inference_program import PROGRAM_CACHE_ENV
 from tests import test_parallel
 from tests.parallel_worker import case_arguments
 from tests.test_parallel import CASES, NUM_LAYERS, STEPS, TINY, TOL
@@ -45,9 +49,12 @@ SHAPES = [(cfg, mp) for launch in LAUNCHES for _, cfg, mp in launch]
 def ray_cluster():
     import ray.data  # noqa: F401  (its log handler binds stderr now, not a test's captured stream)
 
-    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, logging_level=logging.WARNING)
-    yield
+    programs = tempfile.mkdtemp(prefix="sd3-programs-")  # inference_optimize's cache, for the ranks
+    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {PROGRAM_CACHE_ENV: programs}})  # fmt: skip
+    yield programs
     ray.shutdown()
+    shutil.rmtree(programs, ignore_errors=True)
 
 
 def _render_all(pipe: ParallelStableDiffusion3Pipeline, folders: dict) -> dict:
@@ -248,3 +255,21 @@ def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelin
     for row, image in zip(rows, expected, strict=True):
         got = np.asarray(Image.open(io.BytesIO(read_bytes(row["image"]))), dtype=np.int16)
         assert np.abs(got - np.asarray(image, dtype=np.int16)).max() <= 1, row["id"]
+
+
+def test_a_cfg_parallel_group_with_inference_optimize_draws_the_same_images(
+    ray_cluster, tiny_pipelines, single_process
+):
+    folder = str(tiny_pipelines["sd3"])
+    pipe = ParallelStableDiffusion3Pipeline.from_pretrained(
+        folder, cfg=2, mp=1, device="gpu", compute_device="cpu", inference_optimize=True
+    )
+    try:
+        with case_arguments(pipe, folder, CASES["no_negatives"]) as args:
+            images = pipe(**args, output_type="np").images
+    finally:
+        pipe.close()
+    assert _max_diff(images, single_process["sd3/no_negatives/images"]) < 1e-3
+    assert [p for p in os.listdir(ray_cluster) if not p.endswith(".lock")]  # both ranks ran programs
+    with pytest.raises(ValueError, match="mp=2 shards run eagerly"):
+        ReplicaSpec(model=folder, mp=2, inference_optimize=True)
