@@ -14,9 +14,12 @@ start-up and the slow first iterations of a fresh Paddle process count on neithe
   finalize included) and the replica's busy share (sum of per-image render seconds over its span)
   are printed too.
 
-The ratio job/bare is the figure of merit (goal >= 0.95). On a shared machine run it twice.
+The ratio job/bare is the figure of merit (goal >= 0.95). With `--inference-optimize` the same run
+also renders the table with the job's `--inference-optimize` (float32, and bfloat16 where the CPU has
+it) and prints those rates against the eager job's. On a shared machine run it twice.
 
     python benchmarks/batch_throughput.py [--images 48] [--size 192] [--steps 12] [--batch-size 4] [--threads 2]
+                                          [--inference-optimize]
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ def bare_loop(args: argparse.Namespace, prompts: list[str], seeds: list[int]) ->
     return _second_half_rate(ends, counts)
 
 
-def batch_job(args: argparse.Namespace, table: str, out: str) -> tuple[float, float, float]:
+def batch_job(
+    args: argparse.Namespace, table: str, out: str, inference_optimize: bool = False, dtype: str = "float32"
+) -> tuple[float, float, float]:
     """(second-half images/s, end-to-end images/s, replica busy share) of one run of the job."""
     import pyarrow.compute as pc
 
@@ -86,6 +91,8 @@ def batch_job(args: argparse.Namespace, table: str, out: str) -> tuple[float, fl
         replicas=1,
         cpus_per_replica=float(args.threads),
         batch_size=args.batch_size,
+        inference_optimize=inference_optimize,
+        dtype=dtype,
         defaults=JobDefaults(
             height=args.size,
             width=args.size,
@@ -121,6 +128,8 @@ def main() -> None:
         "--threads", type=int, default=2, help="threads of the bare loop = CPUs of the replica"
     )
     parser.add_argument("--model", default=None, help="model folder (default: the embedded tiny model)")
+    parser.add_argument("--inference-optimize", action="store_true",
+                        help="also time the job with --inference-optimize (float32; bfloat16 where supported)")  # fmt: skip
     args = parser.parse_args()
 
     import pyarrow as pa
@@ -140,12 +149,21 @@ def main() -> None:
         table = os.path.join(tmp, "prompts.parquet")
         pq.write_table(pa.table({"id": ids, "prompt": prompts}), table)
         job, end_to_end, busy = batch_job(args, table, os.path.join(tmp, "out"))
+        optimised = {}
+        if args.inference_optimize:
+            from sd3_core.inference_program import cpu_has_native_bfloat16
+
+            for dtype in ["float32"] + (["bfloat16"] if cpu_has_native_bfloat16() else []):
+                optimised[dtype] = batch_job(args, table, os.path.join(tmp, f"out-{dtype}"), True, dtype)
     print(f"load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs)")
     print(f"bare loop : {bare:7.3f} images/s (second half of {n})")
     print(f"batch job : {job:7.3f} images/s (second half of {n}); end-to-end {end_to_end:.3f} images/s "
           f"with Ray start, model load and finalize")  # fmt: skip
     print(f"replica busy: {busy:.1%} of its span from first to last batch")
     print(f"ratio job/bare: {job / bare:.3f}   (goal >= 0.95)")
+    for dtype, (rate, e2e, share) in optimised.items():
+        print(f"batch job --inference-optimize --dtype {dtype}: {rate:7.3f} images/s (second half); "
+              f"end-to-end {e2e:.3f}; busy {share:.1%}; x{rate / job:.2f} the eager job")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 import paddle
 from filelock import FileLock
+from paddle import inference
+from paddle.static import InputSpec
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
+from sd3_core import runtime
 from sd3_core.batched_transformer import BatchedSD3Transformer
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import lora_layers
@@ -159,7 +161,7 @@ class TransformerProgram:
         if _on_cpu() and self.precision == "bfloat16" and not cpu_has_native_bfloat16():
             raise ValueError("this CPU has no native bfloat16 (avx512_bf16 / amx_bf16); use 'float32'")
         self.cache_dir = cache_dir or default_program_cache()
-        self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        self.threads = threads or runtime.cpu_threads()
         # The faster attention layout for this precision (benchmarks/step_time.py measures both).
         self.attention_layout = "per_head" if _on_cpu() and self.precision == "float32" else "batched"
         self._predictors: dict[tuple, Any] = {}
@@ -222,8 +224,6 @@ class TransformerProgram:
             return False
 
     def _export(self, batched: BatchedSD3Transformer, shape: _Shape, folder: str, material: dict) -> None:
-        from paddle.static import InputSpec
-
         dtype = str(batched.compute).replace("paddle.", "")
         b = shape.hidden[0]
         specs = [
@@ -252,8 +252,6 @@ class TransformerProgram:
         self.exports += 1
 
     def _predictor(self, folder: str) -> Any:
-        from paddle import inference
-
         config = inference.Config(os.path.join(folder, "model.json"), os.path.join(folder, "model.pdiparams"))
         config.disable_glog_info()
         if _on_cpu():
@@ -263,13 +261,10 @@ class TransformerProgram:
             if self.precision == "bfloat16":
                 config.enable_onednn_bfloat16()
         else:
+            # The program already computes in the model's dtype (traced so); Float32 here means
+            # "as traced", where Half would add Paddle's auto-mixed-precision rewrite on top.
             device_id = int(paddle.get_device().split(":")[-1] or 0)
-            precision = {
-                "float32": inference.PrecisionType.Float32,
-                "float16": inference.PrecisionType.Half,
-                "bfloat16": inference.PrecisionType.Bfloat16,
-            }[self.precision]
-            config.enable_use_gpu(256, device_id, precision)
+            config.enable_use_gpu(256, device_id, inference.PrecisionType.Float32)
         return inference.create_predictor(config)
 
     def _load(self, shape: _Shape) -> Any:

@@ -30,6 +30,15 @@ def _is_amd() -> bool:
     return False
 
 
+def cpu_threads() -> int:
+    """The CPU threads this process computes with: ``OMP_NUM_THREADS`` (set here, or by Ray for an
+    actor), else the cores it may run on."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS") or _cpu_count()))
+    except ValueError:
+        return _cpu_count()
+
+
 def apply_cpu_defaults() -> None:
     """Set thread count and the MKL code path unless the environment already sets them."""
     if "OMP_NUM_THREADS" not in os.environ:

@@ -72,19 +72,22 @@ def test_generate_without_model_draws_the_captioned_shapes_with_the_default_mode
 
 
 def test_generate_with_inference_optimize_draws_the_eager_images(tmp_path, monkeypatch):
+    from jobs.manifest import read_manifest
+    from pipelines import StableDiffusion3Pipeline
+
     monkeypatch.setenv("SD3_RAY_PROGRAM_CACHE", str(tmp_path / "programs"))
-    prompts = ["--prompt", "a red fox", "--prompt", "a cat"]
-    assert main(["generate", *prompts, "--output", str(tmp_path / "eager"), *TINY]) == 0
+    prompts = ["a red fox", "a cat"]
+    out = tmp_path / "opt"
+    args = [a for p in prompts for a in ("--prompt", p)]
     # PPDiffusers' spelling; `--inference-optimize` alone means the same
-    assert (
-        main(["generate", *prompts, "--output", str(tmp_path / "opt"), "--inference_optimize", "1", *TINY])
-        == 0
-    )
-    for name in ("prompt0000_0.png", "prompt0001_0.png"):
-        a = np.asarray(Image.open(tmp_path / "eager" / "images" / name), np.int16)
-        b = np.asarray(Image.open(tmp_path / "opt" / "images" / name), np.int16)
-        assert np.abs(a - b).max() <= 2
-    assert json.loads((tmp_path / "opt" / "job.json").read_text())["config"]["inference_optimize"] is True
+    assert main(["generate", *args, "--output", str(out), "--inference_optimize", "1", *TINY]) == 0
+    eager = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    for row in read_manifest(str(out)).to_pylist():
+        i = int(row["id"][len("prompt") :])
+        expected = eager(prompts[i], seed=row["seed"], num_inference_steps=1, height=64, width=64).images[0]
+        got = Image.open(out / "images" / f"{row['id']}_0.png").convert("RGB")
+        assert np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16)).max() <= 2
+    assert json.loads((out / "job.json").read_text())["config"]["inference_optimize"] is True
     assert [p for p in (tmp_path / "programs").iterdir() if p.is_dir()]  # the replica used the program cache
 
 

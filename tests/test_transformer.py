@@ -86,6 +86,21 @@ def test_attention_is_plain_softmax_attention_per_head():
     np.testing.assert_array_equal(batched[1], out)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_softmaxes_on_several_threads_give_the_serial_result_bit_for_bit(monkeypatch, threads):
+    from sd3_core import attention as attention_module
+    from sd3_core import runtime
+
+    rng = np.random.default_rng(2)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((7, 5 * 4)).astype(np.float32)) for _ in range(3))
+    serial = attention(q, k, v, 5).numpy()  # grad mode on: never the pool
+    monkeypatch.setattr(runtime, "cpu_threads", lambda: threads)
+    with paddle.no_grad():
+        assert (attention_module._softmax_pool() is None) == (threads == 1)
+        np.testing.assert_array_equal(attention(q, k, v, 5).numpy(), serial)  # 5 heads in groups of `threads`
+    assert attention_module._softmax_pool() is None  # recording gradients: the calling thread only
+
+
 def test_fused_modulated_norm_equals_layer_norm_then_modulate():
     rng = np.random.default_rng(1)
     x = paddle.to_tensor(rng.standard_normal((7, 16)).astype(np.float32) * 3 + 1)
