@@ -51,10 +51,13 @@ def _use_fused_sdpa() -> bool:
 
 
 _SOFTMAX_POOL: ThreadPoolExecutor | None = None
+#: Below this many scores per head a thread hand-off costs more than the softmax it moves.
+POOL_MIN_SCORES = 64 * 1024
 
 
-def _softmax_pool() -> ThreadPoolExecutor | None:
-    """Threads for the per-head softmaxes, or None (one CPU thread, or autograd is recording).
+def _softmax_pool(scores: int) -> ThreadPoolExecutor | None:
+    """Threads for per-head softmaxes of ``scores`` elements each, or None (one CPU thread, small
+    scores, or autograd is recording).
 
     Paddle's CPU softmax kernel is single-threaded (profiled: 0.57 s of a 1.0 s step on 2 cores,
     the same at 1 and 2 threads) while its GEMMs use every core; it releases the GIL, so the
@@ -62,7 +65,7 @@ def _softmax_pool() -> ThreadPoolExecutor | None:
     tape is built on the calling thread only."""
     global _SOFTMAX_POOL
     threads = runtime.cpu_threads()
-    if threads < 2 or paddle.is_grad_enabled():
+    if threads < 2 or scores < POOL_MIN_SCORES or paddle.is_grad_enabled():
         return None
     if _SOFTMAX_POOL is None or _SOFTMAX_POOL._max_workers != threads:
         _SOFTMAX_POOL = ThreadPoolExecutor(threads, thread_name_prefix="sd3-softmax")
@@ -95,7 +98,7 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, heads: int) 
     # Python threads measured no faster: the GEMMs already use every core.)
     q = q * (dh**-0.5)  # on q (Lq*Dh multiplies) rather than the scores (Lq*Lk); same in float32
     qs, ks, vs = (paddle.split(t, heads, axis=-1) for t in (q, k, v))
-    pool = _softmax_pool()
+    pool = _softmax_pool(lq * lk)
     group = pool._max_workers if pool is not None else 1  # heads whose scores are alive at once
     per_head = []
     for start in range(0, heads, group):

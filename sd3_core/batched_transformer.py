@@ -52,32 +52,26 @@ def _head_norm(x: paddle.Tensor, heads: int, norm) -> paddle.Tensor:
 
 
 #: How attention is laid out: "batched" runs all samples and heads as one ``[B, H, L, L]``
-#: matmul/softmax (fused flash kernel on GPU in half precision); "per_head" runs 2-D matmuls per
-#: sample and head, whose ``[L, L]`` scores stay in cache (measured 1.3-1.4x faster for float32 on
-#: CPU, but slower than "batched" in bfloat16: benchmarks/step_time.py).
-ATTENTION_LAYOUTS = ("batched", "per_head")
+#: matmul/softmax (the fused flash kernel on GPU in half precision); "cpu_fused" is Paddle's fused
+#: CPU kernel ``self_dp_attention`` (blocked online softmax, float32 accumulation), which exists
+#: only in static programs, so eagerly it computes "batched"'s math. On the small config of
+#: benchmarks/step_time.py (AMD EPYC, 2 threads) cpu_fused took the float32 program from 0.99 s
+#: (2-D matmuls per head) to 0.82 s a step, and the bfloat16 one from 0.75 s (batched) to 0.57 s.
+ATTENTION_LAYOUTS = ("batched", "cpu_fused")
 
 
 def _attention(
     q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, heads: int, layout: str
 ) -> paddle.Tensor:
     """Softmax attention of ``[B, Lq, H*Dh]`` queries over ``[B, Lk, H*Dh]`` keys/values."""
-    # Written without comprehensions: paddle.jit.to_static's AST converter mistranslates them.
     b, lq, d = q.shape
     lk = k.shape[1]
     dh = d // heads
-    if layout == "per_head":
-        samples = []
-        for i in range(b):
-            qs = paddle.split(q[i] * (dh**-0.5), heads, axis=-1)
-            ks = paddle.split(k[i], heads, axis=-1)
-            vs = paddle.split(v[i], heads, axis=-1)
-            outs = []
-            for h in range(heads):
-                scores = paddle.matmul(qs[h], ks[h], transpose_y=True)
-                outs.append(paddle.matmul(F.softmax(scores, axis=-1), vs[h]))
-            samples.append(paddle.concat(outs, axis=-1))
-        return paddle.stack(samples)
+    if layout == "cpu_fused" and not paddle.in_dynamic_mode():
+        if lq != lk:
+            raise ValueError(f"cpu_fused attention is self-attention: {lq} queries, {lk} keys")
+        qkv = paddle.stack([q, k, v], axis=2).reshape([b, lq, 3, heads, dh])
+        return paddle._C_ops.self_dp_attention(qkv, dh**-0.5, heads).reshape([b, lq, d])
     q4 = q.reshape([b, lq, heads, dh])
     k4 = k.reshape([b, lk, heads, dh])
     v4 = v.reshape([b, lk, heads, dh])
@@ -134,10 +128,14 @@ class _BatchedBlock(paddle.nn.Layer):
         self.p = _Projections(dtype)
         self.p.take("qkv", [attn.to_q, attn.to_k, attn.to_v])
         self.p.take("out", [attn.to_out[0]])
-        if self.context_pre_only:  # the last block's context queries would only feed discarded outputs
+        # The last block's context queries only feed discarded outputs; the fused CPU kernel is
+        # self-attention, so there they are computed anyway.
+        self.ctx_queries = not self.context_pre_only or layout == "cpu_fused"
+        if not self.ctx_queries:
             self.p.take("ctx_kv", [attn.add_k_proj, attn.add_v_proj])
         else:
             self.p.take("ctx_qkv", [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+        if not self.context_pre_only:
             self.p.take("ctx_out", [attn.to_add_out])
             self.p.take("ctx_ff1", [block.ff_context.net[0].proj])
             self.p.take("ctx_ff2", [block.ff_context.net[2]])
@@ -164,15 +162,16 @@ class _BatchedBlock(paddle.nn.Layer):
         cm = paddle.split(ctx_mod.unsqueeze(1), self.ctx_chunks, axis=-1)
         q, k, v = self._qkv("qkv", _modulate(x, im[0], im[1]), self.norm_q, self.norm_k)
         n_img = x.shape[1]
-        if self.context_pre_only:
-            scale, shift = cm  # AdaLayerNormContinuous order
-            k_c, v_c = paddle.split(self.p.linear("ctx_kv", _modulate(c, shift, scale)), 2, axis=-1)
+        # AdaLayerNormContinuous (the last block) orders its two chunks (scale, shift).
+        c_in = _modulate(c, cm[1], cm[0]) if self.context_pre_only else _modulate(c, cm[0], cm[1])
+        if not self.ctx_queries:
+            k_c, v_c = paddle.split(self.p.linear("ctx_kv", c_in), 2, axis=-1)
             k_c = _head_norm(k_c, self.heads, self.norm_ck)
             out_x = _attention(
                 q, paddle.concat([k, k_c], 1), paddle.concat([v, v_c], 1), self.heads, self.layout
             )
         else:
-            q_c, k_c, v_c = self._qkv("ctx_qkv", _modulate(c, cm[0], cm[1]), self.norm_cq, self.norm_ck)
+            q_c, k_c, v_c = self._qkv("ctx_qkv", c_in, self.norm_cq, self.norm_ck)
             k_all, v_all = paddle.concat([k, k_c], 1), paddle.concat([v, v_c], 1)
             out = _attention(paddle.concat([q, q_c], 1), k_all, v_all, self.heads, self.layout)
             out_x, out_c = out[:, :n_img], out[:, n_img:]

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 PROGRAM_CACHE_ENV = "SD3_RAY_PROGRAM_CACHE"
-FORMAT_VERSION = 1  # bump when the exported function or the entry layout changes
+FORMAT_VERSION = 2  # bump when the exported function or the entry layout changes
 _FILES = ("model.json", "model.pdiparams")
 _INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep_features")
 
@@ -162,8 +162,7 @@ class TransformerProgram:
             raise ValueError("this CPU has no native bfloat16 (avx512_bf16 / amx_bf16); use 'float32'")
         self.cache_dir = cache_dir or default_program_cache()
         self.threads = threads or runtime.cpu_threads()
-        # The faster attention layout for this precision (benchmarks/step_time.py measures both).
-        self.attention_layout = "per_head" if _on_cpu() and self.precision == "float32" else "batched"
+        self.attention_layout = "cpu_fused" if _on_cpu() else "batched"  # see ATTENTION_LAYOUTS
         self._predictors: dict[tuple, Any] = {}
         self._weights: tuple[Any, str] | None = None  # (LoRA state token, weights sha256)
         self.exports = 0  # programs this object exported (the rest came from the cache)

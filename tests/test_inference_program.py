@@ -124,16 +124,21 @@ def test_lora_changes_select_another_program(tmp_path):
 
 
 @NEEDS_BF16
-def test_bfloat16_programs_run_batched_attention_and_float32_per_head(tmp_path):
-    model = fixture_model("sd3-tiny")
-    inputs, expected = case_inputs(CASES[0])
+def test_cpu_programs_run_the_fused_attention_kernel_in_both_precisions(tmp_path):
+    model = fixture_model("sd35-tiny")  # qk-norm, dual attention and a context_pre_only block
+    inputs, expected = case_inputs(next(c for c in CASES if c["fixture"] == "sd35-tiny"))
     f32 = TransformerProgram(model, "float32", str(tmp_path))
     bf16 = TransformerProgram(model, "bfloat16", str(tmp_path))
-    assert (f32.attention_layout, bf16.attention_layout) == ("per_head", "batched")
+    assert f32.attention_layout == bf16.attention_layout == "cpu_fused"
     out = bf16(*inputs).numpy()
     assert 0 < np.abs(out - expected).max() < 0.1  # bfloat16 math, near the float32 reference
-    f32(*inputs)
-    assert (f32.exports, bf16.exports) == (1, 1)  # one program per layout
+    np.testing.assert_allclose(f32(*inputs).numpy(), expected, rtol=0, atol=5e-5)
+    # One exported float32 program serves both: bfloat16 is the predictor's oneDNN pass.
+    assert (f32.exports, bf16.exports) == (0, 1)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    program = (entry / "model.json").read_text()
+    dual = len(model.config.dual_attention_layers)
+    assert program.count("self_dp_attention") == len(model.transformer_blocks) + dual
 
 
 def test_tensor_parallel_shards_and_cpu_float16_are_refused():

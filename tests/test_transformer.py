@@ -92,13 +92,15 @@ def test_softmaxes_on_several_threads_give_the_serial_result_bit_for_bit(monkeyp
     from sd3_core import runtime
 
     rng = np.random.default_rng(2)
-    q, k, v = (paddle.to_tensor(rng.standard_normal((7, 5 * 4)).astype(np.float32)) for _ in range(3))
+    tokens = 260  # 67600 scores per head: at least POOL_MIN_SCORES
+    q, k, v = (paddle.to_tensor(rng.standard_normal((tokens, 5 * 4)).astype(np.float32)) for _ in range(3))
     serial = attention(q, k, v, 5).numpy()  # grad mode on: never the pool
     monkeypatch.setattr(runtime, "cpu_threads", lambda: threads)
     with paddle.no_grad():
-        assert (attention_module._softmax_pool() is None) == (threads == 1)
+        assert (attention_module._softmax_pool(tokens * tokens) is None) == (threads == 1)
+        assert attention_module._softmax_pool(attention_module.POOL_MIN_SCORES - 1) is None  # too small
         np.testing.assert_array_equal(attention(q, k, v, 5).numpy(), serial)  # 5 heads in groups of `threads`
-    assert attention_module._softmax_pool() is None  # recording gradients: the calling thread only
+    assert attention_module._softmax_pool(tokens * tokens) is None  # recording gradients: no pool
 
 
 def test_fused_modulated_norm_equals_layer_norm_then_modulate():
