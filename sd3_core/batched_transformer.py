@@ -60,18 +60,11 @@ def _head_norm(x: paddle.Tensor, heads: int, norm) -> paddle.Tensor:
 ATTENTION_LAYOUTS = ("batched", "cpu_fused")
 
 
-def _attention(
-    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, heads: int, layout: str
-) -> paddle.Tensor:
+def _attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, heads: int) -> paddle.Tensor:
     """Softmax attention of ``[B, Lq, H*Dh]`` queries over ``[B, Lk, H*Dh]`` keys/values."""
     b, lq, d = q.shape
     lk = k.shape[1]
     dh = d // heads
-    if layout == "cpu_fused" and not paddle.in_dynamic_mode():
-        if lq != lk:
-            raise ValueError(f"cpu_fused attention is self-attention: {lq} queries, {lk} keys")
-        qkv = paddle.stack([q, k, v], axis=2).reshape([b, lq, 3, heads, dh])
-        return paddle._C_ops.self_dp_attention(qkv, dh**-0.5, heads).reshape([b, lq, d])
     q4 = q.reshape([b, lq, heads, dh])
     k4 = k.reshape([b, lk, heads, dh])
     v4 = v.reshape([b, lk, heads, dh])
@@ -81,6 +74,18 @@ def _attention(
         scores = paddle.matmul((q4 * (dh**-0.5)).transpose([0, 2, 1, 3]), k4.transpose([0, 2, 3, 1]))
         out = paddle.matmul(F.softmax(scores, axis=-1), v4.transpose([0, 2, 1, 3])).transpose([0, 2, 1, 3])
     return out.reshape([b, lq, d])
+
+
+def _self_attention(qkv: paddle.Tensor, heads: int, layout: str) -> paddle.Tensor:
+    """Self-attention of ``[B, L, 3*H*Dh]`` tokens laid out ``[q | k | v]``; ``[B, L, H*Dh]`` out."""
+    b, n, d3 = qkv.shape
+    d = d3 // 3
+    if layout == "cpu_fused" and not paddle.in_dynamic_mode():
+        dh = d // heads  # the kernel reads [B, L, 3, H, Dh]: this tensor, reshaped without a copy
+        out = paddle._C_ops.self_dp_attention(qkv.reshape([b, n, 3, heads, dh]), dh**-0.5, heads)
+        return out.reshape([b, n, d])
+    q, k, v = paddle.split(qkv, 3, axis=-1)
+    return _attention(q, k, v, heads)
 
 
 class _Projections(paddle.nn.Layer):
@@ -149,9 +154,15 @@ class _BatchedBlock(paddle.nn.Layer):
             self.p.take("out2", [block.attn2.to_out[0]])
             self.norm_q2, self.norm_k2 = block.attn2.norm_q, block.attn2.norm_k
 
-    def _qkv(self, name: str, x: paddle.Tensor, norm_q, norm_k):
-        q, k, v = paddle.split(self.p.linear(name, x), 3, axis=-1)
-        return _head_norm(q, self.heads, norm_q), _head_norm(k, self.heads, norm_k), v
+    def _qkv(self, name: str, x: paddle.Tensor, norm_q, norm_k) -> paddle.Tensor:
+        """``[B, L, 3*inner]`` = ``[q | k | v]`` of ``x``, the per-head norms applied to q and k."""
+        qkv = self.p.linear(name, x)
+        if norm_q is None:
+            return qkv
+        q, k, v = paddle.split(qkv, 3, axis=-1)
+        return paddle.concat(
+            [_head_norm(q, self.heads, norm_q), _head_norm(k, self.heads, norm_k), v], axis=-1
+        )
 
     def _ff(self, prefix: str, x: paddle.Tensor) -> paddle.Tensor:
         return self.p.linear(f"{prefix}ff2", F.gelu(self.p.linear(f"{prefix}ff1", x), approximate=True))
@@ -160,26 +171,24 @@ class _BatchedBlock(paddle.nn.Layer):
         """``x`` ``[B, L, D]``, ``c`` ``[B, Lc, D]``, modulations ``[B, chunks*D]``; new ``(x, c)``."""
         im = paddle.split(img_mod.unsqueeze(1), self.img_chunks, axis=-1)
         cm = paddle.split(ctx_mod.unsqueeze(1), self.ctx_chunks, axis=-1)
-        q, k, v = self._qkv("qkv", _modulate(x, im[0], im[1]), self.norm_q, self.norm_k)
+        qkv = self._qkv("qkv", _modulate(x, im[0], im[1]), self.norm_q, self.norm_k)
         n_img = x.shape[1]
         # AdaLayerNormContinuous (the last block) orders its two chunks (scale, shift).
         c_in = _modulate(c, cm[1], cm[0]) if self.context_pre_only else _modulate(c, cm[0], cm[1])
-        if not self.ctx_queries:
+        if self.ctx_queries:
+            qkv_c = self._qkv("ctx_qkv", c_in, self.norm_cq, self.norm_ck)
+            out = _self_attention(paddle.concat([qkv, qkv_c], 1), self.heads, self.layout)
+            out_x, out_c = out[:, :n_img], out[:, n_img:]
+        else:  # image queries only, over image and context keys/values
+            q, k, v = paddle.split(qkv, 3, axis=-1)
             k_c, v_c = paddle.split(self.p.linear("ctx_kv", c_in), 2, axis=-1)
             k_c = _head_norm(k_c, self.heads, self.norm_ck)
-            out_x = _attention(
-                q, paddle.concat([k, k_c], 1), paddle.concat([v, v_c], 1), self.heads, self.layout
-            )
-        else:
-            q_c, k_c, v_c = self._qkv("ctx_qkv", c_in, self.norm_cq, self.norm_ck)
-            k_all, v_all = paddle.concat([k, k_c], 1), paddle.concat([v, v_c], 1)
-            out = _attention(paddle.concat([q, q_c], 1), k_all, v_all, self.heads, self.layout)
-            out_x, out_c = out[:, :n_img], out[:, n_img:]
+            out_x = _attention(q, paddle.concat([k, k_c], 1), paddle.concat([v, v_c], 1), self.heads)
         x2_in = _modulate(x, im[6], im[7]) if self.dual else None
         x = x + im[2] * self.p.linear("out", out_x)
         if self.dual:
-            q2, k2, v2 = self._qkv("qkv2", x2_in, self.norm_q2, self.norm_k2)
-            x = x + im[8] * self.p.linear("out2", _attention(q2, k2, v2, self.heads, self.layout))
+            qkv2 = self._qkv("qkv2", x2_in, self.norm_q2, self.norm_k2)
+            x = x + im[8] * self.p.linear("out2", _self_attention(qkv2, self.heads, self.layout))
         x = x + im[5] * self._ff("", _modulate(x, im[3], im[4]))
         if self.context_pre_only:
             return x, None

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 PROGRAM_CACHE_ENV = "SD3_RAY_PROGRAM_CACHE"
-FORMAT_VERSION = 2  # bump when the exported function or the entry layout changes
+FORMAT_VERSION = 3  # bump when the exported function or the entry layout changes
 _FILES = ("model.json", "model.pdiparams")
 _INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep_features")
 
