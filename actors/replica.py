@@ -298,7 +298,9 @@ class GenerateStage:
                 out.append(row)
         for members in groups.values():
             out.extend(self._render_group(members))
-        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+        # The items' pass-through columns (beyond ITEM_SCHEMA) ride along unchanged.
+        passthrough = [f for f in batch.schema if f.name not in ITEM_SCHEMA.names]
+        return pa.Table.from_pylist(out, schema=pa.schema([*RESULT_SCHEMA, *passthrough]))
 
     def _render_group(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:

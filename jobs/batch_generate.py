@@ -36,17 +36,26 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from actors.replica import DEVICES, DTYPES, GROUP_COLUMNS, ITEM_SCHEMA, GenerateStage, ReplicaSpec
+from actors.replica import (
+    DEVICES,
+    DTYPES,
+    GROUP_COLUMNS,
+    ITEM_SCHEMA,
+    RESULT_SCHEMA,
+    GenerateStage,
+    ReplicaSpec,
+)
 from jobs import manifest
 from jobs.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
 from jobs.prompt_table import (
+    KNOWN_COLUMNS,
     WORK_ROW_SCHEMA,
     JobDefaults,
     PromptTableError,
     ReadUnit,
     WorkRow,
     check_unique_ids,
-    plan_read_units,
+    plan_table,
     prompts_table,
     read_unit,
     resolve_rows,
@@ -329,7 +338,7 @@ def _items_of_rows(rows: Sequence[WorkRow], done: frozenset, errors: frozenset) 
     out: list[dict[str, Any]] = []
     for row in rows:
         # Every work-row column; `seed` and `k` are set per image below.
-        base = {name: getattr(row, name) for name in WORK_ROW_SCHEMA.names}
+        base = {**row.passthrough, **{name: getattr(row, name) for name in WORK_ROW_SCHEMA.names}}
         base["max_sequence_length"] = row.max_sequence_length or DEFAULT_T5_LENGTH
         if row.error is not None:
             todo = [
@@ -366,8 +375,20 @@ def _valid_seed(seed: int | None) -> int | None:
     return seed if seed is not None and 0 <= seed < 2**63 else None
 
 
-def _to_items_table(items: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(items, schema=ITEM_SCHEMA)
+def _to_items_table(items: list[dict[str, Any]], passthrough: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(items, schema=pa.schema([*ITEM_SCHEMA, *passthrough]))
+
+
+def _check_passthrough(passthrough: pa.Schema, where: str) -> None:
+    """JobError for a pass-through column named like a column the job writes itself."""
+    reserved = manifest.reserved_names() | set(RESULT_SCHEMA.names).difference(KNOWN_COLUMNS)
+    clash = [name for name in passthrough.names if name in reserved]
+    if clash:
+        names = ", ".join(f"`{n}`" for n in clash)
+        raise JobError(
+            f"--prompts {where}: column(s) {names} would pass through to the manifest, which writes "
+            f"its own column of that name; rename them in the table (e.g. `input_{clash[0]}`)"
+        )
 
 
 def _get(value: Any) -> Any:
@@ -384,17 +405,20 @@ def _read_stage(
     storage: StorageOptions,
     done: frozenset,
     errors: frozenset,
+    passthrough: pa.Schema,
 ) -> pa.Table:
-    """Read units (one row group each) -> work items."""
+    """Read units (one row group each) -> work items (with the job's pass-through columns)."""
     rows: list[WorkRow] = []
     for unit in batch.to_pylist():
         rows.extend(resolve_rows(read_unit(ReadUnit.from_dict(unit), storage), defaults))
-    return _to_items_table(_items_of_rows(rows, _get(done), _get(errors)))
+    return _to_items_table(_items_of_rows(rows, _get(done), _get(errors)), passthrough)
 
 
 def _inline_stage(batch: pa.Table, *, defaults: JobDefaults, done: frozenset, errors: frozenset) -> pa.Table:
     """Rows of an in-memory prompt table (`--prompt`) -> work items."""
-    return _to_items_table(_items_of_rows(resolve_rows(batch, defaults), _get(done), _get(errors)))
+    return _to_items_table(
+        _items_of_rows(resolve_rows(batch, defaults), _get(done), _get(errors)), pa.schema([])
+    )
 
 
 def encode_image(pixels: bytes, height: int, width: int, image_format: str) -> bytes:
@@ -412,6 +436,8 @@ def encode_image(pixels: bytes, height: int, width: int, image_format: str) -> b
 def _write_stage(batch: pa.Table, *, output: str, image_format: str, storage: StorageOptions) -> pa.Table:
     """Encode and store the batch's images, then its manifest part; returns small summaries."""
     items = batch.to_pylist()
+    passthrough = pa.schema([f for f in batch.schema if f.name not in RESULT_SCHEMA.names])
+    columns = [*manifest.MANIFEST_COLUMNS, *passthrough.names]
     records = []
     now = dt.datetime.now(dt.timezone.utc)
     for it in items:
@@ -422,14 +448,14 @@ def _write_stage(batch: pa.Table, *, output: str, image_format: str, storage: St
             uri = manifest.image_url(output, it["key"], it["k"], image_format)
             data = encode_image(it["image"], it["height"], it["width"], image_format)
             write_bytes_atomic(uri, data, storage)
-        record = {c: it.get(c) for c in manifest.MANIFEST_COLUMNS if c in it}
+        record = {c: it.get(c) for c in columns if c in it}
         record.update(image=uri, finished_at=now)
         records.append(record)
     if records:
         # A content-derived part id: if Ray retries this task, the part is overwritten, not doubled.
         ids = sorted(f"{r['key']}\0{r['k']}" for r in records)
         part_id = "p-" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:24]
-        manifest.write_part(output, records, storage, part_id=part_id)
+        manifest.write_part(output, records, storage, part_id=part_id, passthrough=passthrough)
     return pa.table(
         {
             "key": [it["key"] for it in items],
@@ -606,16 +632,19 @@ def run_job(config: JobConfig) -> JobResult:
 
     # 1. Inputs, checked before anything is written.
     units: list[ReadUnit] = []
+    passthrough = pa.schema([])
     inline: pa.Table | None = None
     if config.prompts is not None:
         try:
             prompts_url = normalize_url(config.prompts)
-            units = plan_read_units(prompts_url, storage)
+            plan = plan_table(prompts_url, storage)
+            units, passthrough = plan.units, plan.passthrough
             check_unique_ids(prompts_url, storage)
         except PromptTableError as e:
             raise JobError(f"--prompts {e}") from None
         except ValueError as e:
             raise JobError(f"--prompts {config.prompts}: {e}") from None
+        _check_passthrough(passthrough, config.prompts)
         total_rows = sum(u.num_rows for u in units)
         if total_rows == 0:
             raise JobError(f"--prompts {config.prompts}: the table has no rows")
@@ -672,7 +701,12 @@ def run_job(config: JobConfig) -> JobResult:
                 _read_stage,
                 batch_size=1,
                 batch_format="pyarrow",
-                fn_kwargs={"defaults": defaults, "storage": storage, **outcome_kwargs},
+                fn_kwargs={
+                    "defaults": defaults,
+                    "storage": storage,
+                    "passthrough": passthrough,
+                    **outcome_kwargs,
+                },
                 num_cpus=0,  # I/O bound; must not wait for CPUs the replicas hold
                 compute=ray.data.TaskPoolStrategy(size=min(2, len(units))),
             )

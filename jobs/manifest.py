@@ -4,6 +4,9 @@ Layout under the output URL `out`:
   images/{key}_{k}.{ext}                  the images (written before the part that names them)
   manifest/parts/{part_id}.parquet        one part per written batch, each written atomically
   manifest.parquet                        `finalize`: one row per (key, k), ok beats error, latest wins
+
+Columns: `MANIFEST_SCHEMA`, then the input's pass-through columns (those the job does not use) with
+their names and Arrow types (`manifest_schema`).
   job.json                                configuration, versions, counts, start/end times
 
 Resume: `done_keys` is the set of (key, k) with an "ok" row in some part; the job skips those. A
@@ -25,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.prompt_table import WorkRow
+from jobs.prompt_table import KNOWN_COLUMNS, WorkRow
 from jobs.storage import StorageOptions, get_fs, join_url, list_files, normalize_url, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,23 @@ MANIFEST_SCHEMA = pa.schema(
         ("model", pa.string()),  # model identity: URI + content hash (model_cache.model_identity)
         ("lora", pa.string()),  # adapter baked in: pinned reference + sha256 (PinnedLoRA.identity)
         ("lora_scale", pa.float64()),  # its scale (null without an adapter)
-        ("extra", pa.string()),  # JSON of the input's other columns
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 # Columns added after parts were first written: an older part without them reads them as null.
 ADDED_COLUMNS = ("lora", "lora_scale")
+_PART_COLUMN = "_part"  # added by `read_parts`
+
+
+def reserved_names() -> frozenset[str]:
+    """Names an input column cannot pass through under: manifest columns the job writes itself."""
+    return frozenset(MANIFEST_COLUMNS).difference(KNOWN_COLUMNS) | {_PART_COLUMN}
+
+
+def manifest_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """`MANIFEST_SCHEMA` followed by the `passthrough` columns."""
+    return pa.schema([*MANIFEST_SCHEMA, *(passthrough or [])])
 
 
 def image_url(out: str, key: str, k: int, ext: str = "png") -> str:
@@ -140,8 +153,8 @@ def manifest_row(
         "model": model,
         "lora": lora,
         "lora_scale": lora_scale,
-        "extra": row.extra,
         "finished_at": _now(),
+        **row.passthrough,
     }
 
 
@@ -173,13 +186,14 @@ def error_rows(
     ]
 
 
-def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Manifest rows (dicts) as an Arrow table with `MANIFEST_SCHEMA`; missing keys are null."""
-    cols = {name: [r.get(name) for r in rows] for name in MANIFEST_COLUMNS}
+def rows_to_table(rows: Sequence[Mapping[str, Any]], passthrough: pa.Schema | None = None) -> pa.Table:
+    """Manifest rows (dicts) as an Arrow table with `manifest_schema(passthrough)`; missing keys are null."""
+    schema = manifest_schema(passthrough)
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
     seeds = cols["seed"]
     if any(s is not None and not 0 <= s < 2**63 for s in seeds):
         raise ValueError("manifest seed outside 0..2**63-1")
-    return pa.table(cols, schema=MANIFEST_SCHEMA)
+    return pa.table(cols, schema=schema)
 
 
 def write_part(
@@ -187,10 +201,13 @@ def write_part(
     rows: Sequence[Mapping[str, Any]] | pa.Table,
     options: StorageOptions | None = None,
     part_id: str | None = None,
+    passthrough: pa.Schema | None = None,
 ) -> str:
-    """Write `rows` as one manifest part atomically (call it after their images exist); returns its URL."""
-    table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
-    table = table.select(list(MANIFEST_COLUMNS)).cast(MANIFEST_SCHEMA)
+    """Write `rows` (with their `passthrough` columns; other extra columns are dropped) as one
+    manifest part atomically (call it after their images exist); returns its URL."""
+    schema = manifest_schema(passthrough)
+    table = rows if isinstance(rows, pa.Table) else rows_to_table(rows, passthrough)
+    table = table.select(schema.names).cast(schema)
     part_id = new_part_id() if part_id is None else part_id
     if not _PART_ID.match(part_id) or ".." in part_id:
         raise ValueError(f"part id {part_id!r} is not a plain file name ([A-Za-z0-9._-], no '..')")
@@ -215,10 +232,12 @@ def read_parts(
 ) -> tuple[pa.Table, list[str]]:
     """All parts as one table (plus `_part`, its part URL) and the list of unreadable parts (not
     Parquet: skipped with a warning, their rows are recomputed as if never written). A part that
-    cannot be fetched (storage down beyond the retries) raises OSError instead."""
+    cannot be fetched (storage down beyond the retries) raises OSError instead. `columns=None`:
+    every manifest column plus the parts' pass-through columns (null where a part lacks one)."""
     urls = part_urls(out, options)
     wanted = list(columns) if columns is not None else list(MANIFEST_COLUMNS)
     schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in wanted])
+    keep_others = columns is None
     tables, bad = [], []
     if urls:
         fs, _ = get_fs(urls[0], options)
@@ -239,29 +258,41 @@ def read_parts(
                     # finalize a manifest that silently lacks this part's rows.
                     raise OSError(f"cannot read manifest part {url}: {data}") from data
                 try:
-                    t = _read_part(data, schema)
+                    t = _read_part(data, schema, keep_others)
                 except (pa.ArrowException, KeyError, ValueError) as e:
                     # Parts are written atomically, so this is a foreign or damaged file.
                     log.warning("skipping unreadable manifest part %s: %s", url, e)
                     bad.append(url)
                     continue
-                tables.append(t.append_column("_part", pa.array([url] * t.num_rows, pa.string())))
+                tables.append(t.append_column(_PART_COLUMN, pa.array([url] * t.num_rows, pa.string())))
     if not tables:
-        return pa.schema([*schema, pa.field("_part", pa.string())]).empty_table(), bad
-    return pa.concat_tables(tables), bad
+        return pa.schema([*schema, pa.field(_PART_COLUMN, pa.string())]).empty_table(), bad
+    try:
+        merged = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowInvalid as e:  # a pass-through column's type changed between runs
+        raise ValueError(f"{out}: the manifest parts disagree on a column's type ({e})") from None
+    if keep_others:  # fixed columns first, `_part` last
+        others = [n for n in merged.column_names if n not in schema.names and n != _PART_COLUMN]
+        merged = merged.select([*schema.names, *others, _PART_COLUMN])
+    return merged, bad
 
 
-def _read_part(data: bytes, schema: pa.Schema) -> pa.Table:
-    """The `schema` columns of a part's bytes; an `ADDED_COLUMNS` column it predates is null."""
+def _read_part(data: bytes, schema: pa.Schema, keep_others: bool = False) -> pa.Table:
+    """The `schema` columns of a part's bytes (then its other columns if `keep_others`); an
+    `ADDED_COLUMNS` column it predates is null."""
     # Not pq.read_table: its background reads of an in-memory file can outlive the call and abort
     # the process when it exits soon after (apache/arrow#34314), e.g. a refused `sd3 generate`.
     with pq.ParquetFile(pa.BufferReader(data), pre_buffer=False) as part:
         present = set(part.schema_arrow.names)
         absent = {name for name in schema.names if name not in present and name in ADDED_COLUMNS}
-        table = part.read(columns=[n for n in schema.names if n not in absent], use_threads=False)
+        others = [n for n in part.schema_arrow.names if n not in schema.names] if keep_others else []
+        table = part.read(columns=[n for n in schema.names if n not in absent] + others, use_threads=False)
     for name in absent:
         table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
-    return table.select(schema.names).cast(schema)
+    fixed = table.select(schema.names).cast(schema)
+    for name in others:
+        fixed = fixed.append_column(table.schema.field(name), table.column(name))
+    return fixed
 
 
 def _cat_one(fs, path: str) -> bytes | BaseException:
@@ -309,7 +340,7 @@ def finalize(out: str, options: StorageOptions | None = None) -> dict[str, Any]:
         order = sorted(
             (i for _, i in keep.values()), key=lambda i: _position_sort_key(positions[i], keys[i], ks[i])
         )
-        merged = table.take(pa.array(order, pa.int64())).drop_columns(["_part"])
+        merged = table.take(pa.array(order, pa.int64())).drop_columns([_PART_COLUMN])
     else:
         merged = MANIFEST_SCHEMA.empty_table()
     url = manifest_url(normalize_url(out))

@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote
 
@@ -128,8 +128,9 @@ class WorkRow:
     guidance_scale: float | None = None
     max_sequence_length: int | None = None
     num_images: int | None = None
-    extra: str = "{}"
     error: str | None = None
+    # The input's unused columns (name -> value), carried to the manifest unchanged.
+    passthrough: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -162,17 +163,19 @@ WORK_ROW_SCHEMA = pa.schema(
         ("guidance_scale", pa.float64()),
         ("max_sequence_length", pa.int64()),
         ("num_images", pa.int64()),
-        ("extra", pa.string()),
         ("error", pa.string()),
     ]
 )
-assert [f.name for f in fields(WorkRow)] == WORK_ROW_SCHEMA.names
+assert [f.name for f in fields(WorkRow)] == [*WORK_ROW_SCHEMA.names, "passthrough"]
 
 
-def work_rows_to_table(rows: Sequence[WorkRow]) -> pa.Table:
-    """WorkRows as an Arrow table with the fixed `WORK_ROW_SCHEMA` (the same for every batch)."""
+def work_rows_to_table(rows: Sequence[WorkRow], passthrough: pa.Schema | None = None) -> pa.Table:
+    """WorkRows as an Arrow table: `WORK_ROW_SCHEMA` then the `passthrough` columns (the job's
+    `TablePlan.passthrough`, so every batch has the same schema)."""
+    extra = passthrough or pa.schema([])
     cols = {name: [getattr(r, name) for r in rows] for name in WORK_ROW_SCHEMA.names}
-    return pa.table(cols, schema=WORK_ROW_SCHEMA)
+    cols.update({name: [r.passthrough.get(name) for r in rows] for name in extra.names})
+    return pa.table(cols, schema=pa.schema([*WORK_ROW_SCHEMA, *extra]))
 
 
 def work_rows_from_batch(batch: pa.Table | Mapping[str, Any]) -> list[WorkRow]:
@@ -182,18 +185,17 @@ def work_rows_from_batch(batch: pa.Table | Mapping[str, Any]) -> list[WorkRow]:
     else:
         cols = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
     n = len(cols["id"])
+    others = [c for c in cols if c not in WORK_ROW_SCHEMA.names]
     out = []
     for i in range(n):
-        values = {}
-        for f in fields(WorkRow):
+        values: dict[str, Any] = {"passthrough": {c: cols[c][i] for c in others}}
+        for f in fields(WorkRow)[:-1]:
             v = cols[f.name][i] if f.name in cols else None
             if isinstance(v, float) and math.isnan(v):
                 v = None  # pandas turns missing numbers into NaN (a NaN given in a table is an error row's)
             if v is not None and f.name in INT_COLUMNS:
                 v = int(v)
             values[f.name] = v
-        if values["extra"] is None:
-            values["extra"] = "{}"
         out.append(WorkRow(**values))
     return out
 
@@ -232,26 +234,55 @@ def position_id(position: str) -> str:
 # --------------------------------------------------------------------------- planning
 
 
-def plan_read_units(url: str, options: StorageOptions | None = None) -> list[ReadUnit]:
-    """One ReadUnit per non-empty row group of the table at `url`, in a deterministic order.
+@dataclass(frozen=True)
+class TablePlan:
+    """What a job reads: its `ReadUnit`s and the schema of its pass-through columns (the columns
+    the job does not use, in first-seen order, with their Arrow types; partition keys are strings)."""
+
+    units: list[ReadUnit]
+    passthrough: pa.Schema
+
+
+def plan_table(url: str, options: StorageOptions | None = None) -> TablePlan:
+    """The read units (one per non-empty row group, in a deterministic order) and pass-through schema
+    of the table at `url`.
 
     Checks every file's footer first: PromptTableError for a missing input, a file that is not
-    Parquet, a file without a `prompt` column, or a known column of the wrong type."""
+    Parquet, a file without a `prompt` column, a known column of the wrong type, or a pass-through
+    column whose type differs between files (an all-null column fits any type)."""
     url = normalize_url(url)
     files = _table_files(url, options)
     fs, _ = get_fs(url, options)
     units: list[ReadUnit] = []
+    passthrough: dict[str, tuple[pa.Field, str]] = {}  # name -> (field, the file it came from)
     for file_url, relpath, partition in files:
         meta, schema = _footer(fs, file_url, options)
         check_schema(schema, f"{url} ({relpath})" if relpath != _basename(url) else url)
         _check_partition(partition, schema, url, relpath)
+        columns = [*schema, *(pa.field(k, pa.string()) for k, _ in partition)]
+        for f in columns:
+            if f.name in KNOWN_COLUMNS or f.name == POSITION_COLUMN:
+                continue
+            seen = passthrough.get(f.name)
+            if seen is None or pa.types.is_null(seen[0].type):
+                passthrough[f.name] = (f.with_nullable(True), relpath)
+            elif not pa.types.is_null(f.type) and f.type != seen[0].type:
+                raise PromptTableError(
+                    f"{url}: column `{f.name}` has type {seen[0].type} in {seen[1]} but {f.type} in "
+                    f"{relpath}; the files of a table must agree (cast it in one of them)"
+                )
         first = 0
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             if n:
                 units.append(ReadUnit(file_url, relpath, g, first, n, partition))
             first += n
-    return units
+    return TablePlan(units, pa.schema([f for f, _ in passthrough.values()]))
+
+
+def plan_read_units(url: str, options: StorageOptions | None = None) -> list[ReadUnit]:
+    """The `ReadUnit`s of `plan_table`."""
+    return plan_table(url, options).units
 
 
 def check_schema(schema: pa.Schema, where: str) -> None:
@@ -404,11 +435,11 @@ def resolve_rows(table: pa.Table, defaults: JobDefaults) -> list[WorkRow]:
         raise ValueError(
             f"resolve_rows: rows without an `id` need the `{POSITION_COLUMN}` column of read_unit"
         )
-    extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS and c != POSITION_COLUMN]
-    return [_resolve_one(data, i, positions[i], extra_names, defaults) for i in range(n)]
+    others = [c for c in table.column_names if c not in KNOWN_COLUMNS and c != POSITION_COLUMN]
+    return [_resolve_one(data, i, positions[i], others, defaults) for i in range(n)]
 
 
-def _resolve_one(data: dict, i: int, position: str, extra_names: list[str], d: JobDefaults) -> WorkRow:
+def _resolve_one(data: dict, i: int, position: str, others: list[str], d: JobDefaults) -> WorkRow:
     problems: list[str] = []
 
     def get(name: str):
@@ -479,7 +510,6 @@ def _resolve_one(data: dict, i: int, position: str, extra_names: list[str], d: J
         if seed < 0 or last > MAX_SEED:
             problems.append(f"seed: {seed} is outside 0..2**63-1 (for all {num_images} image seeds)")
 
-    extra = {name: _jsonable(get(name)) for name in extra_names}
     error = None
     if problems:
         error = f"row id {row_id!r} (position {position}): " + "; ".join(problems)
@@ -500,21 +530,9 @@ def _resolve_one(data: dict, i: int, position: str, extra_names: list[str], d: J
         guidance_scale=guidance,
         max_sequence_length=max_seq,
         num_images=num_images,
-        extra=json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str),
         error=error,
+        passthrough={name: get(name) for name in others},
     )
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 # --------------------------------------------------------------------------- whole-table checks
@@ -573,12 +591,14 @@ __all__ = [
     "JobDefaults",
     "PromptTableError",
     "ReadUnit",
+    "TablePlan",
     "WorkRow",
     "WORK_ROW_SCHEMA",
     "check_schema",
     "check_unique_ids",
     "iter_work_rows",
     "plan_read_units",
+    "plan_table",
     "position_id",
     "prompts_table",
     "read_unit",

@@ -8,6 +8,7 @@ module; the driver-kill test runs `sd3 generate` as a subprocess against it. Tin
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import io
 import json
@@ -94,12 +95,30 @@ def fifty_rows() -> list[dict]:
                 "num_images": 1 + (i % 5 == 0),
                 "seed": 1000 + i if i % 7 == 0 else None,
                 "tag": f"t{i % 3}",
+                "n": i,
+                "score": i / 4,
+                "flag": i % 2 == 0,
+                "ids": list(range(i % 3)),
+                "when": dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(hours=i),
             }
         )
     for rid, (overrides, _) in BAD_ROWS.items():
         base = {**rows[0], "id": rid, "seed": None, "num_images": 1}
         rows.append({**base, **overrides})
     return rows
+
+
+# The columns the job does not use: they reach the manifest with these names and types.
+PASSTHROUGH = pa.schema(
+    [
+        ("tag", pa.string()),
+        ("n", pa.int64()),
+        ("score", pa.float64()),
+        ("flag", pa.bool_()),
+        ("ids", pa.list_(pa.int64())),
+        ("when", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 def rows_table(rows: list[dict]) -> pa.Table:
@@ -114,7 +133,7 @@ def rows_table(rows: list[dict]) -> pa.Table:
             ("guidance_scale", pa.float64()),
             ("num_images", pa.int64()),
             ("seed", pa.int64()),
-            ("tag", pa.string()),
+            *PASSTHROUGH,
         ]
     )
     return pa.Table.from_pylist(rows, schema=schema)
@@ -131,6 +150,7 @@ def simple_table(path, n: int, steps: int = 2) -> set[tuple[str, int]]:
                 "id": [f"p{i:03d}" for i in range(n)],
                 "prompt": [f"prompt number {i}" for i in range(n)],
                 "num_inference_steps": [steps] * n,
+                "n": list(range(n)),  # passed through to the manifest
             }
         ),
         path,
@@ -195,7 +215,11 @@ def test_fifty_rows_mixed_sizes_and_bad_rows(fifty_row_job):
         assert words in errors[rid] and rid in errors[rid], errors[rid]
     by_id = {(r["id"], r["k"]): r for r in merged.to_pylist()}
     r0 = by_id[("row-00", 1)]  # num_images 2, seed given: seeds 1000, 1001
-    assert (r0["seed"], r0["negative_prompt"], json.loads(r0["extra"])) == (1001, "blurry", {"tag": "t0"})
+    assert (r0["seed"], r0["negative_prompt"]) == (1001, "blurry")
+    assert merged.schema.equals(manifest.manifest_schema(PASSTHROUGH))
+    given = {r["id"]: r for r in rows}
+    for (rid, _), r in by_id.items():  # ok and error rows alike carry the input's values
+        assert {c: r[c] for c in PASSTHROUGH.names} == {c: given[rid][c] for c in PASSTHROUGH.names}
     assert by_id[("row-01", 0)]["height"] == 64 and by_id[("row-01", 0)]["width"] == 96
     assert all("/" not in r["image"].split("/images/")[1] for r in merged.to_pylist() if r["image"])
     assert by_id[("row-01", 0)]["model"].startswith(MODEL + "#sha256:")
@@ -291,7 +315,8 @@ def test_killed_driver_then_rerun_recomputes_only_in_flight_rows(ray_address, tm
     parts_before = set(manifest.part_urls(output))
 
     result = run_job(_job(output, str(tmp_path / "t.parquet"), batch_size=2))
-    check_complete(output, expected)
+    merged = check_complete(output, expected)
+    assert [int(i[1:]) for i in merged["id"].to_pylist()] == merged["n"].to_pylist()
     # Only what was not done is computed again: nothing in an earlier part is in a new part.
     assert result.processed_images == len(expected) - len(done_before)
     new_rows, _ = manifest.read_parts(output, columns=["key", "k"])
@@ -346,6 +371,9 @@ def malformed_cases(tmp_path, s3_endpoint):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "a_file").write_text("x")
     dup = _table(tmp_path / "dup.parquet", id=["a", "b", "a"], prompt=["x", "y", "z"])
+    (tmp_path / "mixed").mkdir()
+    _table(tmp_path / "mixed" / "a.parquet", prompt=["x"], tag=[1])
+    _table(tmp_path / "mixed" / "b.parquet", prompt=["y"], tag=["one"])
     return [
         ("missing file", ["--prompts", str(tmp_path / "nope.parquet")], "no such file"),
         ("not parquet", ["--prompts", str(tmp_path / "text.parquet")], "not a readable Parquet file"),
@@ -353,6 +381,8 @@ def malformed_cases(tmp_path, s3_endpoint):
         ("prompt not text", ["--prompts", _table(tmp_path / "pi.parquet", prompt=[1, 2])], "column `prompt` has type int64"),
         ("height not int", ["--prompts", _table(tmp_path / "hs.parquet", prompt=["x"], height=["big"])], "column `height` has type string"),
         ("duplicate ids", ["--prompts", dup], "duplicate id(s): 'a' (2x)"),
+        ("manifest column", ["--prompts", _table(tmp_path / "st.parquet", prompt=["x"], status=["new"])], "column(s) `status` would pass through to the manifest"),
+        ("column types differ", ["--prompts", str(tmp_path / "mixed")], "column `tag` has type int64 in a.parquet but string in b.parquet"),
         ("empty table", ["--prompts", _table(tmp_path / "e.parquet", prompt=pa.array([], pa.string()))], "has no rows"),
         ("empty folder", ["--prompts", str(tmp_path / "empty_dir")], "holds no Parquet files"),
         ("bad URL", ["--prompts", "ftp://host/t.parquet"], "unsupported URL scheme 'ftp'"),

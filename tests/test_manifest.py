@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -185,6 +186,60 @@ def test_write_part_accepts_a_table_with_extra_columns(tmp_path):
     table = manifest.rows_to_table(rows).append_column("scratch", pa.array([1, 2]))
     url = write_part(str(tmp_path), table, part_id="t")
     assert pq.read_table(url).schema.equals(MANIFEST_SCHEMA)
+
+
+PASSTHROUGH = pa.schema(
+    [
+        ("n", pa.int64()),
+        ("score", pa.float64()),
+        ("tag", pa.string()),
+        ("flag", pa.bool_()),
+        ("ids", pa.list_(pa.int64())),
+        ("when", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def test_passthrough_columns_keep_names_and_types_through_parts_and_finalize(tmp_path):
+    out = str(tmp_path)
+    when = [dt.datetime(2024, 5, i + 1, tzinfo=dt.timezone.utc) for i in range(3)]
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "prompt": ["x", "y", ""],  # c is a bad row
+            "n": [1, 2, 3],
+            "score": [0.5, None, 2.5],
+            "tag": ["t0", "t1", "t2"],
+            "flag": [True, False, None],
+            "ids": [[1], [], [2, 3]],
+            "when": pa.array(when, PASSTHROUGH.field("when").type),
+        }
+    )
+    a, b, c = resolve_rows(table, JobDefaults(height=64, width=64))
+    write_part(out, error_rows(a, "crashed") + error_rows(c), part_id="p1", passthrough=PASSTHROUGH)
+    time.sleep(0.002)
+    # A rerun renders a and b; c fails the same way; a part without pass-through values (an
+    # older run) merges too.
+    write_part(out, ok_rows(out, [a, b]), part_id="p2", passthrough=PASSTHROUGH)
+    write_part(out, ok_rows(out, work_rows(1, num_images=1)), part_id="p3")
+    finalize(out)
+    m = read_manifest(out)
+    assert m.schema.equals(manifest.manifest_schema(PASSTHROUGH))
+    rows = {r["id"]: r for r in m.to_pylist()}
+    assert [rows[i]["status"] for i in "abc"] == ["ok", "ok", "error"]
+    assert (rows["c"]["n"], rows["c"]["tag"], rows["c"]["ids"], rows["c"]["when"]) == (
+        3,
+        "t2",
+        [2, 3],
+        when[2],
+    )
+    assert (rows["a"]["score"], rows["a"]["flag"], rows["b"]["score"], rows["b"]["ids"]) == (
+        0.5,
+        True,
+        None,
+        [],
+    )
+    assert rows["prompt0000"]["n"] is None
 
 
 def test_parts_and_finalize_on_s3(s3_endpoint):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -21,6 +20,7 @@ from jobs.prompt_table import (
     check_unique_ids,
     iter_work_rows,
     plan_read_units,
+    plan_table,
     position_id,
     prompts_table,
     read_unit,
@@ -122,7 +122,7 @@ def test_single_file_rows_positions_and_defaults(tmp_path):
     assert r.seed == row_seed(0, r.id)
     # guidance None: the model's default (run_job resolves it from the folder before resolving rows)
     assert (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.num_images) == (64, 64, 2, None, 1)
-    assert json.loads(r.extra) == {"style": "x"} and json.loads(rows[1].extra) == {"style": None}
+    assert r.passthrough == {"style": "x"} and rows[1].passthrough == {"style": None}
     assert len({r.id for r in rows}) == 3
     assert r.image_seeds() == [r.seed]
 
@@ -191,7 +191,7 @@ def test_row_values_override_defaults(tmp_path):
         4.0,
     )
     assert a.shape_key() == (128, 32, 4, 1.5, 77)
-    assert a.extra == "{}"
+    assert a.passthrough == {}
 
 
 def test_float_columns_holding_integers_are_accepted(tmp_path):
@@ -412,7 +412,10 @@ def test_partitioned_dataset_directory(tmp_path):
     ]
     rows = rows_of(str(tmp_path / "ds"))
     assert [r.id for r in rows] == ["en0", "en1", "en2", "fr0", "fr1"]
-    assert json.loads(rows[3].extra) == {"lang": "fr ca", "size": "32"}
+    assert rows[3].passthrough == {"lang": "fr ca", "size": "32"}
+    assert plan_table(str(tmp_path / "ds")).passthrough == pa.schema(
+        [("lang", pa.string()), ("size", pa.string())]
+    )
     # Deterministic: the same plan every time.
     assert plan_read_units(str(tmp_path / "ds")) == units
     assert check_unique_ids(str(tmp_path / "ds")) == 5
@@ -487,7 +490,8 @@ def test_work_rows_to_table_and_back(tmp_path):
         tmp_path / "t.parquet", {"id": ["a", "b"], "prompt": ["p", None], "num_images": [2, 1], "tag": [1, 2]}
     )
     rows = rows_of(url)
-    table = work_rows_to_table(rows)
+    table = work_rows_to_table(rows, plan_table(url).passthrough)
+    assert table.schema.field("tag").type == pa.int64()
     assert work_rows_from_batch(table) == rows
     assert work_rows_from_batch(table.to_pydict()) == rows
     # pandas (Ray's default batch format) turns missing ints into NaN and ints into numpy types.
@@ -504,22 +508,37 @@ def test_prompts_table_for_command_line_prompts():
     assert rows[0].position == "prompt#0"
 
 
-def test_extra_columns_are_json(tmp_path):
-    url = write(
-        tmp_path / "t.parquet",
-        {
-            "prompt": ["a"],
-            "score": [math.nan],
-            "tags": [["x", "y"]],
-            "blob": [b"\x01\x02"],
-            "meta": [{"k": 1}],
-            "when": pa.array([0], pa.timestamp("s")),
-        },
-    )
+PASSTHROUGH = {
+    "score": pa.array([math.nan], pa.float64()),
+    "tags": pa.array([["x", "y"]], pa.list_(pa.string())),
+    "blob": pa.array([b"\x01\x02"], pa.binary()),
+    "meta": pa.array([{"k": 1}], pa.struct([("k", pa.int64())])),
+    "when": pa.array([1_700_000_000_000_000], pa.timestamp("us", tz="UTC")),
+}
+
+
+def test_passthrough_columns_keep_their_values_and_types(tmp_path):
+    url = write(tmp_path / "t.parquet", {"prompt": ["a"], **PASSTHROUGH})
+    plan = plan_table(url)
+    assert plan.passthrough == pa.schema([(k, v.type) for k, v in PASSTHROUGH.items()])
     (r,) = rows_of(url)
-    extra = json.loads(r.extra)
-    assert extra["score"] == "nan" and extra["tags"] == ["x", "y"] and extra["blob"] == "0102"
-    assert extra["meta"] == {"k": 1} and extra["when"].startswith("1970-01-01")
+    table = work_rows_to_table([r], plan.passthrough)
+    for name, col in PASSTHROUGH.items():
+        assert table.column(name).combine_chunks().equals(col) or name == "score"  # NaN != NaN
+    assert math.isnan(r.passthrough["score"]) and r.passthrough["tags"] == ["x", "y"]
+    assert r.passthrough["blob"] == b"\x01\x02" and r.passthrough["meta"] == {"k": 1}
+
+
+def test_files_of_a_table_agree_on_passthrough_types(tmp_path):
+    write(tmp_path / "ds" / "a.parquet", {"prompt": ["a"], "tag": pa.array([1], pa.int64())})
+    write(tmp_path / "ds" / "b.parquet", {"prompt": ["b"], "tag": pa.array([None], pa.null())})
+    write(tmp_path / "ds" / "c.parquet", {"prompt": ["c"]})  # missing: null in its rows
+    assert plan_table(str(tmp_path / "ds")).passthrough == pa.schema([("tag", pa.int64())])
+    write(tmp_path / "ds" / "d.parquet", {"prompt": ["d"], "tag": ["x"]})
+    with pytest.raises(
+        PromptTableError, match=r"column `tag` has type int64 in a.parquet but string in d.parquet"
+    ):
+        plan_table(str(tmp_path / "ds"))
 
 
 def test_resolve_rows_needs_positions_to_derive_ids():
