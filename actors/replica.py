@@ -55,6 +55,18 @@ def _item_schema() -> pa.Schema:
 
 # Columns a work item carries through the graph (read stage -> GenerateStage -> write stage).
 ITEM_SCHEMA = _item_schema()
+# With `ReplicaSpec.benchmark`: an image's share of its pipeline call's stage seconds and denoising
+# steps (summing over images gives the totals; null for a replica group, whose stages run on its
+# ranks), and the peak RSS of the process that rendered it.
+BENCHMARK_TYPE = pa.struct(
+    [
+        ("text_encoding", pa.float64()),
+        ("denoising", pa.float64()),
+        ("denoising_steps", pa.float64()),
+        ("vae_decode", pa.float64()),
+        ("peak_rss_bytes", pa.int64()),
+    ]
+)
 # What GenerateStage adds: pixels (H*W*3 uint8, row-major), render seconds per image, who rendered it.
 RESULT_SCHEMA = pa.schema(
     [
@@ -65,6 +77,7 @@ RESULT_SCHEMA = pa.schema(
         ("model", pa.string()),  # model identity: URI + hash of its configs
         ("lora", pa.string()),  # adapter identity: pinned reference + sha256 (null: no adapter)
         ("lora_scale", pa.float64()),
+        ("_benchmark", BENCHMARK_TYPE),  # null unless ReplicaSpec.benchmark
     ]
 )
 
@@ -90,6 +103,7 @@ class ReplicaSpec:
     lora: PinnedLoRA | None = None
     lora_scale: float = 1.0
     inference_optimize: bool = False  # the transformer as cached static programs (sd3_core.inference_program)
+    benchmark: bool = False  # warm up once, then time each call's stages (see BENCHMARK_TYPE)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -218,6 +232,10 @@ class LocalReplica:
         path = local_model_path(spec.model, spec.storage)
         self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=spec.dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        if spec.benchmark:
+            from pipelines.stage_timer import StageTimer
+
+            self.pipe.stage_timer = StageTimer()
         self.model = model_identity(path, spec.model)
         self.lora = (
             None if spec.lora is None else apply_lora(self.pipe, spec.lora, spec.lora_scale, spec.storage)
@@ -281,6 +299,8 @@ class GenerateStage:
         started = time.perf_counter()
         self.replica = make_replica(spec)
         self.lora_scale = None if spec.lora is None else spec.lora_scale
+        self.benchmark = spec.benchmark
+        self.warmed_up = not spec.benchmark
         logger.info(
             "replica %s loaded %s in %.1fs", self.replica.name, spec.model, time.perf_counter() - started
         )
@@ -291,7 +311,7 @@ class GenerateStage:
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for row in rows:
             row.update(image=None, seconds=None, replica=None, model=self.replica.model)
-            row.update(lora=self.replica.lora, lora_scale=self.lora_scale)
+            row.update(lora=self.replica.lora, lora_scale=self.lora_scale, _benchmark=None)
             if row["status"] == "todo":
                 groups.setdefault(_group_key(row), []).append(row)
             else:
@@ -332,16 +352,35 @@ class GenerateStage:
             guidance_scale=first["guidance_scale"],
             max_sequence_length=first["max_sequence_length"],
         )
+        if not self.warmed_up:  # the first call pays one-off costs (allocations, kernel choice)
+            self.replica.render(request)
+            self.warmed_up = True
+        timer = getattr(getattr(self.replica, "pipe", None), "stage_timer", None)
+        if timer is not None:
+            timer.reset()
         started = time.perf_counter()
         images = self.replica.render(request)
         seconds = (time.perf_counter() - started) / len(rows)
         if len(images) != len(rows):
             raise RuntimeError(f"replica returned {len(images)} images for {len(rows)} requests")
+        bench = self._benchmark_share(timer, len(rows)) if self.benchmark else None
         for row, image in zip(rows, images, strict=True):
             row.update(
                 status="ok",
                 image=np.ascontiguousarray(image, dtype=np.uint8).tobytes(),
                 seconds=seconds,
                 replica=self.replica.name,
+                _benchmark=bench,
             )
         return rows
+
+    @staticmethod
+    def _benchmark_share(timer: Any, n: int) -> dict[str, Any]:
+        """One image's share of the call's stage figures (see BENCHMARK_TYPE)."""
+        import resource
+
+        share: dict[str, Any] = dict.fromkeys(BENCHMARK_TYPE.names[:-1])
+        if timer is not None:
+            share.update({name: s / n for name, s in timer.seconds.items()}, denoising_steps=timer.steps / n)
+        share["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return share

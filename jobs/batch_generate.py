@@ -46,6 +46,7 @@ from actors.replica import (
     ReplicaSpec,
 )
 from jobs import manifest
+from jobs.benchmark_report import BenchmarkTally
 from jobs.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
 from jobs.prompt_table import (
     KNOWN_COLUMNS,
@@ -110,6 +111,7 @@ class JobConfig:
     batch_size: int = 4
     dtype: str = "float32"
     inference_optimize: bool = False  # replicas run the transformer as static programs
+    benchmark: bool = False  # warm-up, then stage timings, images/s and peak RSS (jobs.benchmark_report)
     defaults: JobDefaults = field(default_factory=JobDefaults)
     image_format: str = "png"
     ray_address: str | None = None
@@ -137,6 +139,7 @@ class JobResult:
     skipped_rows: int  # rows already done by an earlier run
     seconds: float
     finalized: bool  # False when there was nothing to do and nothing was written
+    benchmark: dict[str, Any] | None = None  # with JobConfig.benchmark: BenchmarkTally.report
 
     @property
     def rows_failed(self) -> int:
@@ -433,6 +436,10 @@ def encode_image(pixels: bytes, height: int, width: int, image_format: str) -> b
     return buf.getvalue()
 
 
+# What the write stage hands the driver per item: progress, and the --benchmark figures.
+SUMMARY_COLUMNS = ["key", "k", "status", "row_items", "seconds", "replica", "_benchmark"]
+
+
 def _write_stage(batch: pa.Table, *, output: str, image_format: str, storage: StorageOptions) -> pa.Table:
     """Encode and store the batch's images, then its manifest part; returns small summaries."""
     items = batch.to_pylist()
@@ -456,17 +463,7 @@ def _write_stage(batch: pa.Table, *, output: str, image_format: str, storage: St
         ids = sorted(f"{r['key']}\0{r['k']}" for r in records)
         part_id = "p-" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:24]
         manifest.write_part(output, records, storage, part_id=part_id, passthrough=passthrough)
-    return pa.table(
-        {
-            "key": [it["key"] for it in items],
-            "k": [it["k"] for it in items],
-            "status": [it["status"] for it in items],
-            "row_items": [it["row_items"] for it in items],
-        },
-        schema=pa.schema(
-            [("key", pa.string()), ("k", pa.int64()), ("status", pa.string()), ("row_items", pa.int64())]
-        ),
-    )
+    return batch.select(SUMMARY_COLUMNS)
 
 
 # --------------------------------------------------------------------------- the job
@@ -670,7 +667,7 @@ def run_job(config: JobConfig) -> JobResult:
     spec = ReplicaSpec(
         model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage,
         cfg=2 if config.cfg_parallel else 1, mp=config.mp, lora=lora, lora_scale=config.lora_scale,
-        inference_optimize=config.inference_optimize,
+        inference_optimize=config.inference_optimize, benchmark=config.benchmark,
     )  # fmt: skip
     if spec.world_size > 1:  # heads % mp, before any actor starts
         from actors.replica_group import check_replica_shape
@@ -744,9 +741,13 @@ def run_job(config: JobConfig) -> JobResult:
             )
         )
         progress = _Progress(total_rows, config.progress)
+        tally = BenchmarkTally() if config.benchmark else None
+        graph_started = time.perf_counter()
         try:
             for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 progress.update(summary)
+                if tally is not None:
+                    tally.update(summary)
         except ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None) or e
             # Ray's text carries the remote traceback; its last line is the original exception.
@@ -767,6 +768,7 @@ def run_job(config: JobConfig) -> JobResult:
         counts = previous.get("counts", {})
         return JobResult(output, manifest.manifest_url(output), counts, 0, progress.skipped_rows,
                          time.time() - started, finalized=False)  # fmt: skip
+    bench = None if tally is None else tally.report(config.replicas, time.perf_counter() - graph_started)
     counts = manifest.finalize(output, storage)
     _write_contact_sheet(output, storage, config.contact_sheet_images)
     manifest.write_job_json(
@@ -787,9 +789,10 @@ def run_job(config: JobConfig) -> JobResult:
             "defaults": asdict(defaults),
             "replica": {**asdict(spec), "storage": storage.public_dict(), **spec.pool_actor_resources()},
         },
+        **({} if bench is None else {"benchmark": bench}),
     )
     return JobResult(output, counts.get("manifest"), counts, progress.images, progress.skipped_rows,
-                     time.time() - started, finalized=True)  # fmt: skip
+                     time.time() - started, finalized=True, benchmark=bench)  # fmt: skip
 
 
 def _read_job_json(output: str, options: StorageOptions) -> dict | None:

@@ -20,6 +20,16 @@ def _zero_or_one(text: str) -> bool:
     return text == "1"
 
 
+def _dp_size(text: str) -> bool:
+    """PPDiffusers' `--dp_size`: 2 is CFG parallelism (--cfg-parallel), 1 is none."""
+    if text not in ("1", "2"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: only 1 or 2 (2 = --cfg-parallel, the two CFG halves on two devices); "
+            "for more data parallelism use --replicas N"
+        )
+    return text == "2"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3", description="Stable Diffusion 3 on PaddlePaddle and Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,10 +76,13 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
         default=1.0,
         help="CPUs (threads) per replica (per rank with --mp/--cfg-parallel), default 1",
     )
-    run.add_argument("--mp", type=_positive_int, default=1, help="tensor-parallel devices per replica "
-                     "(the transformer's heads split across them), default 1")  # fmt: skip
+    run.add_argument("--mp", "--mp_size", "--mp-size", dest="mp", type=_positive_int, default=1,
+                     help="tensor-parallel devices per replica (the transformer's heads split across "
+                     "them), default 1; PPDiffusers' `--mp_size N` is the same")  # fmt: skip
     run.add_argument("--cfg-parallel", action="store_true", help="render the two CFG halves on two "
                      "devices each (a replica is then 2 x mp devices)")  # fmt: skip
+    run.add_argument("--dp_size", "--dp-size", dest="cfg_parallel", type=_dp_size, default=argparse.SUPPRESS,
+                     metavar="1|2", help="PPDiffusers' spelling: 2 = --cfg-parallel")  # fmt: skip
     run.add_argument("--batch-size", type=_positive_int, default=4, help="images per replica call, default 4")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     run.add_argument("--inference-optimize", "--inference_optimize", dest="inference_optimize", nargs="?",
@@ -77,6 +90,10 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
                      help="run the transformer as cached static Paddle Inference programs (oneDNN on CPU, "
                      "bfloat16 math with --dtype bfloat16 where the CPU has it); PPDiffusers' "
                      "`--inference_optimize 1` is the same")  # fmt: skip
+    run.add_argument("--benchmark", action="store_true", help="each replica renders its first batch "
+                     "once untimed, then every call is timed: prints seconds per stage (text encoding, "
+                     "denoising per step, VAE decode), images/s and peak RSS, and writes them under "
+                     "`benchmark` in job.json")  # fmt: skip
     run.add_argument("--image-format", default="png", choices=["png", "jpeg", "webp"])
     run.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster to use ('auto': the one "
                      "`ray start` runs here); default $RAY_ADDRESS, else a local Ray just for this job")  # fmt: skip
@@ -98,7 +115,8 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     d.add_argument("--negative-prompt-3", default=None)
     d.add_argument("--height", type=_positive_int, default=None, help="default: the model's size")
     d.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
-    d.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
+    d.add_argument("--steps", "--num-inference-steps", "--num_inference_steps", dest="steps",
+                   type=_positive_int, default=28, help="denoising steps (default 28)")  # fmt: skip
     d.add_argument(
         "--guidance-scale",
         type=float,
@@ -151,6 +169,7 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         inference_optimize=args.inference_optimize,
+        benchmark=args.benchmark,
         defaults=defaults,
         image_format=args.image_format,
         ray_address=args.ray_address,
@@ -174,6 +193,10 @@ def _generate(args: argparse.Namespace) -> int:
             f"manifest {result.manifest}",
             file=sys.stderr,
         )
+    if result.benchmark is not None:
+        from jobs.benchmark_report import format_report
+
+        print(format_report(result.benchmark), file=sys.stderr)
     if result.rows_failed:
         examples = "; ".join(e["error"] for e in c.get("error_examples", [])[:3])
         print(

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.lora_loading import SD3LoraLoaderMixin
+from pipelines.stage_timer import StageTimer
 from sd3_core import text_encoders
 from sd3_core.folder_defaults import (
     DEFAULT_GUIDANCE_SCALE,
@@ -127,6 +129,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         self._progress_bar_config: dict[str, Any] = {}
         #: The static-program runner of the transformer (``inference_optimize``); None: eager.
         self.transformer_program: TransformerProgram | None = None
+        #: Set to a ``StageTimer`` to collect seconds per stage of each call (benchmarks).
+        self.stage_timer: StageTimer | None = None
 
     def enable_inference_optimize(
         self, precision: str | None = None, cache_dir: str | None = None, threads: int | None = None
@@ -551,15 +555,16 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             )
         do_cfg = guidance_scale > 1
         # 2. encode the prompt
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
-            prompt, prompt_2, prompt_3,
-            num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, max_sequence_length=max_sequence_length,
-        )  # fmt: skip
+        with self._stage("text_encoding"):
+            prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+                prompt, prompt_2, prompt_3,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                clip_skip=clip_skip, max_sequence_length=max_sequence_length,
+            )  # fmt: skip
         model_dtype = self.transformer.dtype
         cond_embeds, cond_pooled = prompt_embeds.astype(model_dtype), pooled.astype(model_dtype)
         if do_cfg:
@@ -580,7 +585,9 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         timesteps = self.scheduler.timesteps
         num_steps = int(timesteps.shape[0])
         # 5. denoising loop
-        with tqdm(total=num_steps, **self._progress_bar_config) as progress:
+        if self.stage_timer is not None:
+            self.stage_timer.steps += num_steps
+        with self._stage("denoising"), tqdm(total=num_steps, **self._progress_bar_config) as progress:
             for i in range(num_steps):
                 t = timesteps[i : i + 1]
                 model_input = paddle.concat([latents, latents]) if do_cfg else latents
@@ -605,8 +612,13 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         if output_type == "latent":
             images: Any = latents
         else:
-            images = self.decode_latents(latents, output_type)
+            with self._stage("vae_decode"):
+                images = self.decode_latents(latents, output_type)
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
+
+    def _stage(self, name: str) -> AbstractContextManager:
+        """Times stage `name` of a call into `stage_timer` (a no-op without one)."""
+        return nullcontext() if self.stage_timer is None else self.stage_timer.stage(name)
 
     def _velocity(
         self,

@@ -104,3 +104,66 @@ def test_inference_optimize_flag_errors_name_the_fix(tmp_path, capsys):
     )
     assert "--mp 2 shards run eagerly" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def _parsed(*flags: str) -> dict:
+    from jobs.cli import build_parser
+
+    return vars(build_parser().parse_args(["generate", "--prompt", "a fox", "--output", "o", *flags]))
+
+
+def test_inference_script_spellings_are_aliases():
+    for alias, canonical in [
+        (["--num-inference-steps", "3"], ["--steps", "3"]),
+        (["--num_inference_steps", "3"], ["--steps", "3"]),
+        (["--mp_size", "2"], ["--mp", "2"]),
+        (["--mp-size", "2"], ["--mp", "2"]),
+        (["--dp_size", "2"], ["--cfg-parallel"]),
+        (["--dp-size", "2"], ["--cfg-parallel"]),
+        (["--dp_size", "1"], []),
+        (
+            ["--dtype", "bfloat16", "--height", "32", "--width", "48"],
+            ["--dtype=bfloat16", "--height=32", "--width=48"],
+        ),
+    ]:
+        assert _parsed(*alias) == _parsed(*canonical), alias
+    assert _parsed("--num-inference-steps", "3")["steps"] == 3 and _parsed("--mp_size", "2")["mp"] == 2
+    assert _parsed("--dp_size", "2")["cfg_parallel"] is True and _parsed()["cfg_parallel"] is False
+    assert _parsed("--benchmark")["benchmark"] is True and _parsed()["benchmark"] is False
+
+
+def test_dp_size_other_than_1_or_2_is_refused(capsys):
+    for value in ("4", "0", "two"):
+        try:
+            _parsed("--dp_size", value)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"--dp_size {value} was accepted")
+        err = capsys.readouterr().err
+        assert (
+            f"--dp_size/--dp-size: {value!r}: only 1 or 2 (2 = --cfg-parallel" in err and "--replicas" in err
+        )
+
+
+def test_benchmark_prints_and_records_stage_figures(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--batch-size", "1"]
+    size = ["--height", "32", "--width", "32", "--num-inference-steps", "2"]
+    assert main(["generate", *args, "--output", str(out), *size, "--benchmark", "--no-progress"]) == 0
+    bench = json.loads((out / "job.json").read_text())["benchmark"]
+    assert bench["images"] == 2 and bench["images_per_second"] > 0 and bench["render_seconds"] > 0
+    stages = bench["stages"]
+    assert set(stages) == {
+        "text_encoding_seconds_per_image",
+        "denoising_seconds_per_step",
+        "denoising_steps",
+        "vae_decode_seconds_per_image",
+    }
+    assert stages["denoising_steps"] == 4  # two calls of two steps, after the warm-up
+    assert all(v > 0 for v in stages.values())
+    assert bench["peak_rss_bytes"] > 2**20 and list(bench["peak_rss_bytes_per_replica"].values()) == [
+        bench["peak_rss_bytes"]
+    ]
+    err = capsys.readouterr().err
+    assert "denoising" in err and "s/step" in err and "images/s" in err and "peak RSS" in err
