@@ -242,12 +242,24 @@ SUBJECT_SEEDS, SUBJECT_SAMPLE_STEPS = 4, 28
 
 
 @pytest.fixture(scope="module")
-def default_pipe():
+def programs(tmp_path_factory) -> str:
+    """A program cache of this module's own for ``inference_optimize``."""
+    return str(tmp_path_factory.mktemp("programs"))
+
+
+def _optimised(pipe, programs: str):
+    """The adherence runs sample hundreds of images: the transformer as static programs (float32,
+    the eager images within 1e-5: tests/test_inference_program.py), six captions per call."""
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_inference_optimize(cache_dir=programs)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def default_pipe(programs):
     from pipelines import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _optimised(StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL), programs)
 
 
 def test_the_default_model_is_a_small_64px_folder_with_t5_length_32(default_pipe):
@@ -280,7 +292,7 @@ def test_the_default_model_follows_every_caption(default_pipe):
     assert adherence["shape"] >= 0.8
 
 
-def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tmp_path):
+def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, programs, tmp_path):
     """`sd3 train dreambooth-lora` on 64 orange shapes captioned "a sks <shape> on a <bg>
     background" (a colour the model never saw): the share of orange sks shapes on the right
     background rises; red and yellow (orange's neighbours) captions mostly keep their colour."""
@@ -304,8 +316,7 @@ def test_dreambooth_lora_teaches_the_default_model_a_new_colour(default_pipe, tm
             "--lr_warmup_steps=0", "--rank=4", f"--lora_layers={LORA_LAYERS}", "--cache_latents", "--seed=0", "--report_to=none",
             "--device=cpu", "--local"]  # fmt: skip
     assert sd3(argv) == 0
-    taught = StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL)
-    taught.set_progress_bar_config(disable=True)
+    taught = _optimised(StableDiffusion3Pipeline.from_pretrained(DEFAULT_MODEL), programs)
     taught.load_lora_weights(str(tmp_path / "lora"))
     after = evaluate(DEFAULT_MODEL, pipe=taught, colours=(SUBJECT,), **sample)
     neighbours = evaluate(DEFAULT_MODEL, pipe=taught, colours=("red", "yellow"), palette=tuple(shapes_data.PALETTE),

@@ -34,11 +34,13 @@ def evaluate(
     colours: Sequence[str] | None = None,
     palette: Sequence[str] | None = None,
     first_seed: int = 0,
+    captions_per_call: int = 6,
 ) -> dict:
     """Adherence of ``model`` (or of ``pipe``, already loaded) over the captions of ``colours``
     (default: the four training colours), each colour read as the nearest of ``palette`` (default:
-    the training colours plus ``colours``). Seeds are ``first_seed .. first_seed + seeds - 1``;
-    ``guidance_scale=None`` is the model folder's default."""
+    the training colours plus ``colours``). Seeds are ``first_seed .. first_seed + seeds - 1``
+    (per caption: each image's own seed, so the batching by ``captions_per_call`` does not change
+    the images); ``guidance_scale=None`` is the model folder's default."""
     from pipelines import StableDiffusion3Pipeline
     from tools.default_model.shape_classifier import classify
     from tools.default_model.shapes_data import COLOURS, SIZE, all_captions
@@ -54,17 +56,21 @@ def evaluate(
     guidance_scale, max_sequence_length = pipe.folder_defaults(guidance_scale, max_sequence_length)
     seed_list = list(range(first_seed, first_seed + seeds))
     start, rows = time.time(), []
-    for text, shape, colour, background in all_captions(colours):
+    captions = all_captions(colours)
+    for i in range(0, len(captions), captions_per_call):
+        chunk = captions[i : i + captions_per_call]
         images = pipe(
-            text, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
-            num_images_per_prompt=seeds, seed=seed_list, max_sequence_length=max_sequence_length,
+            [text for text, *_ in chunk], height=SIZE, width=SIZE, num_inference_steps=steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=seeds, seed=seed_list * len(chunk),
+            max_sequence_length=max_sequence_length,
         ).images  # fmt: skip
-        for seed, image in zip(seed_list, images, strict=True):
-            r = classify(image, palette)
-            rows.append({"caption": text, "seed": seed, "want": {"shape": shape, "colour": colour,
-                         "background": background}, "got": r.as_dict()})  # fmt: skip
-            if out:
-                image.save(os.path.join(out, "images", f"{shape}-{colour}-{background}-{seed}.png"))
+        for j, (text, shape, colour, background) in enumerate(chunk):
+            for seed, image in zip(seed_list, images[j * seeds : (j + 1) * seeds], strict=True):
+                r = classify(image, palette)
+                rows.append({"caption": text, "seed": seed, "want": {"shape": shape, "colour": colour,
+                             "background": background}, "got": r.as_dict()})  # fmt: skip
+                if out:
+                    image.save(os.path.join(out, "images", f"{shape}-{colour}-{background}-{seed}.png"))
 
     def rate(selected: list[dict], attribute: str) -> float:
         want_key = "shape" if attribute.startswith("shape") else attribute
@@ -107,10 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the model folder's")
     p.add_argument("--max_sequence_length", type=int, default=None, help="default: the model folder's")
     p.add_argument("--colours", default=None, help="comma-separated (default: the four training colours)")
+    p.add_argument("--inference-optimize", action="store_true", help="the transformer as static programs")
     args = p.parse_args(argv)
+    pipe = None
+    if args.inference_optimize:
+        from pipelines import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.model, inference_optimize=True)
+        pipe.set_progress_bar_config(disable=True)
     report = evaluate(
         args.model, args.seeds, args.steps, args.guidance_scale, args.max_sequence_length, args.out,
-        colours=args.colours.split(",") if args.colours else None, first_seed=args.first_seed,
+        pipe=pipe, colours=args.colours.split(",") if args.colours else None, first_seed=args.first_seed,
     )  # fmt: skip
     summary = {k: v for k, v in report.items() if k != "rows"}
     print(json.dumps(summary, indent=2))
