@@ -23,7 +23,7 @@ from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ 
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import LoRALinear
 from sd3_core.modeling import compute_dtype
-from sd3_core.transformer import SD3Transformer2DModel
+from sd3_core.transformer import Modulation, SD3Transformer2DModel
 
 __all__ = ["ATTENTION_LAYOUTS", "BatchedSD3Transformer"]
 
@@ -169,12 +169,11 @@ class _BatchedBlock(paddle.nn.Layer):
 
     def forward(self, x, c, img_mod, ctx_mod):
         """``x`` ``[B, L, D]``, ``c`` ``[B, Lc, D]``, modulations ``[B, chunks*D]``; new ``(x, c)``."""
-        im = paddle.split(img_mod.unsqueeze(1), self.img_chunks, axis=-1)
-        cm = paddle.split(ctx_mod.unsqueeze(1), self.ctx_chunks, axis=-1)
-        qkv = self._qkv("qkv", _modulate(x, im[0], im[1]), self.norm_q, self.norm_k)
+        im = Modulation.of(paddle.split(img_mod.unsqueeze(1), self.img_chunks, axis=-1))
+        cm = Modulation.of(paddle.split(ctx_mod.unsqueeze(1), self.ctx_chunks, axis=-1))
+        qkv = self._qkv("qkv", _modulate(x, im.shift_msa, im.scale_msa), self.norm_q, self.norm_k)
         n_img = x.shape[1]
-        # AdaLayerNormContinuous (the last block) orders its two chunks (scale, shift).
-        c_in = _modulate(c, cm[1], cm[0]) if self.context_pre_only else _modulate(c, cm[0], cm[1])
+        c_in = _modulate(c, cm.shift_msa, cm.scale_msa)
         if self.ctx_queries:
             qkv_c = self._qkv("ctx_qkv", c_in, self.norm_cq, self.norm_ck)
             out = _self_attention(paddle.concat([qkv, qkv_c], 1), self.heads, self.layout)
@@ -184,16 +183,16 @@ class _BatchedBlock(paddle.nn.Layer):
             k_c, v_c = paddle.split(self.p.linear("ctx_kv", c_in), 2, axis=-1)
             k_c = _head_norm(k_c, self.heads, self.norm_ck)
             out_x = _attention(q, paddle.concat([k, k_c], 1), paddle.concat([v, v_c], 1), self.heads)
-        x2_in = _modulate(x, im[6], im[7]) if self.dual else None
-        x = x + im[2] * self.p.linear("out", out_x)
+        x2_in = _modulate(x, im.shift_msa2, im.scale_msa2) if self.dual else None
+        x = x + im.gate_msa * self.p.linear("out", out_x)
         if self.dual:
             qkv2 = self._qkv("qkv2", x2_in, self.norm_q2, self.norm_k2)
-            x = x + im[8] * self.p.linear("out2", _self_attention(qkv2, self.heads, self.layout))
-        x = x + im[5] * self._ff("", _modulate(x, im[3], im[4]))
+            x = x + im.gate_msa2 * self.p.linear("out2", _self_attention(qkv2, self.heads, self.layout))
+        x = x + im.gate_mlp * self._ff("", _modulate(x, im.shift_mlp, im.scale_mlp))
         if self.context_pre_only:
             return x, None
-        c = c + cm[2] * self.p.linear("ctx_out", out_c)
-        c = c + cm[5] * self._ff("ctx_", _modulate(c, cm[3], cm[4]))
+        c = c + cm.gate_msa * self.p.linear("ctx_out", out_c)
+        c = c + cm.gate_mlp * self._ff("ctx_", _modulate(c, cm.shift_mlp, cm.scale_mlp))
         return x, c
 
 
@@ -269,7 +268,7 @@ class BatchedSD3Transformer(paddle.nn.Layer):
         for j, block in enumerate(self.blocks):
             if j not in self.skip:
                 x, c = block(x, c, mods[2 * j], mods[2 * j + 1])
-        scale, shift = paddle.split(mods[-1].unsqueeze(1), 2, axis=-1)
-        x = self.p.linear("proj_out", _modulate(x, shift, scale))
+        out = Modulation.of(paddle.split(mods[-1].unsqueeze(1), 2, axis=-1))
+        x = self.p.linear("proj_out", _modulate(x, out.shift_msa, out.scale_msa))
         x = x.reshape([b, h // p, w // p, p, p, out_channels]).transpose([0, 5, 1, 3, 2, 4])
         return x.reshape([b, out_channels, h, w]).astype(hidden_states.dtype)

@@ -14,6 +14,7 @@ modulation fuses into LayerNorm's affine step (one pass instead of three).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import paddle
 import paddle.nn.functional as F
@@ -26,6 +27,7 @@ from sd3_core.modeling import Linear, ModelMixin, PartialSumLinear, compute_dtyp
 __all__ = [
     "FeedForward",
     "JointTransformerBlock",
+    "Modulation",
     "SD3Transformer2DModel",
     "joint_attention",
     "modulate",
@@ -50,6 +52,31 @@ def modulated_norm(x: paddle.Tensor, shift: paddle.Tensor, scale: paddle.Tensor)
     return F.layer_norm(x, x.shape[-1:], weight=1 + scale, bias=shift, epsilon=1e-6)
 
 
+class Modulation(NamedTuple):
+    """One stream's adaLN vectors, in diffusers' names. AdaLayerNormZero gives the first six,
+    SD35AdaLayerNormZeroX all nine (``*_msa2`` drive the image-only ``attn2``), and
+    AdaLayerNormContinuous (the last block's context, the output norm) only a shift and scale."""
+
+    shift_msa: paddle.Tensor
+    scale_msa: paddle.Tensor
+    gate_msa: paddle.Tensor | None = None
+    shift_mlp: paddle.Tensor | None = None
+    scale_mlp: paddle.Tensor | None = None
+    gate_mlp: paddle.Tensor | None = None
+    shift_msa2: paddle.Tensor | None = None
+    scale_msa2: paddle.Tensor | None = None
+    gate_msa2: paddle.Tensor | None = None
+
+    @classmethod
+    def of(cls, chunks: Sequence[paddle.Tensor]) -> Modulation:
+        """From an adaLN layer's output chunks (2, 6 or 9)."""
+        if len(chunks) == 2:  # AdaLayerNormContinuous orders them (scale, shift)
+            return cls(shift_msa=chunks[1], scale_msa=chunks[0])
+        if len(chunks) not in (6, 9):
+            raise ValueError(f"an adaLN modulation has 2, 6 or 9 chunks, got {len(chunks)}")
+        return cls(*chunks)
+
+
 class AdaLNModulation(paddle.nn.Layer):
     """``Linear(SiLU(temb))`` producing ``chunks`` modulation vectors of width D per sample.
 
@@ -65,9 +92,9 @@ class AdaLNModulation(paddle.nn.Layer):
         self.chunks = chunks
         self.linear = Linear(dim, chunks * dim // shards)
 
-    def per_sample(self, modulation: paddle.Tensor) -> list[list[paddle.Tensor]]:
-        """``[B, chunks*D]`` full modulation -> per sample, ``chunks`` ``[D]`` vectors."""
-        return [paddle.chunk(modulation[i], self.chunks) for i in range(modulation.shape[0])]
+    def per_sample(self, modulation: paddle.Tensor) -> list[Modulation]:
+        """``[B, chunks*D]`` full modulation -> per sample, its ``[D]`` vectors by name."""
+        return [Modulation.of(paddle.chunk(modulation[i], self.chunks)) for i in range(modulation.shape[0])]
 
 
 class _GELUProj(paddle.nn.Layer):
@@ -180,35 +207,29 @@ class JointTransformerBlock(paddle.nn.Layer):
         return [self.ff.net[2]] + ([] if self.context_pre_only else [self.ff_context.net[2]])
 
     # -- image stream
-    def pre_attention_image(self, x: paddle.Tensor, mods: list[paddle.Tensor]):
+    def pre_attention_image(self, x: paddle.Tensor, m: Modulation):
         """``x`` ``[L, D]`` -> ``(q, k, v)`` and the input of ``attn2`` (None without one)."""
-        shift_msa, scale_msa = mods[0], mods[1]
-        qkv = self.attn.qkv(modulated_norm(x, shift_msa, scale_msa))
-        x2 = modulated_norm(x, mods[6], mods[7]) if self.use_dual_attention else None
+        qkv = self.attn.qkv(modulated_norm(x, m.shift_msa, m.scale_msa))
+        x2 = modulated_norm(x, m.shift_msa2, m.scale_msa2) if self.use_dual_attention else None
         return qkv, x2
 
-    def post_attention_image(self, outs: list[paddle.Tensor], x: paddle.Tensor, mods: list[paddle.Tensor]):
+    def post_attention_image(self, outs: list[paddle.Tensor], x: paddle.Tensor, m: Modulation):
         """Gated attention residual(s); returns the new ``x`` and its feed-forward output."""
-        gate_msa, shift_mlp, scale_mlp = mods[2], mods[3], mods[4]
-        x = x + gate_msa * outs[0]
+        x = x + m.gate_msa * outs[0]
         if self.use_dual_attention:
-            x = x + mods[8] * outs[1]  # gate_msa2
-        return x, self.ff(modulated_norm(x, shift_mlp, scale_mlp))
+            x = x + m.gate_msa2 * outs[1]
+        return x, self.ff(modulated_norm(x, m.shift_mlp, m.scale_mlp))
 
     # -- context stream
-    def pre_attention_context(self, c: paddle.Tensor, mods: list[paddle.Tensor]):
+    def pre_attention_context(self, c: paddle.Tensor, m: Modulation):
         """``c`` ``[Lc, D]`` -> ``(q, k, v)``; q is None in the last block."""
-        if self.context_pre_only:
-            scale, shift = mods  # AdaLayerNormContinuous order
-            # Its queries would only produce context outputs that the last block discards.
-            return self.attn.qkv(modulated_norm(c, shift, scale), context=True, need_q=False)
-        shift_msa, scale_msa = mods[0], mods[1]
-        return self.attn.qkv(modulated_norm(c, shift_msa, scale_msa), context=True)
+        c_in = modulated_norm(c, m.shift_msa, m.scale_msa)
+        # The last block's context queries would only produce outputs it discards.
+        return self.attn.qkv(c_in, context=True, need_q=not self.context_pre_only)
 
-    def post_attention_context(self, out: paddle.Tensor, c: paddle.Tensor, mods: list[paddle.Tensor]):
-        gate_msa, shift_mlp, scale_mlp = mods[2], mods[3], mods[4]
-        c = c + gate_msa * out
-        return c, self.ff_context(modulated_norm(c, shift_mlp, scale_mlp))
+    def post_attention_context(self, out: paddle.Tensor, c: paddle.Tensor, m: Modulation):
+        c = c + m.gate_msa * out
+        return c, self.ff_context(modulated_norm(c, m.shift_mlp, m.scale_mlp))
 
     # -- the block
     def forward(
@@ -240,19 +261,19 @@ class JointTransformerBlock(paddle.nn.Layer):
                 cs[i], ff_c = self.post_attention_context(attn[i][-1], cs[i], ctx_mods[i])
                 ff[i].append(ff_c)
         ff = _full_outputs(reduce, self.mlp_out_layers, ff)
-        # Phase 3: gated feed-forward residuals (gate_mlp is chunk 5 of either modulation).
-        xs = [xs[i] + img_mods[i][5] * ff[i][0] for i in samples]
+        # Phase 3: gated feed-forward residuals.
+        xs = [xs[i] + img_mods[i].gate_mlp * ff[i][0] for i in samples]
         if self.context_pre_only:
             return xs, None
-        return xs, [cs[i] + ctx_mods[i][5] * ff[i][1] for i in samples]
+        return xs, [cs[i] + ctx_mods[i].gate_mlp * ff[i][1] for i in samples]
 
 
 def joint_attention(
     block: JointTransformerBlock,
     x: paddle.Tensor,
     c: paddle.Tensor,
-    img_mods: list[paddle.Tensor],
-    ctx_mods: list[paddle.Tensor],
+    img_mods: Modulation,
+    ctx_mods: Modulation,
 ) -> list[paddle.Tensor]:
     """One sample's pre-attention of both streams, one attention over ``[image, context]``, split.
 
@@ -416,8 +437,8 @@ class SD3Transformer2DModel(ModelMixin):
             if j not in skip:
                 xs, cs = block(xs, cs, modulations[2 * j], modulations[2 * j + 1], self.reduce_partial_sums)
         tokens = [
-            self.proj_out(modulated_norm(x_i, shift, scale))
-            for x_i, (scale, shift) in zip(xs, self.norm_out.per_sample(modulations[-1]), strict=True)
+            self.proj_out(modulated_norm(x_i, m.shift_msa, m.scale_msa))
+            for x_i, m in zip(xs, self.norm_out.per_sample(modulations[-1]), strict=True)
         ]
         x = paddle.stack(tokens)
         # unpatchify: [B, h*w, p*p*C] -> [B, C, h*p, w*p]
