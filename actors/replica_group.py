@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from actors.replica import LocalReplica, RenderRequest, ReplicaSpec
+from actors.replica import ReplicaSpec
 from actors.shard_worker import ShardWorker
-from jobs.lora_registry import PinnedLoRA
-from jobs.storage import join_url, read_bytes
+from sd3_core.lora_registry import PinnedLoRA
+from sd3_core.storage import join_url, read_bytes
 from sd3_core.tensor_parallel import check_tensor_parallel
 
-__all__ = ["GroupReplica", "ReplicaGroup", "ReplicaGroupBroken", "check_replica_shape"]
+__all__ = ["ReplicaGroup", "ReplicaGroupBroken", "check_replica_shape"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,38 +214,3 @@ def _cause(error: Exception) -> Exception:
     """The user's exception inside a RayTaskError (e.g. a ValueError naming a bad argument)."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, Exception) else error
-
-
-class GroupReplica(LocalReplica):
-    """A replica group behind the batch job's ``Replica`` protocol: what a pool actor of
-    ``map_batches`` holds instead of an in-process pipeline when ``cfg x mp > 1``.
-
-    The pool actor only coordinates; the group's ranks hold the devices. A broken group (a rank
-    died mid-call) ends the pool actor, so Ray restarts it with a new group and retries the batch.
-    """
-
-    def __init__(self, spec: ReplicaSpec) -> None:  # not LocalReplica's: nothing loads here
-        from pipelines.parallel_pipeline import ParallelStableDiffusion3Pipeline
-
-        self.group = ReplicaGroup(spec)
-        self.pipe = ParallelStableDiffusion3Pipeline(self.group)
-        self.model = self.group.model
-        self.lora = self.group.lora
-        self.name = f"{socket.gethostname()}:{os.getpid()}/{self.group.name}"
-
-    def render(self, request: RenderRequest) -> list[np.ndarray]:
-        try:
-            return super().render(request)
-        except ReplicaGroupBroken:
-            logger.exception("replica group %s broke; ending this pool actor for Ray to restart", self.name)
-            os._exit(1)
-
-    def __del__(self) -> None:
-        # Ray Data drops the stage (and so this replica) when the pool actor exits gracefully; the
-        # group's placement group would otherwise hold its devices until the driver's job ends.
-        group = getattr(self, "group", None)
-        if group is not None and group.workers:
-            try:
-                group.shutdown()
-            except Exception:  # the process is exiting; Ray reclaims the actors with the job anyway
-                pass

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from actors.replica import apply_lora
+
 __all__ = ["ShardWorker", "paddle_device"]
 
 
@@ -76,11 +78,11 @@ class ShardWorker:
         self, model: str, dtype: str = "float32", storage: Any = None, inference_optimize: bool = False
     ) -> dict[str, Any]:
         """Load this rank's part of ``model`` (folder or URL): its transformer's bytes and the
-        model's identity (``jobs.model_cache.model_identity``). ``inference_optimize`` runs the
+        model's identity (``sd3_core.model_cache.model_identity``). ``inference_optimize`` runs the
         (whole, mp = 1) transformer as cached static programs."""
-        from jobs.model_cache import local_model_path, model_identity
         from pipelines.rank_pipeline import RankPipeline
         from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
+        from sd3_core.model_cache import local_model_path, model_identity
         from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
         self.pipe = None  # free the previous model first
@@ -99,10 +101,8 @@ class ShardWorker:
         return {"param_bytes": parameter_bytes(transformer), "model": model_identity(path, model)}
 
     def apply_lora(self, lora: Any, scale: float, storage: Any = None) -> str:
-        """Bake a pinned adapter (``jobs.lora_registry.PinnedLoRA``) into this rank's shard at
+        """Bake a pinned adapter (``sd3_core.lora_registry.PinnedLoRA``) into this rank's shard at
         ``scale`` (see ``actors.replica.apply_lora``); its identity."""
-        from actors.replica import apply_lora
-
         return apply_lora(self._loaded(), lora, scale, storage)
 
     def generate(self, args: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -113,7 +113,7 @@ class ShardWorker:
 
     def call_pipeline(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         """``pipe.<name>(*args, **kwargs)`` for one of the LoRA methods every rank runs alike."""
-        from pipelines.parallel_pipeline import LORA_METHODS
+        from pipelines.lora_loading import LORA_METHODS
 
         if name not in LORA_METHODS:
             raise AttributeError(f"a replica rank does not run `{name}`; it runs {list(LORA_METHODS)}")

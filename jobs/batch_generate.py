@@ -36,18 +36,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from actors.replica import (
-    DEVICES,
-    DTYPES,
-    GROUP_COLUMNS,
-    ITEM_SCHEMA,
-    RESULT_SCHEMA,
-    GenerateStage,
-    ReplicaSpec,
-)
+from actors.replica import DEVICES, DTYPES, ReplicaSpec
 from jobs import manifest
 from jobs.benchmark_report import BenchmarkTally
-from jobs.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
+from jobs.generate_stage import GROUP_COLUMNS, ITEM_SCHEMA, RESULT_SCHEMA, GenerateStage
 from jobs.prompt_table import (
     KNOWN_COLUMNS,
     WORK_ROW_SCHEMA,
@@ -61,8 +53,9 @@ from jobs.prompt_table import (
     read_unit,
     resolve_rows,
 )
-from jobs.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
 from sd3_core.folder_defaults import DEFAULT_T5_LENGTH, folder_guidance_scale, folder_max_sequence_length
+from sd3_core.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
+from sd3_core.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -558,7 +551,7 @@ def _known_outcomes(output: str, options: StorageOptions) -> _Outcomes:
 def _check_same_model(output: str, models: Counter, model: str, options: StorageOptions) -> None:
     """JobError when `output` holds images another model (URL or configs) rendered: a resume must
     not mix two models' images in one manifest."""
-    from jobs.model_cache import model_identity
+    from sd3_core.model_cache import model_identity
 
     if not models:  # a new output: nothing to compare, so no listing of the model
         return
@@ -670,7 +663,7 @@ def run_job(config: JobConfig) -> JobResult:
         inference_optimize=config.inference_optimize, benchmark=config.benchmark,
     )  # fmt: skip
     if spec.world_size > 1:  # heads % mp, before any actor starts
-        from actors.replica_group import check_replica_shape
+        from actors.replica_group import check_replica_shape  # loads Paddle: only for groups
 
         try:
             check_replica_shape(spec)

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 
 class BenchmarkTally:
-    """Sums of the per-image benchmark shares of a job's summaries (see actors.replica.BENCHMARK_TYPE)."""
+    """Sums of the per-image benchmark shares of a job's summaries (see jobs.generate_stage.BENCHMARK_TYPE)."""
 
     def __init__(self) -> None:
         self.images = 0

@@ -21,7 +21,15 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from jobs.storage import StorageOptions, exists, get_fs, join_url, read_bytes, split_url, write_bytes_atomic
+from sd3_core.storage import (
+    StorageOptions,
+    exists,
+    get_fs,
+    join_url,
+    read_bytes,
+    split_url,
+    write_bytes_atomic,
+)
 
 STATE_NAME = "training_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"

@@ -138,7 +138,7 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from jobs.batch_generate import DEFAULT_MODEL, JobConfig, JobFailed, run_job
     from jobs.prompt_table import JobDefaults
-    from jobs.storage import StorageOptions
+    from sd3_core.storage import StorageOptions
 
     defaults = JobDefaults(
         prompt_2=args.prompt_2,

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.storage import StorageOptions, join_url, normalize_url, read_bytes, write_bytes_atomic
+from sd3_core.storage import StorageOptions, join_url, normalize_url, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.prompt_table import KNOWN_COLUMNS, WorkRow
-from jobs.storage import StorageOptions, get_fs, join_url, list_files, normalize_url, write_bytes_atomic
+from sd3_core.storage import StorageOptions, get_fs, join_url, list_files, normalize_url, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 PART_FETCH_BATCH = 256

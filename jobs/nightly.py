@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from jobs.storage import StorageOptions, join_url, read_bytes
+from sd3_core.storage import StorageOptions, join_url, read_bytes
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Train flags a spec may not set: the nightly run owns them.

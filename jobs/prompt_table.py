@@ -22,7 +22,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.storage import StorageOptions, get_fs, join_url, normalize_url
+from sd3_core.storage import StorageOptions, get_fs, join_url, normalize_url
 
 STRING_COLUMNS = (
     "prompt",

@@ -39,14 +39,6 @@ from typing import Any
 import numpy as np
 
 from jobs import checkpoints
-from jobs.storage import (
-    StorageOptions,
-    check_writable,
-    join_url,
-    normalize_url,
-    split_url,
-    write_bytes_atomic,
-)
 from jobs.train_data import (
     STREAM_CAPTION,
     STREAM_NOISE,
@@ -63,6 +55,14 @@ from jobs.train_data import (
 )
 from jobs.train_devices import DEVICE_OVERRIDE_ENV, DEVICES, NPU_FLAGS, select_device
 from jobs.train_optim import AdamW, LossScaler, LRSchedule, clip_coefficient, global_grad_norm
+from sd3_core.storage import (
+    StorageOptions,
+    check_writable,
+    join_url,
+    normalize_url,
+    split_url,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="No ccache found")
@@ -151,7 +151,7 @@ class TrainConfig:
     device: str = "cpu"
     num_cpus: float = 1.0
     storage: StorageOptions = field(default_factory=StorageOptions)
-    # nightly publishing (jobs/lora_registry.py)
+    # nightly publishing (sd3_core/lora_registry.py)
     publish_to: str | None = None
     publish_version: str | None = None
 
@@ -294,9 +294,9 @@ class Trainer:
     def _load(self) -> None:
         import paddle
 
-        from jobs.model_cache import local_model_path
         from pipelines import StableDiffusion3Pipeline
         from sd3_core import lora
+        from sd3_core.model_cache import local_model_path
         from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
         from sd3_core.transformer import SD3Transformer2DModel
 
@@ -715,7 +715,7 @@ class Trainer:
         c = self.config
         t_start = time.monotonic()
         if c.publish_to is not None:
-            from jobs.lora_registry import is_published
+            from sd3_core.lora_registry import is_published
 
             if is_published(c.publish_to, c.publish_version, self.storage):
                 where = join_url(c.publish_to, c.publish_version)
@@ -807,7 +807,7 @@ class Trainer:
             wandb_run_dir=run_dir,
         )
         if c.publish_to is not None:
-            from jobs.lora_registry import publish
+            from sd3_core.lora_registry import publish
 
             result.published = publish(
                 weights, c.publish_to, c.publish_version, self.storage,

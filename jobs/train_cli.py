@@ -12,7 +12,7 @@ import json
 import sys
 import warnings
 
-from jobs.storage import StorageOptions
+from sd3_core.storage import StorageOptions
 
 # Flags the reference scripts have that change nothing here (accepted so commands keep working).
 _IGNORED = ("revision", "variant", "cache_dir", "dataloader_num_workers", "local_rank", "hub_token",
@@ -282,7 +282,7 @@ def run_schedule(args: argparse.Namespace) -> int:
     import os
 
     from jobs.nightly import load_spec, schedule_text
-    from jobs.storage import normalize_url
+    from sd3_core.storage import normalize_url
 
     spec_url = normalize_url(args.spec)
     spec = load_spec(spec_url)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from jobs.storage import StorageOptions, get_fs, join_url, list_files, read_bytes, split_url
+from sd3_core.storage import StorageOptions, get_fs, join_url, list_files, read_bytes, split_url
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -96,7 +96,7 @@ def read_parquet_table(
     """``(image, caption, source)`` per row of a Parquet file or dataset folder."""
     import pyarrow.parquet as pq
 
-    from jobs.storage import pyarrow_fs
+    from sd3_core.storage import pyarrow_fs
 
     fs, path = pyarrow_fs(url, options)
     try:
@@ -222,7 +222,7 @@ def fingerprint(entries: list[Entry]) -> str:
 
 
 def save_image(url: str, image: Image.Image, options: StorageOptions | None = None) -> None:
-    from jobs.storage import write_bytes_atomic
+    from sd3_core.storage import write_bytes_atomic
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 
 from sd3_core import lora
+from sd3_core.lora_registry import resolve_lora
 
 _COMPONENTS = ("transformer",)
 
@@ -32,11 +33,9 @@ class SD3LoraLoaderMixin:
         its name.
 
         ``pretrained_model_name_or_path`` may also be a URL (``s3://...``: a file, a folder, or a
-        LoRA registry) or a registry reference ``REGISTRY[:VERSION]`` (see jobs/lora_registry.py)."""
+        LoRA registry) or a registry reference ``REGISTRY[:VERSION]`` (see sd3_core/lora_registry.py)."""
         path = os.fspath(pretrained_model_name_or_path)
         if weight_name is None and _is_remote_or_registry(path):
-            from jobs.lora_registry import resolve_lora  # the storage layer lives with the jobs
-
             path = resolve_lora(path)
         return lora.load_lora(self.transformer, path, adapter_name, scale, weight_name)
 
@@ -108,3 +107,11 @@ def _check_components(components: Sequence[str]) -> None:
         raise ValueError(
             f"LoRA components {extra} are not supported; only {list(_COMPONENTS)} carries LoRA here"
         )
+
+
+# The LoRA methods a replica group runs on every rank (rank 0's result is returned).
+LORA_METHODS = tuple(
+    name
+    for name, value in vars(SD3LoraLoaderMixin).items()
+    if callable(value) and not name.startswith("_") and name != "save_lora_weights"
+)

@@ -134,8 +134,8 @@ def make_bucket(endpoint: str, name: str | None = None) -> str:
 
 
 def storage_options(endpoint: str):
-    """`jobs.storage.StorageOptions` for `endpoint` with the test credentials."""
-    from jobs.storage import StorageOptions
+    """`sd3_core.storage.StorageOptions` for `endpoint` with the test credentials."""
+    from sd3_core.storage import StorageOptions
 
     return StorageOptions(
         endpoint_url=endpoint,

@@ -29,9 +29,9 @@ from PIL import Image
 from jobs import manifest
 from jobs.batch_generate import DEFAULT_MODEL, JobConfig, JobError, JobFailed, run_job
 from jobs.cli import main
-from jobs.lora_registry import publish
 from jobs.prompt_table import JobDefaults
-from jobs.storage import StorageOptions, get_fs, read_bytes
+from sd3_core.lora_registry import publish
+from sd3_core.storage import StorageOptions, get_fs, read_bytes
 from tests.reference_cases import fixture_path
 from tests.s3_server import PausableProxy, make_bucket, s3_client, storage_options
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs.contact_sheet import CONTACT_SHEET_NAME, contact_sheet, write_contact_sheet
-from jobs.storage import read_bytes, write_bytes_atomic
+from sd3_core.storage import read_bytes, write_bytes_atomic
 from tests.s3_server import make_bucket, storage_options
 
 

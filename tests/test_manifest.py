@@ -25,7 +25,7 @@ from jobs.manifest import (
     write_part,
 )
 from jobs.prompt_table import JobDefaults, WorkRow, prompts_table, resolve_rows
-from jobs.storage import read_bytes
+from sd3_core.storage import read_bytes
 from tests.s3_server import make_bucket, s3_client, storage_options
 
 

@@ -1,4 +1,4 @@
-"""jobs.model_cache: local folders as is; object-storage models downloaded once per node, atomically."""
+"""sd3_core.model_cache: local folders as is; object-storage models downloaded once per node, atomically."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from jobs import model_cache
-from jobs.model_cache import cache_path, local_model_path, model_identity
+from sd3_core import model_cache
+from sd3_core.model_cache import cache_path, local_model_path, model_identity
 from tests.s3_server import make_bucket, storage_options
 
 FILES = {
@@ -202,7 +202,7 @@ def _walk_identity(local: str, uri: str) -> str:
 
 
 def test_model_identity_is_the_same_locally_and_on_s3(s3_endpoint, tmp_path):
-    from jobs.storage import get_fs
+    from sd3_core.storage import get_fs
 
     # a root file that sorts after a folder name: hashed before the folder's files, as os.walk does
     files = {**FILES, "z_config.json": b"{}", "a/b/config.json": b'{"x": 1}', "a/config.json": b"{}"}

@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from actors.parallel_pipeline import ParallelStableDiffusion3Pipeline
 from actors.replica import ReplicaSpec
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
-from pipelines.parallel_pipeline import ParallelStableDiffusion3Pipeline
 from sd3_core.inference_program import PROGRAM_CACHE_ENV
 from tests import test_parallel
 from tests.parallel_worker import case_arguments
@@ -225,8 +225,8 @@ def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelin
 
     from jobs import manifest
     from jobs.cli import main
-    from jobs.storage import read_bytes
     from pipelines import StableDiffusion3Pipeline
+    from sd3_core.storage import read_bytes
 
     model, out = str(tiny_pipelines["sd3"]), str(tmp_path / "job")
     prompts = ["a red cube", "a blue sphere on grass", "a city at night"]

@@ -1,4 +1,4 @@
-"""jobs.storage against local paths, file:// URLs and a real S3 endpoint (moto_server on loopback)."""
+"""sd3_core.storage against local paths, file:// URLs and a real S3 endpoint (moto_server on loopback)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from jobs import storage
-from jobs.storage import StorageOptions, get_fs, join_url, split_url
+from sd3_core import storage
+from sd3_core.storage import StorageOptions, get_fs, join_url, split_url
 from tests.s3_server import PausableProxy, make_bucket, s3_client, storage_options
 
 # ------------------------------------------------------------------ URLs

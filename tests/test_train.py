@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from jobs import checkpoints
-from jobs.storage import StorageOptions, get_fs, list_files
 from jobs.train import TrainConfig, Trainer, TrainingInterrupted, enable_gradient_checkpointing, train
 from jobs.train_data import SampleOrder, build_entries, read_parquet_table
 from jobs.train_optim import LossScaler, LRSchedule
 from sd3_core import lora
+from sd3_core.storage import StorageOptions, get_fs, list_files
 from sd3_core.transformer import SD3Transformer2DModel
 from tests.reference_cases import fixture_path
 from tests.s3_server import make_bucket

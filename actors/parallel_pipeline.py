@@ -16,6 +16,9 @@ adapter is left to the single pipeline.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -23,19 +26,16 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from pipelines.lora_loading import SD3LoraLoaderMixin
+from actors.replica import LocalReplica, RenderRequest, ReplicaSpec
+from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
+from pipelines.lora_loading import LORA_METHODS, SD3LoraLoaderMixin
 from pipelines.rank_pipeline import TENSOR_ARGUMENTS, call_arguments
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
 
-__all__ = ["LORA_METHODS", "ParallelStableDiffusion3Pipeline"]
+__all__ = ["GroupReplica", "ParallelStableDiffusion3Pipeline"]
 
+logger = logging.getLogger(__name__)
 _CALL_SIGNATURE = inspect.signature(StableDiffusion3Pipeline.__call__)
-# The LoRA methods a replica group runs on every rank (rank 0's result is returned).
-LORA_METHODS = tuple(
-    name
-    for name, value in vars(SD3LoraLoaderMixin).items()
-    if callable(value) and not name.startswith("_") and name != "save_lora_weights"
-)
 
 
 class ParallelStableDiffusion3Pipeline:
@@ -66,9 +66,6 @@ class ParallelStableDiffusion3Pipeline:
 
         ``group_options`` go to ``ReplicaGroup`` (e.g. ``compute_device="cpu"`` to run GPU-kind
         bundles on the CPU, as the tests do with Ray's logical GPUs)."""
-        from actors.replica import ReplicaSpec
-        from actors.replica_group import ReplicaGroup
-
         spec = ReplicaSpec(model=model, dtype=dtype, device=device, cfg=cfg, mp=mp, cpus=cpus_per_rank,
                            inference_optimize=inference_optimize)  # fmt: skip
         return cls(ReplicaGroup(spec, **group_options))
@@ -115,3 +112,36 @@ def _on_every_rank(name: str) -> Callable[..., Any]:
 
 for _name in LORA_METHODS:
     setattr(ParallelStableDiffusion3Pipeline, _name, _on_every_rank(_name))
+
+
+class GroupReplica(LocalReplica):
+    """A replica group behind the batch job's ``Replica`` protocol: what a pool actor of
+    ``map_batches`` holds instead of an in-process pipeline when ``cfg x mp > 1``.
+
+    The pool actor only coordinates; the group's ranks hold the devices. A broken group (a rank
+    died mid-call) ends the pool actor, so Ray restarts it with a new group and retries the batch.
+    """
+
+    def __init__(self, spec: ReplicaSpec) -> None:  # not LocalReplica's: nothing loads here
+        self.group = ReplicaGroup(spec)
+        self.pipe = ParallelStableDiffusion3Pipeline(self.group)
+        self.model = self.group.model
+        self.lora = self.group.lora
+        self.name = f"{socket.gethostname()}:{os.getpid()}/{self.group.name}"
+
+    def render(self, request: RenderRequest) -> list[np.ndarray]:
+        try:
+            return super().render(request)
+        except ReplicaGroupBroken:
+            logger.exception("replica group %s broke; ending this pool actor for Ray to restart", self.name)
+            os._exit(1)
+
+    def __del__(self) -> None:
+        # Ray Data drops the stage (and so this replica) when the pool actor exits gracefully; the
+        # group's placement group would otherwise hold its devices until the driver's job ends.
+        group = getattr(self, "group", None)
+        if group is not None and group.workers:
+            try:
+                group.shutdown()
+            except Exception:  # the process is exiting; Ray reclaims the actors with the job anyway
+                pass

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.storage import (
+from sd3_core.storage import (
     StorageOptions,
     exists,
     get_fs,

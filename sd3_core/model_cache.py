@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-from jobs.storage import StorageOptions, get_fs, normalize_url, split_url
+from sd3_core.storage import StorageOptions, get_fs, normalize_url, split_url
 
 log = logging.getLogger(__name__)
 
