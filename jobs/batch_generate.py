@@ -271,7 +271,7 @@ def _check_lora_fits(path: str, model: str, options: StorageOptions, source: str
     without weights: shapes only)."""
     import paddle
 
-    from sd3_core.lora import check_lora_fits, read_lora_file
+    from sd3_core.lora_file import check_lora_fits, read_lora_file
     from sd3_core.transformer import SD3Transformer2DModel
 
     config = json.loads(read_bytes(join_url(model, "transformer", "config.json"), options))

@@ -565,10 +565,10 @@ class Trainer:
         }
 
     def _write_weights(self, folder: Path) -> Path:
-        from sd3_core import lora
+        from sd3_core import lora_file
 
         if self.config.mode == "lora":
-            return lora.save_lora_weights(folder, self.transformer, "default")
+            return lora_file.save_lora_weights(folder, self.transformer, "default")
         self.transformer.save_pretrained(folder / "transformer", dtype="float32")
         return folder / "transformer"
 
@@ -596,7 +596,7 @@ class Trainer:
     def load_checkpoint(self, url: str) -> int:
         import paddle
 
-        from sd3_core import lora
+        from sd3_core import lora, lora_file
         from sd3_core.safetensors_io import SafetensorsFile
         from sd3_core.transformer import SD3Transformer2DModel
 
@@ -613,7 +613,7 @@ class Trainer:
             )
         local = checkpoints.fetch_folder(url, self.storage)
         if self.config.mode == "lora":
-            loaded = lora.read_lora_file(local)
+            loaded = lora_file.read_lora_file(local)
             layers = dict(lora.lora_layers(self.transformer))
             if set(loaded.modules) != set(layers):
                 raise ValueError(

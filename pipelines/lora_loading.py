@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from sd3_core import lora
+from sd3_core import lora, lora_file
 from sd3_core.lora_registry import resolve_lora
 
 _COMPONENTS = ("transformer",)
@@ -37,7 +37,7 @@ class SD3LoraLoaderMixin:
         path = os.fspath(pretrained_model_name_or_path)
         if weight_name is None and _is_remote_or_registry(path):
             path = resolve_lora(path)
-        return lora.load_lora(self.transformer, path, adapter_name, scale, weight_name)
+        return lora_file.load_lora(self.transformer, path, adapter_name, scale, weight_name)
 
     def set_adapters(
         self,
@@ -90,7 +90,7 @@ class SD3LoraLoaderMixin:
         self, save_directory: str | os.PathLike, adapter_name: str = "default", dtype: str = "float32"
     ) -> str:
         """Write one adapter as a diffusers-readable ``pytorch_lora_weights.safetensors``."""
-        return str(lora.save_lora_weights(save_directory, self.transformer, adapter_name, dtype=dtype))
+        return str(lora_file.save_lora_weights(save_directory, self.transformer, adapter_name, dtype=dtype))
 
 
 def _is_remote_or_registry(path: str) -> bool:

@@ -29,7 +29,7 @@ import paddle
 
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.collectives import Collectives, SingleRank
-from sd3_core.lora import LoRAFile
+from sd3_core.lora_file import LoRAFile
 from sd3_core.modeling import _default_dtype, load_torch_state, resolve_dtype
 from sd3_core.safetensors_io import WeightsIndex, open_weights
 from sd3_core.transformer import SD3Transformer2DModel
@@ -144,7 +144,7 @@ class TensorParallelSD3Transformer(SD3Transformer2DModel):
         )
 
     def local_lora(self, lora_file: LoRAFile) -> LoRAFile:
-        """This shard's part of a LoRA file (``sd3_core.lora.load_lora`` calls this).
+        """This shard's part of a LoRA file (``sd3_core.lora_file.load_lora`` calls this).
 
         ``delta = B @ A`` is split like the layer it adapts: a column-parallel layer (split output
         features) keeps its rows of ``B`` and all of ``A``; a row-parallel one (split input

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sd3_core import lora
+from sd3_core import lora, lora_file
 from sd3_core.transformer import SD3Transformer2DModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -59,7 +59,7 @@ def build_our_lora(name: str) -> SD3Transformer2DModel:
 
 
 def write_our_lora(name: str, folder: str | Path) -> Path:
-    return lora.save_lora_weights(folder, build_our_lora(name), weight_name=f"{name}.safetensors")
+    return lora_file.save_lora_weights(folder, build_our_lora(name), weight_name=f"{name}.safetensors")
 
 
 if __name__ == "__main__":

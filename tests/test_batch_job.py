@@ -461,13 +461,13 @@ LORA_SCALE = 0.8
 
 def default_model_lora(folder, seed: int) -> str:
     """A rank-4 adapter on every default target of the embedded model, random non-zero A and B."""
-    from sd3_core import lora
+    from sd3_core import lora, lora_file
     from sd3_core.transformer import SD3Transformer2DModel
 
     model = SD3Transformer2DModel.from_pretrained(DEFAULT_MODEL, subfolder="transformer")
     lora.inject_lora(model, "default", rank=4)
     lora.random_lora_weights(model, "default", seed=seed, std=0.2)
-    return str(lora.save_lora_weights(folder, model))
+    return str(lora_file.save_lora_weights(folder, model))
 
 
 def _lora_job(output: str, prompts: list[str], storage: StorageOptions, **kw) -> JobConfig:

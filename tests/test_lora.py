@@ -16,7 +16,7 @@ import paddle
 import pytest
 
 from pipelines import StableDiffusion3Pipeline
-from sd3_core import lora
+from sd3_core import lora, lora_file
 from sd3_core.lora import LoRAError, LoRALinear
 from sd3_core.modeling import Linear
 from sd3_core.safetensors_io import SafetensorsFile, write_safetensors
@@ -76,7 +76,7 @@ def test_transformer_output_matches_diffusers_with_the_same_lora(case):
     assert max_diff(run(model, data), data["out_base"]) < TOL
     before = weights(model)
     for load in args["loads"]:
-        lora.load_lora(model, TRAINING / load["file"], adapter_name=load["adapter_name"])
+        lora_file.load_lora(model, TRAINING / load["file"], adapter_name=load["adapter_name"])
     if args["set_adapters"]:
         lora.set_adapters(
             model, args["set_adapters"]["adapter_names"], args["set_adapters"]["adapter_weights"]
@@ -129,8 +129,8 @@ def test_bake_is_fuse_then_unload_without_keeping_the_unfused_weights(monkeypatc
 
     def loaded() -> SD3Transformer2DModel:
         model = transformer()
-        lora.load_lora(model, OURS_FILE, adapter_name="ours")
-        lora.load_lora(model, DIFFUSERS_FILE, adapter_name="theirs")
+        lora_file.load_lora(model, OURS_FILE, adapter_name="ours")
+        lora_file.load_lora(model, DIFFUSERS_FILE, adapter_name="theirs")
         lora.set_adapters(model, ["ours", "theirs"], [0.5, 1.5])
         return model
 
@@ -157,7 +157,7 @@ def test_load_scale_equals_set_adapters_weight():
     case = next(c for c in CASES if c["name"] == "lora_ours_sd3_weight03")
     data = case_data(case)
     model = transformer()
-    lora.load_lora(model, OURS_FILE, adapter_name="ours", scale=0.3)
+    lora_file.load_lora(model, OURS_FILE, adapter_name="ours", scale=0.3)
     assert max_diff(run(model, data), data["out_sample"]) < TOL
 
 
@@ -166,7 +166,7 @@ def test_load_scale_equals_set_adapters_weight():
 
 def test_written_file_has_diffusers_keys_pytorch_layout_and_adapter_config(tmp_path):
     model = build_our_lora("ours_sd3-tiny_r4_alpha6")
-    path = lora.save_lora_weights(tmp_path, model)
+    path = lora_file.save_lora_weights(tmp_path, model)
     assert path.name == "pytorch_lora_weights.safetensors"
     with SafetensorsFile(path) as f:
         assert f.shape("transformer.transformer_blocks.0.attn.to_q.lora_A.weight") == (4, 32)  # [r, in]
@@ -185,18 +185,18 @@ def test_file_roundtrip_keeps_the_output(tmp_path):
     model = build_our_lora("ours_sd35-tiny_r2_alpha3_blocks01")
     data = tiny_inputs()
     expected = run(model, data)
-    path = lora.save_lora_weights(tmp_path, model)
+    path = lora_file.save_lora_weights(tmp_path, model)
     fresh = transformer("sd35-tiny")
-    lora.load_lora(fresh, path)
+    lora_file.load_lora(fresh, path)
     assert max_diff(run(fresh, data), expected) < 1e-6
 
 
 def test_half_precision_files_read_back_as_float32(tmp_path):
     model = build_our_lora("ours_sd3-tiny_r4_alpha6")
-    path = lora.save_lora_weights(tmp_path, model, dtype="bfloat16")
+    path = lora_file.save_lora_weights(tmp_path, model, dtype="bfloat16")
     with SafetensorsFile(path) as f:
         assert str(f.dtype("transformer.transformer_blocks.0.attn.to_q.lora_A.weight")) == "bfloat16"
-    module = lora.read_lora_file(path).modules["transformer_blocks.0.attn.to_q"]
+    module = lora_file.read_lora_file(path).modules["transformer_blocks.0.attn.to_q"]
     exact = model.transformer_blocks[0].attn.to_q.lora_A["default"].weight.numpy().T
     assert module.a.dtype == np.float32
     np.testing.assert_allclose(module.a, exact, rtol=1e-2, atol=1e-3)
@@ -225,29 +225,29 @@ KEY_VARIANTS = {
 def test_key_variants_written_by_diffusers_and_peft_load_the_same(variant, tmp_path):
     data = tiny_inputs(1)
     reference = transformer()
-    lora.load_lora(reference, DIFFUSERS_FILE)
+    lora_file.load_lora(reference, DIFFUSERS_FILE)
     expected = run(reference, data)
     path = _rewrite(DIFFUSERS_FILE, tmp_path / "x.safetensors", KEY_VARIANTS[variant])
     model = transformer()
-    lora.load_lora(model, path)
+    lora_file.load_lora(model, path)
     assert max_diff(run(model, data), expected) < 1e-6
 
 
 def test_alpha_comes_from_metadata_then_alpha_entries_then_rank(tmp_path):
     # Same tensors (r = 4): metadata alpha 8 -> scale 2; kohya-style .alpha entries of 2 -> 0.5;
     # neither -> alpha = rank (diffusers' rule).
-    with_meta = lora.read_lora_file(DIFFUSERS_FILE)
+    with_meta = lora_file.read_lora_file(DIFFUSERS_FILE)
     assert {m.alpha for m in with_meta.modules.values()} == {8.0}
     modules = list(with_meta.modules)
     alphas = {f"transformer.{m}.alpha": np.array(2.0, dtype=np.float32) for m in modules}
-    kohya = lora.read_lora_file(_rewrite(DIFFUSERS_FILE, tmp_path / "a.safetensors", str, {}, alphas))
+    kohya = lora_file.read_lora_file(_rewrite(DIFFUSERS_FILE, tmp_path / "a.safetensors", str, {}, alphas))
     assert {m.alpha for m in kohya.modules.values()} == {2.0}
-    bare = lora.read_lora_file(_rewrite(DIFFUSERS_FILE, tmp_path / "b.safetensors", str, {}))
+    bare = lora_file.read_lora_file(_rewrite(DIFFUSERS_FILE, tmp_path / "b.safetensors", str, {}))
     assert {m.alpha for m in bare.modules.values()} == {4.0}
 
 
 def test_rank_and_alpha_patterns_resolve_per_module():
-    f = lora.read_lora_file(LORA_DIR / "diffusers_sd35-tiny_r3_alpha6_patterns_meta.safetensors")
+    f = lora_file.read_lora_file(LORA_DIR / "diffusers_sd35-tiny_r3_alpha6_patterns_meta.safetensors")
     assert f.modules["transformer_blocks.1.attn.to_k"].rank == 2
     assert f.modules["transformer_blocks.0.attn.to_k"].rank == 3
     assert f.modules["transformer_blocks.2.attn.add_v_proj"].alpha == 1.5
@@ -256,7 +256,7 @@ def test_rank_and_alpha_patterns_resolve_per_module():
 
 def test_folder_with_pytorch_lora_weights_loads(tmp_path):
     shutil.copy(OURS_FILE, tmp_path / "pytorch_lora_weights.safetensors")
-    assert len(lora.read_lora_file(tmp_path).modules) == 23
+    assert len(lora_file.read_lora_file(tmp_path).modules) == 23
 
 
 # ---- adapter operations ------------------------------------------------------------------------
@@ -346,9 +346,9 @@ def test_several_adapters_add_up_and_set_adapters_selects():
     model = transformer()
     data = tiny_inputs(4)
     base = run(model, data)
-    lora.load_lora(model, OURS_FILE, adapter_name="a")
+    lora_file.load_lora(model, OURS_FILE, adapter_name="a")
     only_a = run(model, data)
-    lora.load_lora(model, DIFFUSERS_FILE, adapter_name="b")
+    lora_file.load_lora(model, DIFFUSERS_FILE, adapter_name="b")
     only_b = run(model, data)  # loading makes the new adapter the only active one
     lora.set_adapters(model, ["a", "b"])
     both = run(model, data)
@@ -406,7 +406,9 @@ def test_only_lora_parameters_get_gradients_when_the_base_is_frozen():
 
 def test_lora_for_another_architecture_is_rejected_naming_file_and_modules():
     with pytest.raises(LoRAError) as e:
-        lora.load_lora(transformer("sd3-tiny"), LORA_DIR / "ours_sd35-tiny_r2_alpha3_blocks01.safetensors")
+        lora_file.load_lora(
+            transformer("sd3-tiny"), LORA_DIR / "ours_sd35-tiny_r2_alpha3_blocks01.safetensors"
+        )
     assert "ours_sd35-tiny_r2_alpha3_blocks01.safetensors" in str(e.value)
     assert "transformer_blocks.0.attn2.to_k: no such sublayer" in str(e.value)
 
@@ -423,7 +425,7 @@ def test_shape_mismatch_names_module_and_expected_shape(tmp_path):
         },
     )
     with pytest.raises(LoRAError, match=r"bad.safetensors.*to_q: lora_A \[4, 48\].*expected \[r, 32\]"):
-        lora.load_lora(transformer(), path)
+        lora_file.load_lora(transformer(), path)
 
 
 @pytest.mark.parametrize(
@@ -453,7 +455,7 @@ def test_malformed_files_are_rejected_with_the_file_and_keys(tensors, message, t
     path = tmp_path / "lora.safetensors"
     write_safetensors(path, {k: v.astype(np.float32) for k, v in tensors.items()})
     with pytest.raises(LoRAError, match=message) as e:
-        lora.read_lora_file(path)
+        lora_file.read_lora_file(path)
     assert str(path) in str(e.value)
 
 
@@ -464,22 +466,22 @@ def test_metadata_rank_must_match_the_tensors(tmp_path):
     }
     path = _rewrite(DIFFUSERS_FILE, tmp_path / "x.safetensors", str, meta)
     with pytest.raises(LoRAError, match="metadata rank 8 but lora_A has rank 4"):
-        lora.read_lora_file(path)
+        lora_file.read_lora_file(path)
 
 
 def test_missing_file_and_folder_errors(tmp_path):
     with pytest.raises(LoRAError, match="not found"):
-        lora.read_lora_file(tmp_path / "nope.safetensors")
+        lora_file.read_lora_file(tmp_path / "nope.safetensors")
     with pytest.raises(LoRAError, match="no pytorch_lora_weights.safetensors"):
-        lora.read_lora_file(tmp_path)
+        lora_file.read_lora_file(tmp_path)
 
 
 def test_adapter_name_errors():
     model = transformer()
-    lora.load_lora(model, OURS_FILE, adapter_name="a")
+    lora_file.load_lora(model, OURS_FILE, adapter_name="a")
     with pytest.raises(LoRAError, match="already loaded"):
-        lora.load_lora(model, OURS_FILE, adapter_name="a")
-    assert lora.load_lora(model, OURS_FILE) == "default_1"
+        lora_file.load_lora(model, OURS_FILE, adapter_name="a")
+    assert lora_file.load_lora(model, OURS_FILE) == "default_1"
     with pytest.raises(LoRAError, match=r"unknown adapter\(s\) \['zzz'\]"):
         lora.set_adapters(model, ["a", "zzz"])
     with pytest.raises(LoRAError, match="2 adapter names but 1 weights"):

@@ -17,7 +17,7 @@ from jobs import nightly
 from jobs.cli import build_parser, main
 from jobs.train import train
 from jobs.train_cli import config_from_args
-from sd3_core.lora import read_lora_file
+from sd3_core.lora_file import read_lora_file
 from sd3_core.lora_registry import fetch_lora, is_published, pin_lora, publish, resolve_lora, split_ref
 from sd3_core.storage import StorageOptions, get_fs, list_files, read_bytes
 from tests.lora_recipe import PEFT_SOURCE, peft_folder

@@ -18,7 +18,7 @@ import paddle
 import pytest
 
 from pipelines import StableDiffusion3Pipeline
-from sd3_core import lora
+from sd3_core import lora, lora_file
 from sd3_core.collectives import CollectiveCounter, Collectives, SingleRank
 from sd3_core.folder_defaults import MAX_SEQUENCE_LENGTH_KEY
 from sd3_core.modeling import _default_dtype
@@ -116,7 +116,7 @@ def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(folder / "transformer", max_shard_size=200_000)  # sharded, as real checkpoints
         lora.inject_lora(model, "case", rank=2, targets=LORA_TARGETS)
         lora.random_lora_weights(model, "case", seed=10 + seed, std=0.3)
-        lora.save_lora_weights(folder / "lora", model, "case")
+        lora_file.save_lora_weights(folder / "lora", model, "case")
         index = json.loads((folder / "model_index.json").read_text())
         (folder / "model_index.json").write_text(json.dumps({**index, MAX_SEQUENCE_LENGTH_KEY: T5_LENGTH}))
         pipe = StableDiffusion3Pipeline.from_pretrained(folder)
@@ -340,7 +340,7 @@ def test_a_shard_keeps_its_slices_of_a_lora_file_and_cannot_save_one(tiny_pipeli
     comm = Collectives(1, 2)  # rank 1 of 2; building a shard sends nothing
     with _default_dtype("float32"):
         shard = TensorParallelSD3Transformer._build(tiny_config(), comm)
-    whole = lora.read_lora_file(tiny_pipelines["sd3"] / "lora")
+    whole = lora_file.read_lora_file(tiny_pipelines["sd3"] / "lora")
     local = shard.local_lora(whole).modules
     column, row = "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0"
     np.testing.assert_array_equal(local[column].b, whole.modules[column].b[32:])  # output rows 32..63
@@ -348,9 +348,9 @@ def test_a_shard_keeps_its_slices_of_a_lora_file_and_cannot_save_one(tiny_pipeli
     np.testing.assert_array_equal(local[row].a, whole.modules[row].a[:, 32:])  # input columns 32..63
     np.testing.assert_array_equal(local[row].b, whole.modules[row].b)
     assert local["proj_out"] is whole.modules["proj_out"]  # replicated layers keep the whole adapter
-    lora.load_lora(shard, whole, adapter_name="case")
+    lora_file.load_lora(shard, whole, adapter_name="case")
     with pytest.raises(lora.LoRAError, match="holds only its slices"):
-        lora.lora_state_dict(shard, "case")
+        lora_file.lora_state_dict(shard, "case")
 
 
 def test_sd3_medium_shard_bytes_for_mp2():

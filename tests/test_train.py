@@ -23,7 +23,7 @@ from jobs import checkpoints
 from jobs.train import TrainConfig, Trainer, TrainingInterrupted, enable_gradient_checkpointing, train
 from jobs.train_data import SampleOrder, build_entries, read_parquet_table
 from jobs.train_optim import LossScaler, LRSchedule
-from sd3_core import lora
+from sd3_core import lora, lora_file
 from sd3_core.storage import StorageOptions, get_fs, list_files
 from sd3_core.transformer import SD3Transformer2DModel
 from tests.reference_cases import fixture_path
@@ -92,7 +92,7 @@ def test_lora_training_lowers_the_fixed_evaluation_loss(instance_dir, tmp_path):
     # The written file is diffusers' LoRA file; loaded in a fresh model it gives the trained output.
     assert result.weights.endswith("pytorch_lora_weights.safetensors")
     fresh = SD3Transformer2DModel.from_pretrained(MODEL, subfolder="transformer")
-    lora.load_lora(fresh, result.weights, "trained")
+    lora_file.load_lora(fresh, result.weights, "trained")
     lora.fuse_lora(fresh)
     inputs = [paddle.to_tensor(np.random.default_rng(1).standard_normal(s).astype(np.float32))
               for s in ([1, 16, 4, 4], [1, 16, 128], [1, 80])]  # fmt: skip
@@ -143,7 +143,7 @@ def test_a_trained_lora_file_gives_diffusers_our_fused_output(instance_dir, tmp_
     result = train(config(instance_dir, tmp_path / "out", max_train_steps=20, learning_rate=1e-2, rank=4, lora_alpha=8,
                           lora_blocks="0,2"))  # fmt: skip
     model = SD3Transformer2DModel.from_pretrained(MODEL, subfolder="transformer")
-    lora.load_lora(model, result.weights)
+    lora_file.load_lora(model, result.weights)
     lora.fuse_lora(model)
     rng = np.random.default_rng(1)
     inputs = dict(h=rng.standard_normal([2, 16, 4, 4]), e=rng.standard_normal([2, 16, 128]), p=rng.standard_normal([2, 80]),
