@@ -25,7 +25,7 @@ import paddle  # sd3_core/__init__ has already applied runtime
 import paddle.nn.functional as F
 
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
-from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors
+from sd3_core.safetensors_io import FLOAT8_DTYPES, WeightsIndex, open_weights, write_safetensors
 
 __all__ = [
     "Config",
@@ -202,6 +202,8 @@ def _tensor_to_numpy(t: paddle.Tensor) -> np.ndarray:
 
 
 def _numpy_to_tensor(arr: np.ndarray, dtype: paddle.dtype) -> paddle.Tensor:
+    if arr.dtype in FLOAT8_DTYPES:  # fp8 checkpoints (e.g. an fp8 T5) are upcast at load
+        arr = arr.astype(np.float32)
     if arr.dtype == ml_dtypes.bfloat16:
         t = paddle.to_tensor(np.ascontiguousarray(arr).view(np.uint16)).view(paddle.bfloat16)
     else:
@@ -233,7 +235,7 @@ def _summarise(keys: Iterable[str], limit: int = 10) -> str:
 
 
 def _is_float(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
+    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16 or dtype in FLOAT8_DTYPES
 
 
 def load_torch_state(
@@ -422,18 +424,28 @@ class ModelMixin(paddle.nn.Layer):
         cls, path: str | os.PathLike, subfolder: str | None = None, dtype: str | paddle.dtype = "float32"
     ):
         """Load a diffusers model folder (config + single or sharded safetensors)."""
-        name = resolve_dtype(dtype)
         folder = Path(path) / subfolder if subfolder else Path(path)
         config = cls.load_config(folder)
         index = open_weights(folder, cls.weights_name)
+        try:
+            return cls.from_weights(config, index, dtype, str(folder))
+        finally:
+            index.close()
+
+    @classmethod
+    def from_weights(
+        cls, config: Mapping[str, Any], weights: WeightsIndex, dtype: str | paddle.dtype, source: str
+    ):
+        """Build from a diffusers config and assign diffusers-named PyTorch-layout ``weights``.
+
+        ``weights`` is anything with WeightsIndex's read interface; ``source`` names it in errors.
+        """
+        name = resolve_dtype(dtype)
         # Build without random init, directly in the target dtype: the checkpoint overwrites
         # everything, and a 2B-parameter init would cost seconds and a float32 copy in memory.
         with _default_dtype(name), paddle.LazyGuard():
             model = cls.from_config(config)
-        try:
-            load_torch_state(model, index, name, str(folder), ignore_unexpected=cls.ignore_unexpected_keys)
-        finally:
-            index.close()
+        load_torch_state(model, weights, name, source, ignore_unexpected=cls.ignore_unexpected_keys)
         model.eval()
         return model
 

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
+    "FLOAT8_DTYPES",
     "SafetensorsFile",
     "WeightsFileError",
     "WeightsIndex",
@@ -35,6 +36,9 @@ DTYPE_FROM_CODE: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
+    # 8-bit floats (torch.float8_e4m3fn / float8_e5m2), e.g. the fp8 T5 of published SD3 files.
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
@@ -46,6 +50,8 @@ DTYPE_FROM_CODE: dict[str, np.dtype] = {
     "BOOL": np.dtype("bool"),
 }
 _CODE_FROM_DTYPE = {v: k for k, v in DTYPE_FROM_CODE.items()}
+#: Storage-only dtypes: no framework computes in them here; loaders upcast them to float32.
+FLOAT8_DTYPES = frozenset({DTYPE_FROM_CODE["F8_E4M3"], DTYPE_FROM_CODE["F8_E5M2"]})
 
 # The reference implementation refuses headers above 100 MB; a larger value means garbage.
 _MAX_HEADER_BYTES = 100_000_000

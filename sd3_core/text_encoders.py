@@ -35,17 +35,19 @@ from sd3_core.modeling import (
     resolve_dtype,
     torch_state_from,
 )
-from sd3_core.safetensors_io import open_weights, write_safetensors
+from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors
 
 __all__ = [
     "ClipTextEncoder",
     "PromptTokenizer",
     "T5Encoder",
     "TokenizedBatch",
+    "clip_text_encoder_from_weights",
     "load_clip_text_encoder",
     "load_clip_tokenizer",
     "load_t5_encoder",
     "load_t5_tokenizer",
+    "t5_encoder_from_weights",
 ]
 
 CONFIG_NAME = "config.json"
@@ -112,15 +114,6 @@ def _run_dtype(dtype: str | paddle.dtype) -> str:
     half-precision kernels (Paddle's CPU build; see modeling.compute_dtype)."""
     name = resolve_dtype(dtype)
     return resolve_dtype(compute_dtype(getattr(paddle, name)))
-
-
-def _load_model(layer: paddle.nn.Layer, folder: Path, dtype: str, **kwargs: Any) -> None:
-    index = open_weights(folder, WEIGHTS_NAME)
-    try:
-        load_torch_state(layer, index, dtype, str(folder), **kwargs)
-    finally:
-        index.close()
-    layer.eval()
 
 
 def _save_model(folder: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
@@ -247,18 +240,31 @@ def load_clip_text_encoder(
 ) -> ClipTextEncoder:
     """Load a transformers ``CLIPTextModelWithProjection`` folder (SD3's text_encoder / _2)."""
     path = _folder(folder, "CLIP text encoder")
-    run = _run_dtype(dtype)
     config = read_json_object(path / CONFIG_NAME)
+    index = open_weights(path, WEIGHTS_NAME)
+    try:
+        return clip_text_encoder_from_weights(config, index, dtype, str(path))
+    finally:
+        index.close()
+
+
+def clip_text_encoder_from_weights(
+    config: dict[str, Any], weights: WeightsIndex, dtype: str | paddle.dtype, source: str
+) -> ClipTextEncoder:
+    """A CLIP text encoder from its config.json dict and transformers-named ``weights``."""
+    run = _run_dtype(dtype)
     with _default_dtype(run):
-        model = _build_lazily(lambda: ClipTextEncoder(config, str(path)))
-    _load_model(
+        model = _build_lazily(lambda: ClipTextEncoder(config, source))
+    load_torch_state(
         model,
-        path,
+        weights,
         run,
+        source,
         key_map=_clip_hf_name,
         # Checkpoints written by transformers < 4.31 also store this constant buffer.
         ignore_unexpected=[r"^text_model\.embeddings\.position_ids$"],
     )
+    model.eval()
     return model
 
 
@@ -392,31 +398,38 @@ def _t5_classes() -> dict[type, type]:
 def load_t5_encoder(folder: str | os.PathLike, dtype: str | paddle.dtype = "float32") -> T5Encoder:
     """Load a transformers ``T5EncoderModel`` folder (SD3's text_encoder_3, T5 v1.1 XXL)."""
     path = _folder(folder, "T5 encoder")
-    run = _run_dtype(dtype)
     config = read_json_object(path / CONFIG_NAME)
-    with _default_dtype(run):
-        model = _build_lazily(lambda: T5Encoder(config, str(path)))
     index = open_weights(path, WEIGHTS_NAME)
     try:
-        # transformers >= 4.x saves only ``shared.weight``; older files may also (or only)
-        # hold the tied ``encoder.embed_tokens.weight``.
-        table = "shared.weight" if "shared.weight" in index else "encoder.embed_tokens.weight"
-        load_torch_state(
-            model,
-            index,
-            run,
-            str(path),
-            key_map=lambda k: table if k == "model.shared.weight" else k.removeprefix("model."),
-            ignore_unexpected=[r"^encoder\.embed_tokens\.weight$"],
-        )
-        if run == "float16":  # as transformers: the feed-forward output projections stay float32
-            for name, sub in model.named_sublayers():
-                if name.endswith("DenseReluDense.wo"):
-                    sub.to(dtype="float32")
-                    weight = index.get(f"{name.removeprefix('model.')}.weight").astype(np.float32)
-                    sub.weight.set_value(paddle.to_tensor(np.ascontiguousarray(weight.T)))
+        return t5_encoder_from_weights(config, index, dtype, str(path))
     finally:
         index.close()
+
+
+def t5_encoder_from_weights(
+    config: dict[str, Any], weights: WeightsIndex, dtype: str | paddle.dtype, source: str
+) -> T5Encoder:
+    """A T5 encoder from its config.json dict and transformers-named ``weights`` (fp8 ones upcast)."""
+    run = _run_dtype(dtype)
+    with _default_dtype(run):
+        model = _build_lazily(lambda: T5Encoder(config, source))
+    # transformers >= 4.x saves only ``shared.weight``; older files may also (or only)
+    # hold the tied ``encoder.embed_tokens.weight``.
+    table = "shared.weight" if "shared.weight" in weights else "encoder.embed_tokens.weight"
+    load_torch_state(
+        model,
+        weights,
+        run,
+        source,
+        key_map=lambda k: table if k == "model.shared.weight" else k.removeprefix("model."),
+        ignore_unexpected=[r"^encoder\.embed_tokens\.weight$"],
+    )
+    if run == "float16":  # as transformers: the feed-forward output projections stay float32
+        for name, sub in model.named_sublayers():
+            if name.endswith("DenseReluDense.wo"):
+                sub.to(dtype="float32")
+                weight = weights.get(f"{name.removeprefix('model.')}.weight").astype(np.float32)
+                sub.weight.set_value(paddle.to_tensor(np.ascontiguousarray(weight.T)))
     model.eval()
     return model
 

@@ -13,13 +13,17 @@ modulation fuses into LayerNorm's affine step (one pass instead of three).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import paddle
 import paddle.nn.functional as F
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
+from sd3_core import (
+    runtime,  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
+    single_file,
+)
 from sd3_core.attention import Attention, attention
 from sd3_core.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from sd3_core.modeling import Linear, ModelMixin, PartialSumLinear, compute_dtype
@@ -354,6 +358,21 @@ class SD3Transformer2DModel(ModelMixin):
         )
         self.norm_out = AdaLNModulation(self.inner_dim, 2, shards)  # AdaLayerNormContinuous: (scale, shift)
         self.proj_out = Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path_or_url: str | os.PathLike,
+        config: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        dtype: str | paddle.dtype = "float32",
+    ) -> SD3Transformer2DModel:
+        """Load the MM-DiT of an original-layout single file (``model.diffusion_model.joint_blocks...``).
+
+        The config is read from the keys (SD3 / SD3.5, qk-norm, dual attention); ``config`` (a
+        diffusers pipeline or transformer folder, ``subfolder`` inside it) supplies what keys lack.
+        """
+        return single_file.load_model(cls, single_file.TRANSFORMER, path_or_url, config, subfolder, dtype)
 
     #: How a tensor-parallel subclass sums its out projections' partial outputs (None: whole).
     reduce_partial_sums: ReducePartialSums | None = None

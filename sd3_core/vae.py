@@ -13,6 +13,7 @@ float16/bfloat16 weights (Paddle's CPU build lacks half kernels); outputs are in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ import paddle.nn.functional as F
 from sd3_core import (
     modeling,
     runtime,  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
+    single_file,
 )
 from sd3_core.modeling import Linear, ModelMixin, compute_dtype
 
@@ -434,6 +436,21 @@ class AutoencoderKL(ModelMixin):
         )
         self.quant_conv = Conv2D(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = Conv2D(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path_or_url: str | os.PathLike,
+        config: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        dtype: str | paddle.dtype = "float32",
+    ) -> AutoencoderKL:
+        """Load the VAE of an original-layout single file (``first_stage_model.*``, LDM names).
+
+        Structure is read from the keys; ``config`` (a diffusers pipeline or VAE folder,
+        ``subfolder`` inside it) supplies what keys lack (group count, latent scaling).
+        """
+        return single_file.load_model(cls, single_file.VAE, path_or_url, config, subfolder, dtype)
 
     @property
     def scale_factor(self) -> int:
