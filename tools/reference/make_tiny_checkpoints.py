@@ -117,7 +117,7 @@ def write_references(out: Path, dirs: dict[str, Path]) -> list[dict]:
     generators = [
         rc.tokenizer_cases(pipes), rc.text_encoder_cases(pipes), rc.encode_prompt_cases(pipes),
         rc.scheduler_cases(dirs), rc.transformer_cases(pipes), rc.vae_cases(pipes),
-        rc.pipeline_cases(pipes),
+        rc.pipeline_cases(pipes), rc.single_file_cases(dirs), rc.float8_cases(),
     ]
     index = []
     for gen in generators:

@@ -96,6 +96,12 @@ Kinds:
 - `pipeline`: `pipe(**args, latents=in_latents, output_type="np")` -> `out_images` (NHWC in
   [0, 1]) and `output_type="latent"` -> `out_latents` (final latents before the VAE). Keys of
   `args` that are not pipeline arguments: `drop_t5`, `note`.
+- `single_file`: diffusers' `SD3Transformer2DModel` / `AutoencoderKL.from_single_file(args.file,
+  config=args.config, subfolder=args.subfolder, local_files_only=True)` on the original-layout
+  files in `single-file/` (written by our `sd3 convert --to single-file`, see its README), then
+  the transformer forward (inputs as `transformer`) or `decode(in_z)`.
+- `float8`: `out_float32_bits[b]` = the float32 bit pattern of byte `b` read as torch's
+  `args.dtype` (`float8_e4m3fn`, `float8_e5m2`) and upcast; NaNs kept as bits.
 
 ## Behaviours a re-implementation must reproduce (all visible in these references)
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 TRICKY_TEXTS = [
@@ -310,6 +315,65 @@ def vae_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case]:
             yield Case(name, "vae", fixture, {"op": "encode"},
                        {"in_image": x, "out_mean": _np(dist.mean), "out_logvar": _np(dist.logvar),
                         "out_std": _np(dist.std)})
+
+
+# ---------------------------------------------------------------- single files and fp8
+
+#: Single files written by our converter (`sd3 convert --to single-file FIXTURE OUT`), see
+#: tests/fixtures/single-file/README.md; diffusers must read them as it reads Stability's files.
+SINGLE_FILE_DIR = "single-file"
+
+
+def load_single_file(root: Path, args: dict):
+    """diffusers' from_single_file of a fixture single file, offline, config from the fixture folder."""
+    cls = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL}[args["component"]]
+    return cls.from_single_file(str(root / args["file"]), config=str(root / args["config"]),
+                                subfolder=args["subfolder"], local_files_only=True, torch_dtype=torch.float32)
+
+
+@torch.no_grad()
+def single_file_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
+    root = fixture_dirs["sd3-tiny"].parent
+    for fixture in ("sd3-tiny", "sd35-tiny"):
+        file = f"{SINGLE_FILE_DIR}/{fixture}.safetensors"
+        if not (root / file).is_file():
+            import logging
+            logging.getLogger(__name__).warning("no %s (write it with `sd3 convert`): single_file cases skipped", file)
+            return
+        base = {"file": file, "config": fixture, "loader": "<Class>.from_single_file(file, config=config, "
+                "subfolder=subfolder, local_files_only=True, torch_dtype=torch.float32)"}
+        args = {**base, "component": "transformer", "subfolder": "transformer"}
+        model = load_single_file(root, args)
+        name = f"single_file_{fixture}_transformer"
+        rng = _rng(name)
+        arrays = {
+            "in_hidden_states": _randn(rng, 2, model.config.in_channels, 16, 24),
+            "in_encoder_hidden_states": _randn(rng, 2, 77 + 32, model.config.joint_attention_dim),
+            "in_pooled_projections": _randn(rng, 2, model.config.pooled_projection_dim),
+            "in_timestep": np.array([1000.0, 250.0], dtype=np.float32),
+        }
+        out = model(hidden_states=torch.from_numpy(arrays["in_hidden_states"]),
+                    encoder_hidden_states=torch.from_numpy(arrays["in_encoder_hidden_states"]),
+                    pooled_projections=torch.from_numpy(arrays["in_pooled_projections"]),
+                    timestep=torch.from_numpy(arrays["in_timestep"]), return_dict=False)[0]
+        yield Case(name, "single_file", fixture, args, {**arrays, "out_sample": _np(out)})
+        args = {**base, "component": "vae", "subfolder": "vae", "op": "decode"}
+        vae = load_single_file(root, args)
+        name = f"single_file_{fixture}_vae_decode"
+        z = _randn(_rng(name), 1, 16, 8, 12)
+        yield Case(name, "single_file", fixture, args,
+                   {"in_z": z, "out_sample": _np(vae.decode(torch.from_numpy(z), return_dict=False)[0])})
+
+
+def float8_cases() -> Iterator[Case]:
+    # Every byte as torch decodes it; the float32 results as their bit patterns (NaNs included).
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    for dtype in ("float8_e4m3fn", "float8_e5m2"):
+        values = codes.view(getattr(torch, dtype)).to(torch.float32)
+        yield Case(f"float8_{dtype}_table", "float8", None,
+                   {"dtype": dtype, "note": "out_float32_bits[b] = float32 bits of byte b read as torch." + dtype},
+                   {"in_bytes": codes.to(torch.int64).numpy(),
+                    "out_float32_bits": values.numpy().view(np.uint32).astype(np.int64)})
 
 
 # ---------------------------------------------------------------- full pipeline

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import reference_cases as rc
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 _NOT_CALL_ARGS = ("drop_t5", "note")
@@ -94,6 +95,18 @@ def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pip
         latents = pipe(**kwargs, latents=_t(arrays["in_latents"]), output_type="latent").images
         images = pipe(**kwargs, latents=_t(arrays["in_latents"]), output_type="np").images
         return {"out_latents": latents.numpy(), "out_images": np.asarray(images)}
+    if kind == "single_file":
+        model = rc.load_single_file(fixtures, args)
+        if args["component"] == "vae":
+            return {"out_sample": model.decode(_t(arrays["in_z"]), return_dict=False)[0].numpy()}
+        out = model(hidden_states=_t(arrays["in_hidden_states"]),
+                    encoder_hidden_states=_t(arrays["in_encoder_hidden_states"]),
+                    pooled_projections=_t(arrays["in_pooled_projections"]),
+                    timestep=_t(arrays["in_timestep"]), return_dict=False)[0]
+        return {"out_sample": out.numpy()}
+    if kind == "float8":
+        values = _t(arrays["in_bytes"]).to(torch.uint8).view(getattr(torch, args["dtype"])).to(torch.float32)
+        return {"out_float32_bits": values.numpy().view(np.uint32).astype(np.int64)}
     raise ValueError(f"case {case['name']}: unknown kind {kind!r}")
 
 
