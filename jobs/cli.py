@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_submit_parser(commands)
     _add_training_parsers(commands)
+    _add_convert_parser(commands)
     return parser
 
 
@@ -294,6 +295,47 @@ def _training_command(args: argparse.Namespace) -> int:
     return run[args.command](args)
 
 
+def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
+    """`sd3 convert`: diffusers folder <-> original-layout single file (sd3_core/single_file.py)."""
+    conv = commands.add_parser(
+        "convert",
+        help="convert a diffusers SD3 folder to a single .safetensors file (Stability layout) or back",
+        description="--to single-file SRC_FOLDER OUT.safetensors writes the transformer and VAE (and with "
+        "--include-text-encoders CLIP-L/G and T5) in the layout of Stability's sd3_medium*.safetensors. "
+        "--to diffusers SRC.safetensors OUT_FOLDER writes a diffusers folder; tokenizers, scheduler and "
+        "models the file lacks come from --config FOLDER. The output must not exist; it appears whole "
+        "or not at all.",
+    )
+    conv.add_argument("--to", required=True, choices=["single-file", "diffusers"], help="output format")
+    conv.add_argument("source", metavar="SRC", help="diffusers folder (--to single-file) or .safetensors "
+                      "file, local path or fsspec URL (--to diffusers)")  # fmt: skip
+    conv.add_argument("output", metavar="OUT", help="output .safetensors file or folder (local path)")
+    conv.add_argument("--include-text-encoders", action="store_true",
+                      help="--to single-file: also write CLIP-L, CLIP-G and T5 (when SRC has it)")  # fmt: skip
+    conv.add_argument("--t5-fp8", action="store_true",
+                      help="--to single-file: store T5's matrices as float8_e4m3fn (needs --include-text-encoders)")  # fmt: skip
+    conv.add_argument("--config", metavar="FOLDER", default=None,
+                      help="--to diffusers: diffusers SD3 folder for tokenizers, scheduler, missing models and "
+                      "configs the file does not record")  # fmt: skip
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from sd3_core import single_file
+
+    if args.to == "single-file":
+        if args.config is not None:
+            raise ValueError("--config applies to --to diffusers only")
+        written = single_file.write_single_file(
+            args.source, args.output, include_text_encoders=args.include_text_encoders, t5_fp8=args.t5_fp8
+        )
+    else:
+        if args.include_text_encoders or args.t5_fp8:
+            raise ValueError("--include-text-encoders and --t5-fp8 apply to --to single-file only")
+        written = single_file.write_diffusers_folder(args.source, args.output, config=args.config)
+    print(f"wrote {args.output} ({', '.join(written)})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sd3` console script."""
     args = build_parser().parse_args(argv)
@@ -304,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _submit(args)
         if args.command in ("train", "schedule", "nightly"):
             return _training_command(args)
+        if args.command == "convert":
+            return _convert(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"sd3 {args.command}: error: {e}", file=sys.stderr)
         return 2

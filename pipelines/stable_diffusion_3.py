@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipelines.lora_loading import SD3LoraLoaderMixin
 from pipelines.stage_timer import StageTimer
-from sd3_core import text_encoders
+from sd3_core import single_file, text_encoders
 from sd3_core.folder_defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_T5_LENGTH,
@@ -93,6 +93,48 @@ def _load_component(name: str, folder: str, dtype: str) -> Any:
     if name in ("tokenizer", "tokenizer_2"):
         return text_encoders.load_clip_tokenizer(folder)
     return text_encoders.load_t5_tokenizer(folder)
+
+
+def _single_file_component(
+    name: str,
+    ckpt: single_file.Checkpoint,
+    config: str | os.PathLike | None,
+    index: dict[str, Any],
+    dtype: str,
+) -> Any:
+    """One pipeline component for `from_single_file`: from the file, else from the config folder."""
+    sub = os.path.join(os.fspath(config), name) if config is not None else None
+    if name in ("transformer", "vae") and ckpt.has(name):
+        hints_file = os.path.join(sub, "config.json") if sub else None
+        hints = read_json_object(hints_file) if hints_file and os.path.isfile(hints_file) else None
+        model_config, weights = ckpt.model_weights(name, hints)
+        model_cls = SD3Transformer2DModel if name == "transformer" else AutoencoderKL
+        return model_cls.from_weights(model_config, weights, dtype, ckpt.source)
+    if name.startswith("text_encoder") and ckpt.has(name):
+        te_config = ckpt.text_encoder_config(name, config)
+        build = (
+            text_encoders.t5_encoder_from_weights
+            if name == "text_encoder_3"
+            else (text_encoders.clip_text_encoder_from_weights)
+        )
+        return build(te_config, ckpt.text_encoder_weights(name), dtype, f"{ckpt.source} ({name})")
+    if name == "transformer":
+        raise single_file.SingleFileError(
+            f"{ckpt.source}: holds no SD3 transformer (model.diffusion_model.*)"
+        )
+    entry = index.get(name)
+    if sub is not None and entry and entry[0] is not None and os.path.isdir(sub):
+        return _load_component(name, sub, dtype)
+    if name == "scheduler":
+        return FlowMatchEulerDiscreteScheduler.from_config(single_file.SD3_SCHEDULER_CONFIG)
+    if name in _OPTIONAL and config is not None:
+        return None  # the config folder has no T5 either: T5 dropped
+    where = f"config={os.fspath(config)!r} has no {name}" if config is not None else "no config= was given"
+    hint = " (or text_encoder_3=None, tokenizer_3=None to drop T5)" if name in _OPTIONAL else ""
+    raise single_file.SingleFileError(
+        f"{ckpt.source}: the file holds no {name} and {where}; pass config= a diffusers SD3 folder of "
+        f"this model, or {name}=...{hint}"
+    )
 
 
 class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
@@ -201,6 +243,55 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             if not os.path.isdir(sub):
                 raise FileNotFoundError(f"model_index.json lists `{name}` but the folder {sub} is missing")
             loaded[name] = _load_component(name, sub, dtype_name)
+        if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
+            loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
+        pipe = cls(**loaded)
+        pipe.default_max_sequence_length = folder_max_sequence_length(index, index_file)
+        pipe.default_guidance_scale = folder_guidance_scale(index, index_file)
+        if inference_optimize:
+            pipe.enable_inference_optimize()
+        return pipe
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path_or_url: str | os.PathLike,
+        config: str | os.PathLike | None = None,
+        dtype: str | Any = "float32",
+        inference_optimize: bool = False,
+        **components: Any,
+    ) -> StableDiffusion3Pipeline:
+        """Load an original-layout single file (Stability's / ComfyUI's ``sd3_medium*.safetensors``,
+        ``sd3.5_*.safetensors``): local path, ``file://`` or fsspec URL.
+
+        The transformer comes from the file, and the VAE and text encoders when it holds them (an
+        fp8 T5 is upcast). Everything else (tokenizers always) comes from ``config``, a diffusers
+        SD3 folder, whose model configs also fill what the file's keys do not record; without one
+        the scheduler is SD3's default. Components may be passed ready-made as in `from_pretrained`
+        (``text_encoder_3=None, tokenizer_3=None`` drops T5)."""
+        path = os.fspath(path_or_url)
+        unknown = sorted(set(components) - set(_LIBRARY_CLASSES))
+        if unknown:
+            raise TypeError(
+                f"from_single_file got unknown component(s) {unknown}; known: {list(_LIBRARY_CLASSES)}"
+            )
+        index: dict[str, Any] = {}
+        index_file = "model_index.json"
+        if config is not None:
+            index_file = os.path.join(os.fspath(config), "model_index.json")
+            if not os.path.isfile(index_file):
+                raise FileNotFoundError(
+                    f"config={os.fspath(config)!r} is not a diffusers SD3 pipeline folder: {index_file} does not exist"
+                )
+            index = read_json_object(index_file)
+        dtype_name = resolve_dtype(dtype)
+        with single_file.open_checkpoint(path) as ckpt:
+            loaded = {
+                name: components[name]
+                if name in components
+                else _single_file_component(name, ckpt, config, index, dtype_name)
+                for name in _LIBRARY_CLASSES
+            }
         if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
             loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
         pipe = cls(**loaded)

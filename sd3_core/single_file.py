@@ -49,6 +49,7 @@ __all__ = [
     "COMPONENT_PREFIXES",
     "Checkpoint",
     "MappedWeights",
+    "SD3_SCHEDULER_CONFIG",
     "SingleFileError",
     "component_config_file",
     "load_model",
@@ -92,7 +93,8 @@ _VAE_DEFAULTS = {
     "latents_mean": None,
     "latents_std": None,
 }
-_SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "shift": 3.0}
+#: The scheduler of every published SD3 / SD3.5 (used when no config folder gives one).
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
 class SingleFileError(ValueError):
@@ -504,6 +506,11 @@ class Checkpoint:
         levels = len({k.split(".")[2] for k in keys if k.startswith("encoder.down.")})
         per_block = len({k.split(".")[4] for k in keys if k.startswith("encoder.down.0.block.")})
         channels = [shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
+        if any(c % int(cfg["norm_num_groups"]) for c in channels):
+            raise SingleFileError(
+                f"{self.source}: VAE channels {channels} are not multiples of norm_num_groups="
+                f"{cfg['norm_num_groups']}; pass config= a diffusers folder whose vae config has the right one"
+            )
         cfg.update(
             in_channels=shape("encoder.conv_in.weight")[1],
             out_channels=shape("decoder.conv_out.weight")[0],
@@ -736,7 +743,7 @@ def write_diffusers_folder(
             scheduler = {
                 "_class_name": "FlowMatchEulerDiscreteScheduler",
                 "_diffusers_version": DIFFUSERS_VERSION,
-                **_SCHEDULER_DEFAULTS,
+                **SD3_SCHEDULER_CONFIG,
             }
             (staging / "scheduler" / "scheduler_config.json").write_text(
                 json.dumps(scheduler, indent=2) + "\n"
