@@ -424,11 +424,12 @@ class ModelMixin(paddle.nn.Layer):
         cls, path: str | os.PathLike, subfolder: str | None = None, dtype: str | paddle.dtype = "float32"
     ):
         """Load a diffusers model folder (config + single or sharded safetensors)."""
+        name = resolve_dtype(dtype)
         folder = Path(path) / subfolder if subfolder else Path(path)
         config = cls.load_config(folder)
         index = open_weights(folder, cls.weights_name)
         try:
-            return cls.from_weights(config, index, dtype, str(folder))
+            return cls.from_weights(config, index, name, str(folder))
         finally:
             index.close()
 

@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from sd3_core.folder_defaults import GUIDANCE_SCALE_KEY, MAX_SEQUENCE_LENGTH_KEY
-from sd3_core.modeling import DIFFUSERS_VERSION, WeightLoadError, read_json_object
+from sd3_core.modeling import DIFFUSERS_VERSION, WeightLoadError, read_json_object, resolve_dtype
 from sd3_core.safetensors_io import (
     FLOAT8_DTYPES,
     SafetensorsFile,
@@ -324,9 +324,6 @@ class MappedWeights(Mapping):
     def tensors(self) -> dict[str, np.ndarray]:
         return {k: self.get(k) for k in self.refs}
 
-    def close(self) -> None:
-        """The file is the checkpoint's to close."""
-
 
 # ---------------------------------------------------------------------------------------------
 # the checkpoint
@@ -580,6 +577,7 @@ def load_model(
     dtype: Any,
 ):
     """``cls.from_weights`` on the transformer / VAE of a single file (``from_single_file``)."""
+    dtype = resolve_dtype(dtype)
     hints = None
     if config is not None:
         hints = read_json_object(component_config_file(config, component, subfolder))

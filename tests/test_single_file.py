@@ -115,6 +115,17 @@ def test_config_comes_from_the_keys_without_metadata(tmp_path):
     assert vae.config.norm_num_groups == 4
 
 
+def test_unprefixed_mmdit_file(tmp_path):
+    # Some files keep the MM-DiT alone with bare keys (joint_blocks.N..., as diffusers also accepts).
+    bare = _rewrite(SINGLE / "sd35-tiny.safetensors", tmp_path / "bare.safetensors",
+                    lambda t: {k.removeprefix("model.diffusion_model."): v for k, v in t.items()
+                               if k.startswith("model.diffusion_model.")})  # fmt: skip
+    folder = SD3Transformer2DModel.from_pretrained(fixture_path("sd35-tiny"), "transformer")
+    _assert_same_state(SD3Transformer2DModel.from_single_file(bare), folder)
+    with pytest.raises(SingleFileError, match="holds no vae"):
+        AutoencoderKL.from_single_file(bare)
+
+
 PUBLISHED = {  # sd3-reference.md section 2 (diffusers configs of the published models)
     "sd3-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                        pos_embed_max_size=192, qk_norm=None, dual_attention_layers=[]),
@@ -219,6 +230,22 @@ def test_text_encoders_inside_the_file_and_round_trip(tmp_path, fixture):
     reloaded = StableDiffusion3Pipeline.from_pretrained(back)
     _assert_same_state(reloaded.transformer, folder.transformer)
     assert json.loads((back / "model_index.json").read_text())["tokenizer_3"][0] == "transformers"
+
+
+def test_convert_to_diffusers_without_config_writes_the_models_and_a_default_scheduler(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["convert", "--to", "diffusers", str(SINGLE / "sd35-tiny.safetensors"), str(out)]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"] and index["tokenizer"] == [
+        None,
+        None,
+    ]
+    for cls, sub in ((SD3Transformer2DModel, "transformer"), (AutoencoderKL, "vae")):
+        _assert_same_state(cls.from_pretrained(out, sub), cls.from_pretrained(fixture_path("sd35-tiny"), sub))
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["num_train_timesteps"], scheduler["shift"]) == (1000, 3.0)
+    with pytest.raises(ValueError, match="has no `text_encoder` component"):
+        StableDiffusion3Pipeline.from_pretrained(out)
 
 
 def test_fp8_t5_is_upcast_to_torchs_values(tmp_path):
@@ -341,6 +368,17 @@ def test_bad_paths_and_arguments(tmp_path, capsys):
         SD3Transformer2DModel.from_single_file(tmp_path / "none.safetensors")
     with pytest.raises(FileNotFoundError, match="config="):
         SD3Transformer2DModel.from_single_file(SINGLE / "sd3-tiny.safetensors", config=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        SD3Transformer2DModel.from_single_file(
+            SINGLE / "sd3-tiny.safetensors", config=FIXTURES, subfolder="nope"
+        )
+    with pytest.raises(ValueError, match="dtype='int8' is not supported"):
+        SD3Transformer2DModel.from_single_file(SINGLE / "sd3-tiny.safetensors", dtype="int8")
+    with SafetensorsFile(SINGLE / "sd3-tiny.safetensors") as f:
+        write_safetensors(tmp_path / "meta.safetensors", {k: np.array(f.get(k)) for k in f.keys()},
+                          {"sd3_ray.config.transformer": "{not json"})  # fmt: skip
+    with pytest.raises(SingleFileError, match="metadata sd3_ray.config.transformer is not JSON"):
+        SD3Transformer2DModel.from_single_file(tmp_path / "meta.safetensors")
     vae_only = _rewrite(SINGLE / "sd3-tiny.safetensors", tmp_path / "vae.safetensors",
                         lambda t: {k: v for k, v in t.items() if k.startswith("first_stage_model.")})  # fmt: skip
     with pytest.raises(SingleFileError, match="holds no transformer"):
@@ -356,7 +394,10 @@ def test_bad_paths_and_arguments(tmp_path, capsys):
         (["--to", "single-file", fixture_path("sd3-tiny"), str(tmp_path / "y"), "--config", "c"], "--to diffusers only"),
         (["--to", "diffusers", str(SINGLE / "sd3-tiny.safetensors"), str(tmp_path / "y"), "--t5-fp8"], "single-file only"),
         (["--to", "single-file", str(tmp_path), str(tmp_path / "y")], "not a diffusers pipeline folder"),
+        (["--to", "diffusers", str(SINGLE / "sd3-tiny.safetensors"), str(tmp_path / "y"), "--config", str(tmp_path)],
+         "model_index.json: not found"),
     ):  # fmt: skip
         assert cli.main(["convert", *argv]) == 2
         assert message in capsys.readouterr().err
     assert out.read_bytes() == b"keep" and not (tmp_path / "y").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
