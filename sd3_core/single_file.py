@@ -74,6 +74,7 @@ _WEIGHTS_NAMES = {
     VAE: "diffusion_pytorch_model.safetensors",
     **dict.fromkeys(TEXT_ENCODERS, "model.safetensors"),
 }
+_T5_TIED = "encoder.embed_tokens.weight"  # T5's token table, tied to shared.weight
 _METADATA_CONFIG = "sd3_ray.config.{}"  # metadata key holding a component's diffusers config (JSON)
 _SUPPORTED = (
     "supported: SD3 / SD3.5 single files in the original Stability layout "
@@ -108,8 +109,8 @@ class SingleFileError(ValueError):
 @dataclass(frozen=True)
 class Ref:
     """Where a diffusers tensor sits in the original file: ``key``, row block ``part`` of ``parts``
-    (fused q/k/v), and ``op``: ``"swap"`` (halves exchanged) or ``"conv1x1"`` (Linear stored as a
-    1x1 convolution)."""
+    (fused q/k/v), and ``op``: ``"swap"`` (halves exchanged), ``"conv1x1"`` (Linear stored as a
+    1x1 convolution) or ``"eye"`` (not stored: the identity of ``key``'s width, for reading only)."""
 
     key: str
     part: int = 0
@@ -130,12 +131,16 @@ def _to_diffusers(ref: Ref, arr: np.ndarray) -> np.ndarray:
         return _swap_halves(arr)
     if ref.op == "conv1x1":
         return arr.reshape(arr.shape[:2])
+    if ref.op == "eye":
+        return np.eye(arr.shape[1], dtype=arr.dtype)
     return arr
 
 
 def _diffusers_shape(ref: Ref, shape: tuple[int, ...]) -> tuple[int, ...]:
     if ref.parts > 1:
         return (shape[0] // ref.parts, *shape[1:])
+    if ref.op == "eye":
+        return (shape[1], shape[1])
     return shape[:2] if ref.op == "conv1x1" else shape
 
 
@@ -532,7 +537,11 @@ class Checkpoint:
     def text_encoder_weights(self, component: str) -> MappedWeights:
         """A text encoder's tensors under transformers names (fp8 ones are upcast at load)."""
         self._require(component)
-        return MappedWeights(self.file, {k: Ref(k) for k in self._keys(component)}, self.prefixes[component])
+        refs = {k: Ref(k) for k in self._keys(component)}
+        if component == "text_encoder" and "text_projection.weight" not in refs:
+            # Stability's CLIP-L has no projection: the identity, as diffusers and ComfyUI use.
+            refs["text_projection.weight"] = Ref("text_model.embeddings.token_embedding.weight", op="eye")
+        return MappedWeights(self.file, refs, self.prefixes[component])
 
     def text_encoder_config(self, component: str, config_folder: str | os.PathLike | None) -> dict[str, Any]:
         """A text encoder's transformers config: from ``config_folder``, else the file's metadata."""
@@ -678,9 +687,13 @@ def write_single_file(
         elif component == VAE:
             refs = vae_original_refs(list(state), len(config["block_out_channels"]))
         else:
+            if component == "text_encoder_3":
+                if t5_fp8:
+                    state = {k: _fp8(v) if v.ndim == 2 else v for k, v in state.items()}
+                # The tied table under both names, as transformers 4 state dicts (Stability's files)
+                # hold it; diffusers' single-file T5 loader needs encoder.embed_tokens.weight.
+                state.setdefault(_T5_TIED, state["shared.weight"])
             refs = {k: Ref(k) for k in state}
-            if component == "text_encoder_3" and t5_fp8:
-                state = {k: _fp8(v) if v.ndim == 2 else v for k, v in state.items()}
         tensors.update(_to_original(refs, state, prefix))
         metadata[_METADATA_CONFIG.format(component)] = json.dumps(config, sort_keys=True)
     write_safetensors(out, tensors, metadata)
@@ -775,8 +788,10 @@ def _component_from_file(
     ckpt: Checkpoint, component: str, cfg_root: Path | None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if component in TEXT_ENCODERS:
-        weights = ckpt.text_encoder_weights(component)
-        return ckpt.text_encoder_config(component, cfg_root), weights.tensors()
+        tensors = ckpt.text_encoder_weights(component).tensors()
+        if component == "text_encoder_3" and "shared.weight" in tensors:
+            tensors.pop(_T5_TIED, None)  # transformers 5 saves the tied table once
+        return ckpt.text_encoder_config(component, cfg_root), tensors
     hints = read_json_object(component_config_file(cfg_root, component)) if cfg_root is not None else None
     model_config, weights = ckpt.model_weights(component, hints)
     if component == TRANSFORMER:

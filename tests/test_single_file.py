@@ -61,6 +61,15 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
 def test_matches_diffusers_from_single_file(case):
     args, ref = case["args"], arrays(case)
     file = Path(FIXTURES) / args["file"]
+    if args["component"] == "pipeline":  # text encoders from the file (T5 in fp8), tokenizers from config=
+        pipe = StableDiffusion3Pipeline.from_single_file(file, config=fixture_path(args["config"]))
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            args["prompt"], max_sequence_length=args["max_sequence_length"], do_classifier_free_guidance=False
+        )
+        clip_l = pipe.text_encoder.config["projection_dim"]
+        np.testing.assert_allclose(embeds.numpy(), ref["out_prompt_embeds"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(pooled.numpy()[:, clip_l:], ref["out_pooled_clip_g"], rtol=0, atol=1e-4)
+        return
     if args["component"] == "transformer":
         model = SD3Transformer2DModel.from_single_file(file)  # config from the keys (and metadata)
         names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
@@ -69,6 +78,17 @@ def test_matches_diffusers_from_single_file(case):
         out = AutoencoderKL.from_single_file(file).decode(paddle.to_tensor(ref["in_z"]))
     assert list(out.shape) == list(ref["out_sample"].shape)
     np.testing.assert_allclose(out.numpy(), ref["out_sample"], rtol=0, atol=2e-5)
+
+
+def test_clip_l_without_projection_gets_the_identity(tmp_path):
+    # Stability's CLIP-L carries no text_projection; diffusers and ComfyUI use the identity.
+    key = "text_encoders.clip_l.transformer.text_projection.weight"
+    file = _rewrite(SINGLE / "sd3-tiny.safetensors", tmp_path / "noproj.safetensors",
+                    lambda t: {k: v for k, v in t.items() if k != key})  # fmt: skip
+    pipe = StableDiffusion3Pipeline.from_single_file(file, config=fixture_path("sd3-tiny"))
+    np.testing.assert_array_equal(
+        pipe.text_encoder.text_projection.weight.numpy(), np.eye(32, dtype=np.float32)
+    )
 
 
 @pytest.mark.parametrize("fixture", ["sd3-tiny", "sd35-tiny"])
@@ -176,12 +196,13 @@ def test_published_variants_get_their_published_config(name):
 
 
 def test_pipeline_from_single_file_with_config_matches_diffusers():
-    case = next(c for c in cases("pipeline") if c["name"] == "pipeline_sd3_h64w96_nocfg")
+    # The sd35-tiny file holds transformer + VAE (like sd3.5_large.safetensors); the rest from config=.
+    case = next(c for c in cases("pipeline") if c["name"] == "pipeline_sd35_h96w64_nocfg")
     args, ref = dict(case["args"]), arrays(case)
     for key in ("drop_t5", "note"):
         args.pop(key)
     pipe = StableDiffusion3Pipeline.from_single_file(
-        SINGLE / "sd3-tiny.safetensors", config=fixture_path("sd3-tiny")
+        SINGLE / "sd35-tiny.safetensors", config=fixture_path("sd35-tiny")
     )
     pipe.set_progress_bar_config(disable=True)
     images = pipe(**args, latents=ref["in_latents"], output_type="np").images
@@ -330,7 +351,9 @@ def test_a_truncated_file_is_named_and_nothing_is_written(tmp_path, capsys):
 
 def test_pipeline_without_config_says_to_pass_one():
     with pytest.raises(SingleFileError, match="holds no text_encoder and no config= was given; pass config="):
-        StableDiffusion3Pipeline.from_single_file(SINGLE / "sd3-tiny.safetensors")
+        StableDiffusion3Pipeline.from_single_file(SINGLE / "sd35-tiny.safetensors")
+    with pytest.raises(SingleFileError, match="holds no tokenizer and no config= was given; pass config="):
+        StableDiffusion3Pipeline.from_single_file(SINGLE / "sd3-tiny.safetensors")  # text encoders inside
     with pytest.raises(FileNotFoundError, match="not a diffusers SD3 pipeline folder"):
         StableDiffusion3Pipeline.from_single_file(SINGLE / "sd3-tiny.safetensors", config=FIXTURES)
     with pytest.raises(TypeError, match="unknown component"):

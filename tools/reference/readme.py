@@ -99,7 +99,9 @@ Kinds:
 - `single_file`: diffusers' `SD3Transformer2DModel` / `AutoencoderKL.from_single_file(args.file,
   config=args.config, subfolder=args.subfolder, local_files_only=True)` on the original-layout
   files in `single-file/` (written by our `sd3 convert --to single-file`, see its README), then
-  the transformer forward (inputs as `transformer`) or `decode(in_z)`.
+  the transformer forward (inputs as `transformer`) or `decode(in_z)`; and
+  `StableDiffusion3Pipeline.from_single_file` of the sd3-tiny file (CLIP-L/G and an fp8 T5
+  inside) -> `encode_prompt` (see the case's `note`).
 - `float8`: `out_float32_bits[b]` = the float32 bit pattern of byte `b` read as torch's
   `args.dtype` (`float8_e4m3fn`, `float8_e5m2`) and upcast; NaNs kept as bits.
 

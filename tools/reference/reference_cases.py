@@ -326,9 +326,11 @@ SINGLE_FILE_DIR = "single-file"
 
 def load_single_file(root: Path, args: dict):
     """diffusers' from_single_file of a fixture single file, offline, config from the fixture folder."""
-    cls = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL}[args["component"]]
+    cls = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+           "pipeline": StableDiffusion3Pipeline}[args["component"]]
+    extra = {"subfolder": args["subfolder"]} if args["subfolder"] else {}
     return cls.from_single_file(str(root / args["file"]), config=str(root / args["config"]),
-                                subfolder=args["subfolder"], local_files_only=True, torch_dtype=torch.float32)
+                                local_files_only=True, torch_dtype=torch.float32, **extra)
 
 
 @torch.no_grad()
@@ -363,6 +365,26 @@ def single_file_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
         z = _randn(_rng(name), 1, 16, 8, 12)
         yield Case(name, "single_file", fixture, args,
                    {"in_z": z, "out_sample": _np(vae.decode(torch.from_numpy(z), return_dict=False)[0])})
+        if fixture == "sd3-tiny":  # the file with CLIP-L/G and an fp8 T5 (like *_incl_clips_t5xxlfp8)
+            args = {**base, "component": "pipeline", "subfolder": None, **SINGLE_FILE_PROMPT}
+            yield Case(f"single_file_{fixture}_encode_prompt", "single_file", fixture, args,
+                       single_file_prompt_arrays(load_single_file(root, args)))
+
+
+SINGLE_FILE_PROMPT = {
+    "prompt": ["A photo of a CAT", "an old lighthouse at sunset, oil painting"], "max_sequence_length": 32,
+    "note": "encode_prompt(prompt, max_sequence_length, do_classifier_free_guidance=False). diffusers "
+            "replaces the file's CLIP-L text_projection by the identity, so only the CLIP-G half of the "
+            "pooled embedding is recorded (out_pooled_clip_g = pooled[:, clip_l projection_dim:])",
+}
+
+
+def single_file_prompt_arrays(pipe) -> dict[str, np.ndarray]:
+    pe, _, pooled, _ = pipe.encode_prompt(prompt=SINGLE_FILE_PROMPT["prompt"], prompt_2=None, prompt_3=None,
+                                          max_sequence_length=SINGLE_FILE_PROMPT["max_sequence_length"],
+                                          do_classifier_free_guidance=False, device=torch.device("cpu"))
+    clip_l = pipe.text_encoder.config.projection_dim
+    return {"out_prompt_embeds": _np(pe), "out_pooled_clip_g": _np(pooled[:, clip_l:])}
 
 
 def float8_cases() -> Iterator[Case]:

@@ -97,6 +97,8 @@ def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pip
         return {"out_latents": latents.numpy(), "out_images": np.asarray(images)}
     if kind == "single_file":
         model = rc.load_single_file(fixtures, args)
+        if args["component"] == "pipeline":
+            return rc.single_file_prompt_arrays(model)
         if args["component"] == "vae":
             return {"out_sample": model.decode(_t(arrays["in_z"]), return_dict=False)[0].numpy()}
         out = model(hidden_states=_t(arrays["in_hidden_states"]),
