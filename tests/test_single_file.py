@@ -192,6 +192,28 @@ def test_published_variants_get_their_published_config(name):
     assert ckpt.transformer_config() == config
 
 
+def test_published_vae_gets_its_published_config():
+    published = {  # sd3-reference.md section 2 (the SD3 / SD3.5 vae/config.json)
+        "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2, "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 32,
+        "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609, "latents_mean": None,
+        "latents_std": None, "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+    }  # fmt: skip
+    with paddle.LazyGuard():
+        state = AutoencoderKL(**published).state_dict()
+    refs = single_file.vae_original_refs(list(state), levels=4)
+    shapes = {}
+    for key, ref in refs.items():
+        shape = tuple(state[key].shape)
+        # 2-D tensors are the attention Linear weights, stored as 1x1 convolutions.
+        shapes["first_stage_model." + ref.key] = (*shape[::-1], 1, 1) if len(shape) == 2 else shape
+    assert all(len(s) == 4 for k, s in shapes.items() if ".attn_1.q.weight" in k)
+    ckpt = single_file.Checkpoint(_ShapesOnly(shapes), "sd3_medium.safetensors")
+    assert ckpt.vae_config() == published
+
+
 # ---- pipelines -----------------------------------------------------------------------------------
 
 
