@@ -296,7 +296,7 @@ def _training_command(args: argparse.Namespace) -> int:
 
 
 def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
-    """`sd3 convert`: diffusers folder <-> original-layout single file (sd3_core/single_file.py)."""
+    """`sd3 convert`: diffusers folder <-> original-layout single file (sd3_core/single_file_convert.py)."""
     conv = commands.add_parser(
         "convert",
         help="convert a diffusers SD3 folder to a single .safetensors file (Stability layout) or back",
@@ -320,18 +320,18 @@ def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from sd3_core import single_file
+    from sd3_core import single_file_convert
 
     if args.to == "single-file":
         if args.config is not None:
             raise ValueError("--config applies to --to diffusers only")
-        written = single_file.write_single_file(
+        written = single_file_convert.write_single_file(
             args.source, args.output, include_text_encoders=args.include_text_encoders, t5_fp8=args.t5_fp8
         )
     else:
         if args.include_text_encoders or args.t5_fp8:
             raise ValueError("--include-text-encoders and --t5-fp8 apply to --to single-file only")
-        written = single_file.write_diffusers_folder(args.source, args.output, config=args.config)
+        written = single_file_convert.write_diffusers_folder(args.source, args.output, config=args.config)
     print(f"wrote {args.output} ({', '.join(written)})")
     return 0
 

@@ -16,7 +16,9 @@ from pipelines import StableDiffusion3Pipeline
 from sd3_core import single_file
 from sd3_core.modeling import WeightLoadError
 from sd3_core.safetensors_io import SafetensorsFile, WeightsFileError, open_weights, write_safetensors
-from sd3_core.single_file import SingleFileError, write_single_file
+from sd3_core.single_file import SingleFileError
+from sd3_core.single_file_convert import write_single_file
+from sd3_core.single_file_keys import transformer_refs, vae_original_refs
 from sd3_core.text_encoders import load_t5_encoder
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
@@ -181,7 +183,7 @@ def test_published_variants_get_their_published_config(name):
         config = {**dict(SD3Transformer2DModel().config), **PUBLISHED[name]}  # the diffusers defaults + these
         state = SD3Transformer2DModel(**config).state_dict()
     shapes: dict[str, tuple[int, ...]] = {}
-    for key, ref in single_file.transformer_refs(config).items():
+    for key, ref in transformer_refs(config).items():
         shape = tuple(state[key].shape)
         shape = shape[::-1] if len(shape) == 2 else shape  # every 2-D tensor here is a Linear weight
         prev = shapes.get("model.diffusion_model." + ref.key, (0,))
@@ -203,7 +205,7 @@ def test_published_vae_gets_its_published_config():
     }  # fmt: skip
     with paddle.LazyGuard():
         state = AutoencoderKL(**published).state_dict()
-    refs = single_file.vae_original_refs(list(state), levels=4)
+    refs = vae_original_refs(list(state), levels=4)
     shapes = {}
     for key, ref in refs.items():
         shape = tuple(state[key].shape)
