@@ -44,8 +44,8 @@ _WEIGHTS_NAMES = {
 _T5_TIED = "encoder.embed_tokens.weight"  # T5's token table, tied to shared.weight
 
 
-def _refuse_existing(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+def _refuse_existing(path: Path, empty_folder_ok: bool) -> None:
+    if path.exists() and not (empty_folder_ok and path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path}: exists; refusing to overwrite (remove it or choose another name)")
 
 
@@ -73,7 +73,7 @@ def write_single_file(
         raise ValueError("t5_fp8 needs include_text_encoders (T5 is only written with the text encoders)")
     if not (src / "model_index.json").is_file():
         raise FileNotFoundError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
-    _refuse_existing(out)
+    _refuse_existing(out, empty_folder_ok=False)
     components = [TRANSFORMER, VAE]
     if include_text_encoders:
         components += [c for c in TEXT_ENCODERS if (src / c).is_dir()]
@@ -95,7 +95,8 @@ def write_single_file(
                     state = {k: _fp8(v) if v.ndim == 2 else v for k, v in state.items()}
                 # The tied table under both names, as transformers 4 state dicts (Stability's files)
                 # hold it; diffusers' single-file T5 loader needs encoder.embed_tokens.weight.
-                state.setdefault(_T5_TIED, state["shared.weight"])
+                table = state.get("shared.weight", state.get(_T5_TIED))
+                state = {**state, "shared.weight": table, _T5_TIED: table}
             refs = {k: Ref(k) for k in state}
         tensors.update(to_original(refs, state, prefix))
         metadata[METADATA_CONFIG.format(component)] = json.dumps(config, sort_keys=True)
@@ -118,7 +119,7 @@ def write_diffusers_folder(
     The folder appears whole or not at all.
     """
     out = Path(out_folder).absolute()
-    _refuse_existing(out)
+    _refuse_existing(out, empty_folder_ok=True)
     cfg_root = Path(config) if config is not None else None
     cfg_index = read_json_object(cfg_root / "model_index.json") if cfg_root is not None else {}
     out.parent.mkdir(parents=True, exist_ok=True)
