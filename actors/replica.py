@@ -14,12 +14,12 @@ import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle'
 import os
 import socket
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from sd3_core.generation_fields import image_fields
 from sd3_core.lora_registry import PinnedLoRA, fetch_lora
 from sd3_core.storage import StorageOptions
 
@@ -109,24 +109,17 @@ class ReplicaSpec:
         return out
 
 
-@dataclass(frozen=True)
-class RenderRequest:
-    """One pipeline call: images that share a shape, step count, guidance and T5 length.
+def _request_fields() -> list[tuple[str, Any]]:
+    return [(f.name, Any) for f in image_fields()]
 
-    Lists are per image (a row with num_images=3 appears three times, with seeds s, s+1, s+2)."""
 
-    prompt: Sequence[str]
-    prompt_2: Sequence[str]
-    prompt_3: Sequence[str]
-    negative_prompt: Sequence[str]
-    negative_prompt_2: Sequence[str]
-    negative_prompt_3: Sequence[str]
-    seed: Sequence[int]
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    max_sequence_length: int
+#: One pipeline call: images that share every ``shared`` generation field (shape, steps,
+#: guidance, T5 length), one value each of those; the other fields are sequences, one value per
+#: image, already resolved through their fallbacks (a row with num_images=3 appears three times,
+#: with seeds s, s+1, s+2).
+RenderRequest = make_dataclass(
+    "RenderRequest", _request_fields(), frozen=True, namespace={"__module__": __name__}
+)
 
 
 class Replica(Protocol):
@@ -192,20 +185,11 @@ class LocalReplica:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:
-        images = self.pipe(
-            prompt=list(request.prompt),
-            prompt_2=list(request.prompt_2),
-            prompt_3=list(request.prompt_3),
-            negative_prompt=list(request.negative_prompt),
-            negative_prompt_2=list(request.negative_prompt_2),
-            negative_prompt_3=list(request.negative_prompt_3),
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            max_sequence_length=request.max_sequence_length,
-            seed=[int(s) for s in request.seed],
-            output_type="np",
-        ).images
+        arguments = {
+            f.name: getattr(request, f.name) if f.shared else list(getattr(request, f.name))
+            for f in image_fields()
+        }
+        arguments["seed"] = [int(s) for s in arguments["seed"]]
+        images = self.pipe(**arguments, output_type="np").images
         # The same rounding as the pipeline's PIL output, so PNGs match `output_type="pil"`.
         return list((images * 255).round().astype(np.uint8))

@@ -41,6 +41,7 @@ from jobs import manifest
 from jobs.benchmark_report import BenchmarkTally
 from jobs.generate_stage import GROUP_COLUMNS, ITEM_SCHEMA, RESULT_SCHEMA, GenerateStage
 from jobs.prompt_table import (
+    JOB_LIMITS,
     KNOWN_COLUMNS,
     WORK_ROW_SCHEMA,
     JobDefaults,
@@ -54,6 +55,7 @@ from jobs.prompt_table import (
     resolve_rows,
 )
 from sd3_core.folder_defaults import DEFAULT_T5_LENGTH, folder_guidance_scale, folder_max_sequence_length
+from sd3_core.generation_fields import GENERATION_FIELDS, MAX_SEED
 from sd3_core.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
 from sd3_core.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
 
@@ -165,26 +167,23 @@ def _check_config(config: JobConfig) -> None:
     if config.image_format not in IMAGE_FORMATS:
         raise JobError(f"--image-format {config.image_format!r} must be one of {', '.join(IMAGE_FORMATS)}")
     d = config.defaults
-    for name in ("height", "width"):
-        v = getattr(d, name)
-        if v is not None and (v < 16 or v % 16):
-            raise JobError(f"--{name} {v} is not a positive multiple of 16")
-    if d.num_inference_steps is None or d.num_inference_steps < 1:
-        raise JobError(f"--steps {d.num_inference_steps!r} must be >= 1")
-    if d.num_images is None or d.num_images < 1:
-        raise JobError(f"--num-images {d.num_images!r} must be >= 1")
+    limits = {name: getattr(d, name) for name in JOB_LIMITS}
+    for f in GENERATION_FIELDS:
+        v = getattr(d, f.name, None)
+        spelling = f.flags[0] if f.flags else f.name
+        if v is None and f.default is not None:
+            raise JobError(f"{spelling} must be given (default {f.default})")
+        problem = None if v is None else f.problem(v, limits)
+        if problem is None and f.name == "seed" and v is not None and not 0 <= v <= MAX_SEED:
+            problem = f"seed: {v} is outside 0..2**63-1"
+        if problem:
+            raise JobError(f"{spelling} {problem.split(': ', 1)[1]}")
     if config.lora is not None and not config.lora.strip():
         raise JobError("--lora: empty reference")
     if not isinstance(config.lora_scale, int | float) or not math.isfinite(config.lora_scale):
         raise JobError(f"--lora-scale {config.lora_scale!r} must be a finite number")
     if config.lora is None and config.lora_scale != 1.0:
         raise JobError(f"--lora-scale {config.lora_scale:g} needs --lora")
-    if d.guidance_scale is not None and not math.isfinite(d.guidance_scale):
-        raise JobError(f"--guidance-scale {d.guidance_scale!r} must be finite")
-    if d.max_sequence_length is not None and not 1 <= d.max_sequence_length <= 512:
-        raise JobError(f"--max-sequence-length {d.max_sequence_length} must be in 1..512")
-    if d.seed is not None and not 0 <= d.seed < 2**63:
-        raise JobError(f"seed {d.seed} must be in 0..2**63-1")
 
 
 def _check_output(url: str, options: StorageOptions) -> None:
@@ -368,7 +367,7 @@ def _items_of_rows(rows: Sequence[WorkRow], done: frozenset, errors: frozenset) 
 
 def _valid_seed(seed: int | None) -> int | None:
     """A bad row's seed as the manifest may hold it (an out-of-range seed is why the row is bad)."""
-    return seed if seed is not None and 0 <= seed < 2**63 else None
+    return seed if seed is not None and 0 <= seed <= MAX_SEED else None
 
 
 def _to_items_table(items: list[dict[str, Any]], passthrough: pa.Schema) -> pa.Table:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sd3_core.generation_fields import GENERATION_FIELDS
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -109,30 +111,13 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--s3-anon", action="store_true", default=None, help="anonymous S3 access")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = gen.add_argument_group("job-level defaults (a row's own non-null column wins)")
-    d.add_argument("--negative-prompt", default=None)
-    d.add_argument("--prompt-2", default=None, help="CLIP-G prompt (default: the prompt)")
-    d.add_argument("--prompt-3", default=None, help="T5 prompt (default: the prompt)")
-    d.add_argument("--negative-prompt-2", default=None)
-    d.add_argument("--negative-prompt-3", default=None)
-    d.add_argument("--height", type=_positive_int, default=None, help="default: the model's size")
-    d.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
-    d.add_argument("--steps", "--num-inference-steps", "--num_inference_steps", dest="steps",
-                   type=_positive_int, default=28, help="denoising steps (default 28)")  # fmt: skip
-    d.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="classifier-free guidance (default: the model folder's _guidance_scale, else 7.0)",
-    )
-    d.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    for f in GENERATION_FIELDS:
+        if f.flags:
+            kind = {"text": str, "int": _positive_int, "float": float}[f.kind]
+            metavar = {"text": "TEXT", "int": "N", "float": "X"}[f.kind]
+            d.add_argument(*f.flags, dest=f.name, type=kind, default=f.default, metavar=metavar, help=f.help)
     d.add_argument(
         "--seed", type=int, default=0, help="job seed; a row without `seed` gets one from it and its id"
-    )
-    d.add_argument(
-        "--max-sequence-length",
-        type=_positive_int,
-        default=None,
-        help="T5 tokens (<= 512; default: the model folder's _max_sequence_length, else 256)",
     )
 
 
@@ -142,18 +127,7 @@ def _generate(args: argparse.Namespace) -> int:
     from sd3_core.storage import StorageOptions
 
     defaults = JobDefaults(
-        prompt_2=args.prompt_2,
-        prompt_3=args.prompt_3,
-        negative_prompt=args.negative_prompt,
-        negative_prompt_2=args.negative_prompt_2,
-        negative_prompt_3=args.negative_prompt_3,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        num_images=args.num_images,
-        max_sequence_length=args.max_sequence_length,
-        job_seed=args.seed,
+        **{f.name: getattr(args, f.name) for f in GENERATION_FIELDS if f.flags}, job_seed=args.seed
     )
     config = JobConfig(
         output=args.output,

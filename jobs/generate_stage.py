@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from actors.replica import LocalReplica, RenderRequest, Replica, ReplicaSpec
 from jobs.prompt_table import WORK_ROW_SCHEMA
+from sd3_core.generation_fields import image_fields, rendered_value, shared_fields
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
-GROUP_COLUMNS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
+GROUP_COLUMNS = shared_fields()
 
 
 def make_replica(spec: ReplicaSpec) -> Replica:
@@ -73,10 +74,6 @@ def make_replica(spec: ReplicaSpec) -> Replica:
     from actors.parallel_pipeline import GroupReplica
 
     return GroupReplica(spec)
-
-
-def _or(*values: str | None) -> str:
-    return next(v for v in values if v is not None)
 
 
 def _rows_of(batch: pa.Table) -> list[dict[str, Any]]:
@@ -135,22 +132,11 @@ class GenerateStage:
             return [r for row in rows for r in self._render_group([row])]
 
     def _render(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        first = rows[0]
         request = RenderRequest(
-            prompt=[r["prompt"] for r in rows],
-            # The pipeline's fallbacks, per image: prompt_2/_3 -> prompt, negative -> "",
-            # negative_2/_3 -> negative.
-            prompt_2=[_or(r["prompt_2"], r["prompt"]) for r in rows],
-            prompt_3=[_or(r["prompt_3"], r["prompt"]) for r in rows],
-            negative_prompt=[_or(r["negative_prompt"], "") for r in rows],
-            negative_prompt_2=[_or(r["negative_prompt_2"], r["negative_prompt"], "") for r in rows],
-            negative_prompt_3=[_or(r["negative_prompt_3"], r["negative_prompt"], "") for r in rows],
-            seed=[r["seed"] for r in rows],
-            height=first["height"],
-            width=first["width"],
-            num_inference_steps=first["num_inference_steps"],
-            guidance_scale=first["guidance_scale"],
-            max_sequence_length=first["max_sequence_length"],
+            **{
+                f.name: rows[0][f.name] if f.shared else [rendered_value(r, f) for r in rows]
+                for f in image_fields()
+            }
         )
         if not self.warmed_up:  # the first call pays one-off costs (allocations, kernel choice)
             self.replica.render(request)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.prompt_table import KNOWN_COLUMNS, WorkRow
+from sd3_core.generation_fields import MAX_SEED, image_fields
 from sd3_core.storage import StorageOptions, get_fs, join_url, list_files, normalize_url, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -42,23 +43,10 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 MANIFEST_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("key", pa.string()),
-        ("k", pa.int32()),
-        ("position", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_2", pa.string()),
-        ("prompt_3", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("negative_prompt_2", pa.string()),
-        ("negative_prompt_3", pa.string()),
-        ("seed", pa.int64()),  # the per-image seed actually used (row seed + k)
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("num_inference_steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("max_sequence_length", pa.int32()),
+    [("id", pa.string()), ("key", pa.string()), ("k", pa.int32()), ("position", pa.string())]
+    # The generation fields as rendered; `seed` is the per-image seed actually used (row seed + k).
+    + [(f.name, f.arrow) for f in image_fields()]
+    + [
         ("image", pa.string()),  # URI of the image (null for an error row)
         ("status", pa.string()),
         ("error", pa.string()),
@@ -133,18 +121,8 @@ def manifest_row(
         "key": row.key,
         "k": k,
         "position": row.position,
-        "prompt": row.prompt,
-        "prompt_2": row.prompt_2,
-        "prompt_3": row.prompt_3,
-        "negative_prompt": row.negative_prompt,
-        "negative_prompt_2": row.negative_prompt_2,
-        "negative_prompt_3": row.negative_prompt_3,
+        **{f.name: getattr(row, f.name) for f in image_fields()},
         "seed": seed,
-        "height": row.height,
-        "width": row.width,
-        "num_inference_steps": row.num_inference_steps,
-        "guidance_scale": row.guidance_scale,
-        "max_sequence_length": row.max_sequence_length,
         "image": image,
         "status": status,
         "error": error,
@@ -170,7 +148,7 @@ def error_rows(
     itself invalid). `error` defaults to the row's validation error."""
     n = row.num_images if row.num_images is not None and row.num_images >= 1 else 1
     message = error or row.error or "unknown error"
-    seed_ok = row.seed is not None and 0 <= row.seed and row.seed + n - 1 < 2**63
+    seed_ok = row.seed is not None and 0 <= row.seed and row.seed + n - 1 <= MAX_SEED
     return [
         manifest_row(
             row,
@@ -191,7 +169,7 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], passthrough: pa.Schema | No
     schema = manifest_schema(passthrough)
     cols = {name: [r.get(name) for r in rows] for name in schema.names}
     seeds = cols["seed"]
-    if any(s is not None and not 0 <= s < 2**63 for s in seeds):
+    if any(s is not None and not 0 <= s <= MAX_SEED for s in seeds):
         raise ValueError("manifest seed outside 0..2**63-1")
     return pa.table(cols, schema=schema)
 

@@ -15,30 +15,22 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sd3_core.generation_fields import GENERATION_FIELDS, MAX_SEED, field_names, shared_fields
 from sd3_core.storage import StorageOptions, get_fs, join_url, normalize_url
 
-STRING_COLUMNS = (
-    "prompt",
-    "prompt_2",
-    "prompt_3",
-    "negative_prompt",
-    "negative_prompt_2",
-    "negative_prompt_3",
-)
-INT_COLUMNS = ("seed", "height", "width", "num_inference_steps", "num_images", "max_sequence_length")
-FLOAT_COLUMNS = ("guidance_scale",)
-KNOWN_COLUMNS = ("id", *STRING_COLUMNS, *INT_COLUMNS, *FLOAT_COLUMNS)
+_KIND = {f.name: f.kind for f in GENERATION_FIELDS}
+STRING_COLUMNS = tuple(n for n, k in _KIND.items() if k == "text")
+INT_COLUMNS = tuple(n for n, k in _KIND.items() if k == "int")
+FLOAT_COLUMNS = tuple(n for n, k in _KIND.items() if k == "float")
+KNOWN_COLUMNS = ("id", *field_names())
 POSITION_COLUMN = "_position"
-MAX_SEED = 2**63 - 1
-SIZE_MULTIPLE = 16  # VAE factor 8 x transformer patch 2
-MAX_SEQUENCE_LENGTH = 512  # T5 limit of the pipeline
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Encoded keys end with "--" + 20 hex digits; a raw id of that shape is encoded too, so an encoded
@@ -50,32 +42,23 @@ class PromptTableError(ValueError):
     """A job-level problem with the prompt table (raised before any work is done)."""
 
 
-@dataclass(frozen=True)
-class JobDefaults:
-    """Job-level defaults for every optional column (a row's own non-null value wins).
+# Limits that turn an absurd row into an error row instead of an out-of-memory replica.
+JOB_LIMITS = {"max_size": 4096, "max_num_images": 64}
 
-    `seed=None` derives each row's seed from (`job_seed`, id); `height`/`width` None means the
-    model's default size (resolve it from the model before `resolve_rows` so manifests hold
-    concrete sizes); `max_sequence_length` and `guidance_scale` None mean the model's defaults
-    (its folder's, else 256 and 7.0)."""
-
-    prompt_2: str | None = None
-    prompt_3: str | None = None
-    negative_prompt: str | None = None
-    negative_prompt_2: str | None = None
-    negative_prompt_3: str | None = None
-    seed: int | None = None
-    height: int | None = None
-    width: int | None = None
-    num_inference_steps: int = 28
-    guidance_scale: float | None = None
-    num_images: int = 1
-    max_sequence_length: int | None = None
-    job_seed: int = 0
-    model: str | None = None
-    # Limits that turn an absurd row into an error row instead of an out-of-memory replica.
-    max_size: int = 4096
-    max_num_images: int = 64
+#: Job-level defaults for every generation field but ``prompt`` (a row's own non-null value
+#: wins), then ``job_seed``, ``model`` and the ``JOB_LIMITS``. ``seed=None`` derives each row's
+#: seed from (``job_seed``, id); ``height``/``width`` None mean the model's default size (resolve
+#: it from the model before ``resolve_rows`` so manifests hold concrete sizes);
+#: ``max_sequence_length`` and ``guidance_scale`` None mean the model's defaults (its folder's,
+#: else 256 and 7.0).
+JobDefaults = make_dataclass(
+    "JobDefaults",
+    [(f.name, Any, f.default) for f in GENERATION_FIELDS if f.name != "prompt"]
+    + [("job_seed", int, 0), ("model", Any, None)]
+    + [(name, int, value) for name, value in JOB_LIMITS.items()],
+    frozen=True,
+    namespace={"__module__": __name__},
+)
 
 
 @dataclass(frozen=True)
@@ -108,65 +91,37 @@ class ReadUnit:
         )
 
 
-@dataclass
-class WorkRow:
-    """One validated input row: what a replica renders (or an `error` saying why it cannot)."""
+def _image_seeds(self) -> list[int]:
+    """The per-image seeds (seed + k) of a valid row."""
+    return [self.seed + k for k in range(self.num_images)]
 
-    id: str
-    key: str
-    position: str
-    prompt: str | None
-    prompt_2: str | None = None
-    prompt_3: str | None = None
-    negative_prompt: str | None = None
-    negative_prompt_2: str | None = None
-    negative_prompt_3: str | None = None
-    seed: int | None = None
-    height: int | None = None
-    width: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    max_sequence_length: int | None = None
-    num_images: int | None = None
-    error: str | None = None
-    # The input's unused columns (name -> value), carried to the manifest unchanged.
-    passthrough: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+def _shape_key(self) -> tuple:
+    """Rows with equal keys can share one pipeline call (their shared generation fields agree)."""
+    return tuple(getattr(self, name) for name in shared_fields())
 
-    def image_seeds(self) -> list[int]:
-        """The per-image seeds (seed + k) of a valid row."""
-        return [self.seed + k for k in range(self.num_images)]
 
-    def shape_key(self) -> tuple:
-        """Rows with equal keys can share one pipeline call."""
-        return (
-            self.height,
-            self.width,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.max_sequence_length,
-        )
-
+#: One validated input row: what a replica renders (or an ``error`` saying why it cannot):
+#: ``id``, ``key``, ``position``, every generation field, ``error``, and ``passthrough`` (the
+#: input's unused columns, name -> value, carried to the manifest unchanged).
+WorkRow = make_dataclass(
+    "WorkRow",
+    [("id", str), ("key", str), ("position", str), ("prompt", Any)]
+    + [(f.name, Any, None) for f in GENERATION_FIELDS if f.name != "prompt"]
+    + [("error", Any, None), ("passthrough", dict, field(default_factory=dict))],
+    namespace={
+        "__module__": __name__,
+        "as_dict": asdict,
+        "image_seeds": _image_seeds,
+        "shape_key": _shape_key,
+    },
+)
 
 WORK_ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("key", pa.string()),
-        ("position", pa.string()),
-        *[(c, pa.string()) for c in STRING_COLUMNS],
-        ("seed", pa.int64()),
-        ("height", pa.int64()),
-        ("width", pa.int64()),
-        ("num_inference_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("max_sequence_length", pa.int64()),
-        ("num_images", pa.int64()),
-        ("error", pa.string()),
-    ]
+    [("id", pa.string()), ("key", pa.string()), ("position", pa.string())]
+    + [(f.name, f.arrow) for f in GENERATION_FIELDS]
+    + [("error", pa.string())]
 )
-assert [f.name for f in fields(WorkRow)] == [*WORK_ROW_SCHEMA.names, "passthrough"]
 
 
 def work_rows_to_table(rows: Sequence[WorkRow], passthrough: pa.Schema | None = None) -> pa.Table:
@@ -448,63 +403,30 @@ def _resolve_one(data: dict, i: int, position: str, others: list[str], d: JobDef
 
     raw_id = get("id")
     row_id = position_id(position) if raw_id is None else str(raw_id)
-
-    def text(name: str) -> str | None:
-        v = get(name)
-        return getattr(d, name) if v is None else v
-
     prompt = get("prompt")
     if prompt is None:
         problems.append("prompt: null")
     elif not prompt.strip():
         problems.append("prompt: empty")
-
-    def integer(name: str, default: int | None) -> int | None:
-        v = get(name)
+    limits = {name: getattr(d, name) for name in JOB_LIMITS}
+    values: dict[str, Any] = {}
+    for f in GENERATION_FIELDS:
+        v = get(f.name)
+        if v is not None and f.kind == "int":
+            v = _integer(f.name, v, problems)
+        elif v is not None and f.kind == "float":
+            v = float(v)
         if v is None:
-            return default
-        if isinstance(v, str):  # a hive partition value
-            try:
-                return int(v)
-            except ValueError:
-                problems.append(f"{name}: {v!r} is not an integer")
-                return None
-        if isinstance(v, float):
-            if not math.isfinite(v) or v != int(v):
-                problems.append(f"{name}: {v} is not an integer")
-                return None
-            return int(v)
-        return int(v)
+            v = getattr(d, f.name, None)  # the job's default (prompt and seed have none here)
+        elif f.name != "seed":  # the seed's range depends on num_images: checked below
+            problem = f.problem(v, limits)
+            if problem:
+                problems.append(problem)
+        values[f.name] = v
 
-    seed = integer("seed", d.seed)
-    height = integer("height", d.height)
-    width = integer("width", d.width)
-    steps = integer("num_inference_steps", d.num_inference_steps)
-    num_images = integer("num_images", d.num_images)
-    max_seq = integer("max_sequence_length", d.max_sequence_length)
-    guidance = get("guidance_scale")
-    guidance = d.guidance_scale if guidance is None else float(guidance)  # None: the model's default
-
-    for name, v in (("height", height), ("width", width)):
-        if v is None:
-            continue
-        if v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
-            problems.append(f"{name}: {v} is not a positive multiple of {SIZE_MULTIPLE}")
-        elif v > d.max_size:
-            problems.append(f"{name}: {v} exceeds the job limit {d.max_size}")
-    if steps is not None and steps < 1:
-        problems.append(f"num_inference_steps: {steps} is < 1")
-    if num_images is not None:
-        if num_images < 1:
-            problems.append(f"num_images: {num_images} is < 1")
-        elif num_images > d.max_num_images:
-            problems.append(f"num_images: {num_images} exceeds the job limit {d.max_num_images}")
-    if max_seq is not None and not 1 <= max_seq <= MAX_SEQUENCE_LENGTH:
-        problems.append(f"max_sequence_length: {max_seq} is not in 1..{MAX_SEQUENCE_LENGTH}")
-    if guidance is not None and not math.isfinite(guidance):
-        problems.append(f"guidance_scale: {guidance} is not finite")
+    seed, num_images = values["seed"], values["num_images"]
     if seed is None and not any(p.startswith("seed:") for p in problems):
-        seed = row_seed(d.job_seed, row_id)
+        values["seed"] = row_seed(d.job_seed, row_id)
     elif seed is not None:
         last = seed + max(num_images or 1, 1) - 1
         if seed < 0 or last > MAX_SEED:
@@ -517,22 +439,26 @@ def _resolve_one(data: dict, i: int, position: str, others: list[str], d: JobDef
         id=row_id,
         key=safe_key(row_id),
         position=position,
-        prompt=prompt,
-        prompt_2=text("prompt_2"),
-        prompt_3=text("prompt_3"),
-        negative_prompt=text("negative_prompt"),
-        negative_prompt_2=text("negative_prompt_2"),
-        negative_prompt_3=text("negative_prompt_3"),
-        seed=seed,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        max_sequence_length=max_seq,
-        num_images=num_images,
+        **values,
         error=error,
         passthrough={name: get(name) for name in others},
     )
+
+
+def _integer(name: str, v: Any, problems: list[str]) -> int | None:
+    """A table value of an integer column as an int (None, with a problem, when it is not one)."""
+    if isinstance(v, str):  # a hive partition value
+        try:
+            return int(v)
+        except ValueError:
+            problems.append(f"{name}: {v!r} is not an integer")
+            return None
+    if isinstance(v, float):
+        if not math.isfinite(v) or v != int(v):
+            problems.append(f"{name}: {v} is not an integer")
+            return None
+        return int(v)
+    return int(v)
 
 
 # --------------------------------------------------------------------------- whole-table checks

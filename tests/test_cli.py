@@ -127,7 +127,10 @@ def test_inference_script_spellings_are_aliases():
         ),
     ]:
         assert _parsed(*alias) == _parsed(*canonical), alias
-    assert _parsed("--num-inference-steps", "3")["steps"] == 3 and _parsed("--mp_size", "2")["mp"] == 2
+    assert (
+        _parsed("--num-inference-steps", "3")["num_inference_steps"] == 3
+        and _parsed("--mp_size", "2")["mp"] == 2
+    )
     assert _parsed("--dp_size", "2")["cfg_parallel"] is True and _parsed()["cfg_parallel"] is False
     assert _parsed("--benchmark")["benchmark"] is True and _parsed()["benchmark"] is False
 
