@@ -49,7 +49,7 @@ def _second_half_rate(ends: list[float], counts: list[int]) -> float:
 def bare_loop(args: argparse.Namespace, prompts: list[str], seeds: list[int]) -> float:
     import paddle
 
-    from jobs.batch_generate import DEFAULT_MODEL
+    from jobs.job_config import DEFAULT_MODEL
     from pipelines import StableDiffusion3Pipeline
 
     paddle.base.core.set_num_threads(args.threads)
@@ -81,7 +81,8 @@ def batch_job(
     import pyarrow.compute as pc
 
     from jobs import manifest
-    from jobs.batch_generate import DEFAULT_MODEL, JobConfig, run_job
+    from jobs.batch_generate import run_job
+    from jobs.job_config import DEFAULT_MODEL, JobConfig
     from jobs.prompt_table import JobDefaults
 
     config = JobConfig(

@@ -122,7 +122,8 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jobs.batch_generate import DEFAULT_MODEL, JobConfig, JobFailed, run_job
+    from jobs.batch_generate import run_job
+    from jobs.job_config import DEFAULT_MODEL, JobConfig, JobFailed
     from jobs.prompt_table import JobDefaults
     from sd3_core.storage import StorageOptions
 

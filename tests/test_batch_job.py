@@ -27,8 +27,9 @@ import pytest
 from PIL import Image
 
 from jobs import manifest
-from jobs.batch_generate import DEFAULT_MODEL, JobConfig, JobError, JobFailed, run_job
+from jobs.batch_generate import run_job
 from jobs.cli import main
+from jobs.job_config import DEFAULT_MODEL, JobConfig, JobError, JobFailed
 from jobs.prompt_table import JobDefaults
 from sd3_core.lora_registry import publish
 from sd3_core.storage import StorageOptions, get_fs, read_bytes
@@ -434,21 +435,21 @@ def test_model_that_fails_to_load_on_the_replica_stops_the_job_clearly(ray_addre
 def test_model_folder_declares_its_default_t5_length_and_guidance(tmp_path):
     import shutil
 
-    from jobs.batch_generate import _model_defaults
+    from jobs.job_preflight import model_defaults
 
     # side = sample_size 16 x VAE factor 8; T5 length 256 and guidance 7 (diffusers') unless the folder says
-    assert _model_defaults(MODEL, StorageOptions()) == (128, 256, 7.0)
+    assert model_defaults(MODEL, StorageOptions()) == (128, 256, 7.0)
     folder = tmp_path / "model"
     shutil.copytree(MODEL, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(
         json.dumps({**index, "_max_sequence_length": 32, "_guidance_scale": 2})
     )
-    assert _model_defaults(str(folder), StorageOptions()) == (128, 32, 2.0)
+    assert model_defaults(str(folder), StorageOptions()) == (128, 32, 2.0)
     for bad in ({"_max_sequence_length": 0}, {"_guidance_scale": "high"}):
         (folder / "model_index.json").write_text(json.dumps({**index, **bad}))
         with pytest.raises(JobError, match=next(iter(bad))):
-            _model_defaults(str(folder), StorageOptions())
+            model_defaults(str(folder), StorageOptions())
 
 
 # --------------------------------------------------------------------------- a LoRA adapter for all rows
@@ -586,12 +587,12 @@ def test_a_peft_adapter_folder_is_what_replicas_apply(tmp_path):
     """--lora PEFT_FOLDER: checked against the model on the driver, and a replica bakes in the
     adapter with the alpha of its adapter_config.json, as the pipeline loads the folder."""
     from actors.replica import apply_lora
-    from jobs.batch_generate import _pin_lora
+    from jobs.job_preflight import pin_job_lora
     from pipelines import StableDiffusion3Pipeline
     from tests.lora_recipe import peft_folder
 
     folder = peft_folder(tmp_path / "peft", alpha=8)
-    pinned = _pin_lora(str(folder), MODEL, StorageOptions())
+    pinned = pin_job_lora(str(folder), MODEL, StorageOptions())
     call = dict(prompt="a cat", seed=3, height=64, width=64, num_inference_steps=2, guidance_scale=5.0,
                 output_type="np")  # fmt: skip
 

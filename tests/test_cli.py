@@ -42,7 +42,7 @@ def test_generate_reports_bad_input(tmp_path, capsys):
 
 
 def test_generate_without_model_draws_the_captioned_shapes_with_the_default_model(tmp_path):
-    from jobs.batch_generate import DEFAULT_MODEL
+    from jobs.job_config import DEFAULT_MODEL
     from jobs.manifest import read_manifest
     from pipelines import StableDiffusion3Pipeline
     from sd3_core.folder_defaults import folder_guidance_scale, folder_max_sequence_length

@@ -273,7 +273,7 @@ def test_the_default_model_is_a_small_64px_folder_with_t5_length_32(default_pipe
 def test_the_default_model_follows_every_caption(default_pipe):
     """`sd3 generate`'s default model at its default settings (64x64, 28 steps, the folder's
     guidance 2 and T5 length 32) draws what each of the 24 captions asks, for 4 seeds each."""
-    from jobs.batch_generate import DEFAULT_MODEL as job_default
+    from jobs.job_config import DEFAULT_MODEL as job_default
     from tools.default_model.evaluate import evaluate
 
     assert os.path.realpath(job_default) == os.path.realpath(DEFAULT_MODEL)
