@@ -7,7 +7,7 @@ arguments in, rank 0's images out, with the ranks living in an
 
 The call takes exactly ``StableDiffusion3Pipeline.__call__``'s arguments (its signature is that
 one). Arguments travel to the ranks by value: a NumPy ``generator`` is copied, so the caller's
-does not advance; ``callback_on_step_end`` runs on rank 0, in its process. The LoRA methods of
+does not advance (a paddle one travels as its seed); ``callback_on_step_end`` runs on rank 0, in its process. The LoRA methods of
 ``StableDiffusion3Pipeline`` (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ...) run
 on every rank (a tensor-parallel rank keeps only its slices of each adapter); saving an
 adapter is left to the single pipeline.
@@ -30,7 +30,11 @@ from actors.replica import LocalReplica, RenderRequest, ReplicaSpec
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
 from pipelines.lora_loading import LORA_METHODS, SD3LoraLoaderMixin
 from pipelines.rank_pipeline import TENSOR_ARGUMENTS, call_arguments
-from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
+from pipelines.stable_diffusion_3 import (
+    StableDiffusion3Pipeline,
+    StableDiffusion3PipelineOutput,
+    generator_seeds,
+)
 
 __all__ = ["GroupReplica", "ParallelStableDiffusion3Pipeline"]
 
@@ -77,6 +81,7 @@ class ParallelStableDiffusion3Pipeline:
         for name in TENSOR_ARGUMENTS:
             if isinstance(call[name], paddle.Tensor):
                 call[name] = call[name].numpy()
+        call["generator"] = generator_seeds(call["generator"])  # a paddle Generator does not pickle
         images: Any = self.group.generate(call)
         output_type = call["output_type"]
         if output_type == "latent":

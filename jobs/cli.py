@@ -59,8 +59,8 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     )
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     gen.add_argument("--output", required=True, metavar="URL", help="output folder or s3:// prefix")
-    gen.add_argument("--model", default=None, metavar="URI", help="diffusers SD3 folder or s3:// prefix "
-                     "(default: the embedded tiny model)")  # fmt: skip
+    gen.add_argument("--model", default=None, metavar="URI", help="diffusers SD3 folder, s3:// prefix or Hub id "
+                     "(org/name; default: the embedded tiny model)")  # fmt: skip
     gen.add_argument("--lora", default=None, metavar="REF", help="a LoRA adapter for every row: a "
                      ".safetensors file, a folder holding pytorch_lora_weights.safetensors (or peft's "
                      "adapter_model.safetensors + adapter_config.json), an s3:// URL of either, or a "

@@ -29,7 +29,9 @@ from jobs.prompt_table import (
     prompts_table,
 )
 from sd3_core.folder_defaults import folder_guidance_scale, folder_max_sequence_length
+from sd3_core.hub import is_hub_id
 from sd3_core.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
+from sd3_core.model_cache import hub_model_path
 from sd3_core.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,19 @@ class ModelDefaults(NamedTuple):
     size: int  # transformer sample_size x VAE factor
     max_sequence_length: int  # model_index.json ``_max_sequence_length``, else 256
     guidance_scale: float  # model_index.json ``_guidance_scale``, else 7.0
+
+
+def model_location(name: str) -> tuple[str, str]:
+    """(`--model` as the replicas get it, where the driver reads its configs): a local path made
+    absolute or a URL, twice; a Hub id, and this machine's snapshot of its JSON files (each replica
+    resolves the id through its own node's Hugging Face cache)."""
+    try:
+        if is_hub_id(name):
+            return name, hub_model_path(name, configs_only=True)
+        model = normalize_url(name)
+    except (ValueError, OSError) as e:
+        raise JobError(f"--model {name}: {e}") from None
+    return model, model
 
 
 def model_defaults(model: str, options: StorageOptions) -> ModelDefaults:
@@ -209,14 +224,14 @@ def known_outcomes(output: str, options: StorageOptions) -> Outcomes:
     return Outcomes(frozenset(done), frozenset(errors), adapters, models)
 
 
-def check_same_model(output: str, models: Counter, model: str, options: StorageOptions) -> None:
-    """JobError when `output` holds images another model (URL or configs) rendered: a resume must
-    not mix two models' images in one manifest."""
+def check_same_model(output: str, models: Counter, model: str, configs: str, options: StorageOptions) -> None:
+    """JobError when `output` holds images another model (URL or configs, Hub id and commit)
+    rendered: a resume must not mix two models' images in one manifest."""
     from sd3_core.model_cache import model_identity
 
     if not models:  # a new output: nothing to compare, so no listing of the model
         return
-    fs, path = get_fs(model, options)
+    fs, path = get_fs(configs, options)
     now = model_identity(path, model, fs)
     for identity, n in models.items():
         if identity != now:
@@ -306,11 +321,8 @@ def plan_job(config: JobConfig) -> JobPlan:
     else:
         inline = prompts_table(list(config.prompt_list), config.defaults.negative_prompt)
         total_rows = inline.num_rows
-    try:
-        model = normalize_url(config.model)
-    except ValueError as e:
-        raise JobError(f"--model {config.model}: {e}") from None
-    implied = model_defaults(model, storage)
+    model, configs = model_location(config.model)
+    implied = model_defaults(configs, storage)
     given = config.defaults
     defaults = replace(
         given,
@@ -321,7 +333,7 @@ def plan_job(config: JobConfig) -> JobPlan:
         model=model,
     )
     # Pinned once, here: every replica then loads these bytes even if a registry's `latest` moves.
-    lora = pin_job_lora(config.lora, model, storage) if config.lora is not None else None
+    lora = pin_job_lora(config.lora, configs, storage) if config.lora is not None else None
     spec = ReplicaSpec(
         model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage,
         cfg=2 if config.cfg_parallel else 1, mp=config.mp, lora=lora, lora_scale=config.lora_scale,
@@ -338,7 +350,7 @@ def plan_job(config: JobConfig) -> JobPlan:
     if previous is None:  # a finished job's rerun must write nothing, not even a probe
         check_output(output, storage)
     known = known_outcomes(output, storage)
-    check_same_model(output, known.models, model, storage)
+    check_same_model(output, known.models, model, configs, storage)
     check_same_lora(output, known.adapters, lora, config.lora_scale)
     return JobPlan(
         output, units, passthrough, inline, total_rows, model, defaults, lora, spec, previous, known

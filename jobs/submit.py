@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from sd3_core.hub import is_hub_id
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # `sd3` subcommands that can run as a Ray job, with a one-line description for `sd3 submit --help`.
@@ -34,6 +36,10 @@ PATH_ARGUMENTS = (
     "prompts", "output", "model", "lora",
     "instance_data_dir", "dataset", "class_data_dir", "output_dir", "pretrained_model_name_or_path",
 )  # fmt: skip
+
+
+# Path arguments that may also be a Hugging Face Hub id (org/name).
+MODEL_ARGUMENTS = ("model", "pretrained_model_name_or_path")
 
 
 def default_address() -> str:
@@ -82,7 +88,13 @@ def relative_path_warnings(parsed: object) -> list[str]:
     notes = []
     for name in PATH_ARGUMENTS:
         value = getattr(parsed, name, None)
-        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        if (
+            isinstance(value, str)
+            and value
+            and "://" not in value
+            and not os.path.isabs(value)
+            and not (name in MODEL_ARGUMENTS and is_hub_id(value))  # resolved on each node's HF cache
+        ):
             # `sd3 train` keeps the reference scripts' underscore flags.
             flag = "--" + (name if getattr(parsed, "command", None) == "train" else name.replace("_", "-"))
             notes.append(

@@ -296,7 +296,6 @@ class Trainer:
 
         from pipelines import StableDiffusion3Pipeline
         from sd3_core import lora
-        from sd3_core.model_cache import local_model_path
         from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
         from sd3_core.transformer import SD3Transformer2DModel
 
@@ -310,8 +309,7 @@ class Trainer:
                 "there (the loss scaler and half-precision frozen weights still apply)",
                 c.mixed_precision,
             )
-        path = local_model_path(c.pretrained_model_name_or_path, self.storage)
-        self.model_path = path
+        path = self.model_path
         # The trained weights stay float32 (master weights); frozen parts use the mixed-precision dtype.
         transformer_dtype = "float32" if c.mode == "full" else self.weight_dtype
         transformer = SD3Transformer2DModel.from_pretrained(
@@ -702,7 +700,11 @@ class Trainer:
         """Load models and data, build the optimizer (no training)."""
         if getattr(self, "_ready", False):
             return
+        from sd3_core.model_cache import local_model_path
+
         c = self.config
+        # Resolved first: a model that cannot be had (e.g. a Hub id not cached offline) writes nothing.
+        self.model_path = local_model_path(c.pretrained_model_name_or_path, self.storage)
         check_writable(self.output, self.storage)
         self._load()
         self._load_data()

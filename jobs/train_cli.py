@@ -39,7 +39,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--pretrained_model_name_or_path", required=True, help="diffusers SD3 folder or s3:// prefix")
+    a(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="diffusers SD3 folder, s3:// prefix or Hugging Face Hub id (org/name)",
+    )
     a("--instance_data_dir", default=None, help="folder or s3:// prefix of instance images")
     a(
         "--dataset",

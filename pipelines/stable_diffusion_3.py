@@ -33,8 +33,9 @@ from sd3_core.folder_defaults import (
     folder_guidance_scale,
     folder_max_sequence_length,
 )
+from sd3_core.hub import LoadOptions, model_folder
 from sd3_core.inference_program import TransformerProgram, program_precision
-from sd3_core.modeling import read_json_object, resolve_dtype
+from sd3_core.modeling import dtype_argument, read_json_object
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
@@ -77,6 +78,66 @@ def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise TypeError(f"`{name}` must be a str or a list of str, got {type(value).__name__}")
+
+
+def _is_framework_generator(value: Any) -> bool:
+    """A ``paddle.Generator`` or a ``torch.Generator`` (recognised by its class; torch is never imported)."""
+    kind = type(value)
+    return isinstance(value, paddle.base.core.Generator) or (
+        kind.__name__ == "Generator" and kind.__module__.split(".")[0] == "torch"
+    )
+
+
+def generator_seeds(generator: Any) -> Any:
+    """`generator` with each paddle / torch Generator replaced by its ``initial_seed()``.
+
+    Latents are drawn with NumPy (the same on every device), so such a generator stands for its seed:
+    ``paddle.Generator().manual_seed(42)`` draws what ``seed=42`` draws, every time (its state is
+    neither read nor advanced). NumPy generators and ints pass through unchanged."""
+    items = generator if isinstance(generator, (list, tuple)) else [generator]
+    framework = [g for g in items if _is_framework_generator(g)]
+    if len({id(g) for g in framework}) < len(framework):
+        raise ValueError(
+            "`generator` lists the same Generator object more than once: paddle.Generator() returns the "
+            "device's one default generator, so `[paddle.Generator().manual_seed(i) for i in ...]` re-seeds "
+            "that one object; pass `seed=[...]` (one int per image) instead"
+        )
+    seeds = [int(g.initial_seed()) if _is_framework_generator(g) else g for g in items]
+    return seeds if isinstance(generator, (list, tuple)) else seeds[0]
+
+
+def _numpy_rng(value: Any, name: str) -> np.random.Generator:
+    """The NumPy generator for one `seed` / `generator` value (a NumPy generator, an int >= 0, or
+    None: fresh entropy)."""
+    if isinstance(value, np.random.Generator):
+        return value
+    if value is None:
+        return np.random.default_rng()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return np.random.default_rng(int(value))
+    raise TypeError(
+        f"`{name}` must be an int >= 0, a numpy.random.Generator or a paddle.Generator "
+        f"(or a list of them, one per image), got {value!r}"
+    )
+
+
+def _component_files(name: str) -> list[str]:
+    """The files loading component `name` reads from its folder (patterns, as Hub downloads take them)."""
+    if name == "transformer":
+        return SD3Transformer2DModel.hub_files()
+    if name == "vae":
+        return AutoencoderKL.hub_files()
+    if name == "scheduler":
+        return [FlowMatchEulerDiscreteScheduler.config_name]
+    if name.startswith("text_encoder"):
+        return list(text_encoders.ENCODER_FILES)
+    return list(text_encoders.TOKENIZER_FILES)
+
+
+def pipeline_files(components: Sequence[str] = tuple(_LIBRARY_CLASSES)) -> list[str]:
+    """The files ``from_pretrained`` reads to load `components` (patterns relative to the model
+    folder, as Hub downloads take them)."""
+    return ["model_index.json", *(f"{n}/{f}" for n in components for f in _component_files(n))]
 
 
 def _load_component(name: str, folder: str, dtype: str) -> Any:
@@ -207,26 +268,37 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        dtype: str | Any = "float32",
+        dtype: str | Any = None,
         inference_optimize: bool = False,
-        **components: Any,
+        *,
+        paddle_dtype: Any = None,
+        torch_dtype: Any = None,
+        **kwargs: Any,
     ) -> StableDiffusion3Pipeline:
-        """Load a diffusers-format SD3 folder. Pass `text_encoder_3=None, tokenizer_3=None` to drop T5;
-        any other component may be passed in ready-made instead of loaded. `inference_optimize=True`
-        runs the transformer as static programs (:meth:`enable_inference_optimize`)."""
-        path = os.fspath(pretrained_model_name_or_path)
+        """Load a diffusers-format SD3 folder or Hub id (``org/name``, fetched through huggingface_hub's
+        cache; ``revision=``, ``cache_dir=``, ``token=``, ``local_files_only=`` as in diffusers).
+
+        ``dtype`` (default float32) may also be spelled ``paddle_dtype=`` (PPDiffusers) or
+        ``torch_dtype=`` (diffusers). Pass `text_encoder_3=None, tokenizer_3=None` to drop T5; any
+        other component may be passed in ready-made instead of loaded (its files are then not
+        fetched). `inference_optimize=True` runs the transformer as static programs
+        (:meth:`enable_inference_optimize`)."""
+        dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype)
+        options = LoadOptions.take(kwargs, "StableDiffusion3Pipeline.from_pretrained")
+        components = kwargs
         unknown = sorted(set(components) - set(_LIBRARY_CLASSES))
         if unknown:
             raise TypeError(
-                f"from_pretrained got unknown component(s) {unknown}; known: {list(_LIBRARY_CLASSES)}"
+                f"from_pretrained got unknown argument(s) {unknown}; components it takes: {list(_LIBRARY_CLASSES)}"
             )
+        wanted = [n for n in _LIBRARY_CLASSES if components.get(n, _FROM_FOLDER) is _FROM_FOLDER]
+        path = model_folder(pretrained_model_name_or_path, None, options, pipeline_files(wanted))
         index_file = os.path.join(path, "model_index.json")
         if not os.path.isfile(index_file):
             raise FileNotFoundError(
                 f"{path!r} is not a diffusers pipeline folder: {index_file} does not exist"
             )
         index = read_json_object(index_file)
-        dtype_name = resolve_dtype(dtype)
         loaded = {}
         for name in _LIBRARY_CLASSES:
             given = components.get(name, _FROM_FOLDER)
@@ -568,20 +640,18 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             return latents.astype("float32")
         if generator is not None and seed is not None:
             raise ValueError("pass either `generator` or `seed`, not both")
-        source = generator if generator is not None else seed
+        name = "generator" if generator is not None else "seed"
+        source = generator_seeds(generator) if generator is not None else seed
         if isinstance(source, (list, tuple)):
             if len(source) != batch_size:
                 raise ValueError(
                     f"got {len(source)} seeds/generators for a batch of {batch_size} images "
                     "(batch = len(prompt) x num_images_per_prompt)"
                 )
-            rngs = [
-                s if isinstance(s, np.random.Generator) else np.random.default_rng(int(s)) for s in source
-            ]
+            rngs = [_numpy_rng(s, f"{name}[{i}]") for i, s in enumerate(source)]
             array = np.stack([rng.standard_normal(shape[1:], dtype=np.float32) for rng in rngs])
         else:
-            rng = source if isinstance(source, np.random.Generator) else np.random.default_rng(source)
-            array = rng.standard_normal(shape, dtype=np.float32)
+            array = _numpy_rng(source, name).standard_normal(shape, dtype=np.float32)
         return paddle.to_tensor(array)
 
     # ------------------------------------------------------------------ generation
@@ -620,7 +690,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         mu: float | None = None,
     ) -> StableDiffusion3PipelineOutput | tuple:
         """Generate images. Arguments and defaults follow diffusers' StableDiffusion3Pipeline; `seed`
-        (an int, or one per image) is an alternative to `generator` (NumPy generators);
+        (an int, or one per image) is an alternative to `generator` (NumPy generators, or paddle /
+        torch Generators standing for their seed: see :func:`generator_seeds`);
         `guidance_scale=None` and `max_sequence_length=None` take the model folder's defaults (7.0
         and 256 unless its model_index.json declares others)."""
         height = height or self.default_sample_size * self.vae_scale_factor

@@ -1,5 +1,6 @@
 """Model folders for replicas: a local folder is used as is; an object-storage prefix is downloaded
-once per node into a local cache.
+once per node into a local cache; a Hugging Face Hub id (``org/name``) is resolved through this
+node's Hugging Face cache (``sd3_core.hub``: huggingface_hub's own cache, HF_HUB_OFFLINE, HF_TOKEN).
 
 The download happens under a file lock (so concurrent actors on one node download once) into a
 temporary sibling folder that is renamed into place when complete (so nobody ever sees half a
@@ -18,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from sd3_core.hub import hub_commit, is_hub_id, model_folder
 from sd3_core.storage import StorageOptions, get_fs, normalize_url, split_url
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ def local_model_path(
     lock_timeout: float = -1,
 ) -> str:
     """A local folder holding the model at `uri` (downloading it once per node when remote)."""
+    if is_hub_id(uri):
+        return hub_model_path(uri)
     scheme, path = split_url(uri)
     if scheme == "":
         if not os.path.isdir(path):
@@ -71,6 +75,17 @@ def local_model_path(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def hub_model_path(repo_id: str, configs_only: bool = False) -> str:
+    """This node's snapshot of Hub model `repo_id` with the files the pipeline loads (fetched into the
+    Hugging Face cache when missing), or with only its JSON files (what the job's driver reads)."""
+    from pipelines.stable_diffusion_3 import pipeline_files
+
+    patterns = pipeline_files()
+    if configs_only:
+        patterns = [p for p in patterns if p.endswith(".json")]
+    return model_folder(repo_id, allow_patterns=patterns)
 
 
 def _remove_stale_temps(dest: str) -> None:
@@ -120,8 +135,13 @@ def model_identity(path: str, uri: str | None = None, fs: Any = None) -> str:
     """`{uri}#sha256:{16 hex}` hashing model_index.json and every config JSON of the folder `path`
     (on fsspec filesystem `fs`, default local), so a manifest says which model (and configuration)
     made an image without hashing the weights. The same folder gives the same identity locally and
-    through s3://: files are hashed in os.walk order (a folder's files, then its sorted subfolders)."""
+    through s3://: files are hashed in os.walk order (a folder's files, then its sorted subfolders).
+    A Hub id's snapshot is `{id}@{commit}` (the commit pins every file)."""
     import fsspec
+
+    commit = hub_commit(path) if uri is not None and is_hub_id(uri) else None
+    if commit is not None:
+        return f"{uri}@{commit}"
 
     fs = fs or fsspec.filesystem("file")
     root = fs._strip_protocol(path).rstrip("/")

@@ -25,6 +25,7 @@ import paddle  # sd3_core/__init__ has already applied runtime
 import paddle.nn.functional as F
 
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
+from sd3_core.hub import LoadOptions, model_folder, weights_patterns
 from sd3_core.safetensors_io import FLOAT8_DTYPES, WeightsIndex, open_weights, write_safetensors
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "PartialSumLinear",
     "WeightLoadError",
     "compute_dtype",
+    "dtype_argument",
     "load_torch_state",
     "register_linear_type",
     "resolve_dtype",
@@ -87,14 +89,39 @@ class Config(dict):
 # dtypes
 
 
-def resolve_dtype(dtype: str | paddle.dtype | None) -> str:
-    """Normalise ``"float32" | "float16" | "bfloat16"`` or a paddle dtype to its name."""
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return dtype
-    for name, pd in _DTYPES.items():
-        if dtype is not None and not isinstance(dtype, str) and dtype == pd:
+def resolve_dtype(dtype: str | paddle.dtype | Any, argument: str = "dtype") -> str:
+    """The name (``"float32" | "float16" | "bfloat16"``) of a paddle dtype, a torch dtype (by its
+    name; torch is never imported) or a string such as ``"float16"``, ``"paddle.float16"`` or
+    ``"torch.float16"``. ``argument`` names the keyword in the error."""
+    if isinstance(dtype, paddle.dtype):
+        for name, pd in _DTYPES.items():
+            if dtype == pd:
+                return name
+    elif isinstance(dtype, str) or type(dtype).__module__.split(".")[0] == "torch":
+        name = str(dtype).removeprefix("torch.").removeprefix("paddle.")
+        if name in _DTYPES:
             return name
-    raise ValueError(f"dtype={dtype!r} is not supported; use 'float32', 'float16' or 'bfloat16'")
+    raise ValueError(f"{argument}={dtype!r} is not supported; use 'float32', 'float16' or 'bfloat16'")
+
+
+def dtype_argument(
+    dtype: str | paddle.dtype | Any = None, paddle_dtype: Any = None, torch_dtype: Any = None
+) -> str:
+    """The dtype name meant by ``dtype=`` or its PPDiffusers / diffusers spellings ``paddle_dtype=`` /
+    ``torch_dtype=`` (float32 when none is given; two that disagree are an error)."""
+    given = {
+        argument: resolve_dtype(value, argument)
+        for argument, value in (
+            ("dtype", dtype),
+            ("paddle_dtype", paddle_dtype),
+            ("torch_dtype", torch_dtype),
+        )
+        if value is not None
+    }
+    if len(set(given.values())) > 1:
+        said = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"conflicting dtypes {said}: pass one of dtype=, paddle_dtype=, torch_dtype=")
+    return next(iter(given.values()), "float32")
 
 
 def _device_has_half_kernels() -> bool:
@@ -420,12 +447,30 @@ class ModelMixin(paddle.nn.Layer):
         return read_json_object(folder / cls.config_name)
 
     @classmethod
+    def hub_files(cls) -> list[str]:
+        """The files of a model folder that loading reads (patterns, as Hub downloads take them)."""
+        return [cls.config_name, *weights_patterns(cls.weights_name)]
+
+    @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, subfolder: str | None = None, dtype: str | paddle.dtype = "float32"
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        dtype: str | paddle.dtype | None = None,
+        *,
+        paddle_dtype: Any = None,
+        torch_dtype: Any = None,
+        **kwargs: Any,
     ):
-        """Load a diffusers model folder (config + single or sharded safetensors)."""
-        name = resolve_dtype(dtype)
-        folder = Path(path) / subfolder if subfolder else Path(path)
+        """Load a diffusers model folder (config + single or sharded safetensors): a local path or a
+        Hub id (``sd3_core.hub``; ``revision=`` and the other Hub keywords of diffusers apply).
+        ``paddle_dtype=`` / ``torch_dtype=`` are ``dtype=`` (default float32)."""
+        where = f"{cls.__name__}.from_pretrained"
+        name = dtype_argument(dtype, paddle_dtype, torch_dtype)
+        options = LoadOptions.take(kwargs, where)
+        if kwargs:
+            raise TypeError(f"{where} got unexpected keyword argument(s) {sorted(kwargs)}")
+        folder = Path(model_folder(pretrained_model_name_or_path, subfolder, options, cls.hub_files()))
         config = cls.load_config(folder)
         index = open_weights(folder, cls.weights_name)
         try:

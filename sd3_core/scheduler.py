@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
+from sd3_core.hub import LoadOptions, model_folder
 from sd3_core.modeling import DIFFUSERS_VERSION, Config
 
 DIFFUSERS_CLASS_NAME = "FlowMatchEulerDiscreteScheduler"
@@ -107,10 +108,15 @@ class FlowMatchEulerDiscreteScheduler:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, subfolder: str | None = None
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> FlowMatchEulerDiscreteScheduler:
-        """Load `scheduler_config.json` from `path` (or `path/subfolder`)."""
-        folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+        """Load `scheduler_config.json` from a folder or Hub id (or its `subfolder`); `revision=` and
+        the other Hub keywords of diffusers apply (``sd3_core.hub``)."""
+        where = f"{cls.__name__}.from_pretrained"
+        options = LoadOptions.take(kwargs, where)
+        if kwargs:
+            raise TypeError(f"{where} got unexpected keyword argument(s) {sorted(kwargs)}")
+        folder = model_folder(pretrained_model_name_or_path, subfolder, options, [cls.config_name])
         file = os.path.join(folder, cls.config_name)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no {cls.config_name} in scheduler folder {folder!r}")

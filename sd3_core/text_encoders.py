@@ -27,6 +27,7 @@ import numpy as np
 import paddle
 
 from sd3_core import runtime  # noqa: F401  (must run before paddle is imported)
+from sd3_core.hub import weights_patterns
 from sd3_core.modeling import (
     Config,
     compute_dtype,
@@ -584,6 +585,9 @@ class PromptTokenizer:
 
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 _VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model")
+#: What the loaders read from a text-encoder / tokenizer folder (patterns, as Hub downloads take them).
+ENCODER_FILES = (CONFIG_NAME, *weights_patterns(WEIGHTS_NAME))
+TOKENIZER_FILES = _VOCAB_FILES + _CONFIG_FILES
 
 
 def _vocab_files(path: Path) -> list[Path]:
