@@ -27,11 +27,12 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Keyword -> (value(s) that mean what we do anyway, what to write instead otherwise).
 _ACCEPTED_IF = {
     "use_safetensors": ((True, None), "only safetensors weights are loaded; drop use_safetensors=False"),
-    "low_cpu_mem_usage": ((True, False, None), ""),  # models are always built without init, then filled
+    # Models are always built without init, then filled; weights are read tensor by tensor.
+    "low_cpu_mem_usage": ((True, False, None), "pass True or False"),
     "from_diffusers": ((True, None), "only diffusers-format safetensors folders are loaded"),
     "from_hf_hub": ((True, None), "models come from a local folder or the Hugging Face Hub only"),
     "use_flashpack": ((False, None), "flashpack checkpoints are not supported"),
-    "disable_mmap": ((True, False, None), ""),  # weights are read tensor by tensor either way
+    "disable_mmap": ((True, False, None), "pass True or False"),
 }
 _REFUSED = {
     "variant": "only the default weights files are loaded; for half precision pass dtype='float16' "

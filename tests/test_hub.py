@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,33 @@ def test_revision_selects_a_cached_branch_tag_or_commit(hf_cache):
     assert str(hf_cache) in message and "cached there: main, v1" in message
 
 
+def test_a_fresh_process_takes_the_cache_from_hf_home_and_is_offline_by_hf_hub_offline(tmp_path):
+    home = tmp_path / "hf-home"
+    add_snapshot(home / "hub", REPO_ID, MAIN, Path(fixture_path("sd3-tiny")), ("main",))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    code = "import sys; from sd3_core.hub import model_folder; print(model_folder(sys.argv[1]))"
+    found = subprocess.run(
+        [sys.executable, "-c", code, REPO_ID],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert found.stdout.strip() == str(home / "hub" / "models--org--name" / "snapshots" / MAIN), found.stderr
+    missing = subprocess.run(
+        [sys.executable, "-c", code, "org/missing"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode != 0
+    assert f"is not in the Hugging Face cache {home / 'hub'} and HF_HUB_OFFLINE is set" in missing.stderr
+
+
 def test_local_model_path_resolves_a_hub_id_and_its_identity_names_the_commit(hf_cache):
     path = local_model_path(REPO_ID)
     assert path == str(hf_cache / "models--org--name" / "snapshots" / MAIN)
@@ -253,6 +282,16 @@ def test_a_paddle_generator_draws_the_latents_of_its_seed(tiny_pipe):
     assert not np.array_equal(per_image[0], per_image[1])
 
 
+def test_a_torch_generator_is_taken_by_its_seed_too(tiny_pipe):
+    class FakeTorchGenerator:  # what torch.Generator looks like by class (torch is not installed here)
+        def initial_seed(self) -> int:
+            return 42
+
+    FakeTorchGenerator.__module__, FakeTorchGenerator.__name__ = "torch._C", "Generator"
+    latents = tiny_pipe.prepare_latents(1, 64, 64, generator=FakeTorchGenerator())
+    assert np.array_equal(latents.numpy(), tiny_pipe.prepare_latents(1, 64, 64, seed=42).numpy())
+
+
 def test_unusable_generators_are_refused_naming_generator(tiny_pipe):
     # paddle.Generator() is the device's one default generator: a list of it is one object seeded last
     with pytest.raises(ValueError, match=r"same Generator object more than once.*seed=\[\.\.\.\]"):
@@ -268,6 +307,16 @@ def test_unusable_generators_are_refused_naming_generator(tiny_pipe):
 
 
 # ---- the command line ---------------------------------------------------------------------------
+
+
+def test_submit_does_not_call_a_hub_id_a_relative_path(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from jobs.submit import relative_path_warnings
+
+    monkeypatch.chdir(tmp_path)
+    notes = relative_path_warnings(Namespace(command="generate", model="org/name", output="out/run"))
+    assert len(notes) == 1 and "--output out/run is a relative path" in notes[0]
 
 
 def test_sd3_generate_takes_a_hub_id_and_names_a_missing_one(hf_cache, tmp_path, capsys):
