@@ -35,6 +35,7 @@ from pipelines.stable_diffusion_3 import (
     StableDiffusion3PipelineOutput,
     generator_seeds,
 )
+from sd3_core.modeling import dtype_argument
 
 __all__ = ["GroupReplica", "ParallelStableDiffusion3Pipeline"]
 
@@ -59,17 +60,22 @@ class ParallelStableDiffusion3Pipeline:
         cfg: int = 1,
         mp: int = 1,
         device: str = "gpu",
-        dtype: str = "float32",
+        dtype: str | Any = None,
         cpus_per_rank: float = 1.0,
         inference_optimize: bool = False,
+        *,
+        paddle_dtype: Any = None,
+        torch_dtype: Any = None,
         **group_options: Any,
     ) -> ParallelStableDiffusion3Pipeline:
         """Start a ``cfg x mp`` replica group on ``device`` ("gpu", "npu", "cpu") with ``model``
-        (a diffusers folder or URL). Ray must be initialised (``ray.init``) first.
+        (a diffusers folder, URL or Hub id, resolved on each rank's node). Ray must be initialised
+        (``ray.init``) first. ``dtype`` (default float32) may be spelled ``paddle_dtype=`` / ``torch_dtype=``.
         ``inference_optimize`` (mp = 1 only) runs each rank's transformer as static programs.
 
         ``group_options`` go to ``ReplicaGroup`` (e.g. ``compute_device="cpu"`` to run GPU-kind
         bundles on the CPU, as the tests do with Ray's logical GPUs)."""
+        dtype = dtype_argument(dtype, paddle_dtype, torch_dtype)
         spec = ReplicaSpec(model=model, dtype=dtype, device=device, cfg=cfg, mp=mp, cpus=cpus_per_rank,
                            inference_optimize=inference_optimize)  # fmt: skip
         return cls(ReplicaGroup(spec, **group_options))
