@@ -329,8 +329,11 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         cls,
         path_or_url: str | os.PathLike,
         config: str | os.PathLike | None = None,
-        dtype: str | Any = "float32",
+        dtype: str | Any = None,
         inference_optimize: bool = False,
+        *,
+        paddle_dtype: Any = None,
+        torch_dtype: Any = None,
         **components: Any,
     ) -> StableDiffusion3Pipeline:
         """Load an original-layout single file (Stability's / ComfyUI's ``sd3_medium*.safetensors``,
@@ -340,7 +343,8 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         fp8 T5 is upcast). Everything else (tokenizers always) comes from ``config``, a diffusers
         SD3 folder, whose model configs also fill what the file's keys do not record; without one
         the scheduler is SD3's default. Components may be passed ready-made as in `from_pretrained`
-        (``text_encoder_3=None, tokenizer_3=None`` drops T5)."""
+        (``text_encoder_3=None, tokenizer_3=None`` drops T5). ``paddle_dtype=`` / ``torch_dtype=``
+        are ``dtype=`` (default float32)."""
         path = os.fspath(path_or_url)
         unknown = sorted(set(components) - set(_LIBRARY_CLASSES))
         if unknown:
@@ -356,7 +360,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                     f"config={os.fspath(config)!r} is not a diffusers SD3 pipeline folder: {index_file} does not exist"
                 )
             index = read_json_object(index_file)
-        dtype_name = resolve_dtype(dtype)
+        dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype)
         with single_file.open_checkpoint(path) as ckpt:
             loaded = {
                 name: components[name]

@@ -448,3 +448,20 @@ def test_bad_paths_and_arguments(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert out.read_bytes() == b"keep" and not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_from_single_file_takes_the_dtype_spellings_of_both_ecosystems():
+    import paddle
+
+    file = SINGLE / "sd35-tiny.safetensors"
+    pipe = StableDiffusion3Pipeline.from_single_file(
+        file, config=fixture_path("sd35-tiny"), paddle_dtype=paddle.bfloat16
+    )
+    assert pipe.transformer.dtype == paddle.bfloat16
+    pipe = StableDiffusion3Pipeline.from_single_file(
+        file, config=fixture_path("sd35-tiny"), torch_dtype="torch.float16"
+    )
+    assert pipe.transformer.dtype == paddle.float16
+    with pytest.raises(ValueError, match="paddle_dtype"):
+        StableDiffusion3Pipeline.from_single_file(file, config=fixture_path("sd35-tiny"), dtype="float32",
+                                                  paddle_dtype=paddle.float16)  # fmt: skip
