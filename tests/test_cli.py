@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from jobs.cli import main
@@ -16,7 +17,18 @@ from tests.reference_cases import fixture_path
 TINY = ["--model", fixture_path("sd3-tiny"), "--steps", "1", "--height", "64", "--width", "64"]
 
 
-def test_generate_from_prompts_writes_pngs(tmp_path):
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for this module's jobs (`sd3 generate` uses a running one instead of starting
+    its own; tests/test_hub.py runs one that starts and stops its own)."""
+    import ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_generate_from_prompts_writes_pngs(ray_local, tmp_path):
     out = tmp_path / "out"
     assert main(["generate", "--prompt", "a red fox", "--prompt", "a cat", "--output", str(out), *TINY]) == 0
     files = sorted(p.name for p in (out / "images").iterdir())
@@ -24,7 +36,7 @@ def test_generate_from_prompts_writes_pngs(tmp_path):
     assert Image.open(out / "images" / files[0]).size == (64, 64)
 
 
-def test_generate_from_parquet_table(tmp_path):
+def test_generate_from_parquet_table(ray_local, tmp_path):
     table = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"id": ["fox", "../../etc"], "prompt": ["a fox", "a cat"]}), table)
     out = tmp_path / "out"
@@ -41,7 +53,7 @@ def test_generate_reports_bad_input(tmp_path, capsys):
     assert "no `prompt` column" in capsys.readouterr().err
 
 
-def test_generate_without_model_draws_the_captioned_shapes_with_the_default_model(tmp_path):
+def test_generate_without_model_draws_the_captioned_shapes_with_the_default_model(ray_local, tmp_path):
     from jobs.job_config import DEFAULT_MODEL
     from jobs.manifest import read_manifest
     from pipelines import StableDiffusion3Pipeline
@@ -72,9 +84,13 @@ def test_generate_without_model_draws_the_captioned_shapes_with_the_default_mode
 
 
 def test_generate_with_inference_optimize_draws_the_eager_images(tmp_path, monkeypatch):
+    import ray
+
     from jobs.manifest import read_manifest
     from pipelines import StableDiffusion3Pipeline
 
+    # The replica must see this environment: the job starts its own Ray, not the module's.
+    ray.shutdown()
     monkeypatch.setenv("SD3_RAY_PROGRAM_CACHE", str(tmp_path / "programs"))
     prompts = ["a red fox", "a cat"]
     out = tmp_path / "opt"
@@ -149,7 +165,7 @@ def test_dp_size_other_than_1_or_2_is_refused(capsys):
         )
 
 
-def test_benchmark_prints_and_records_stage_figures(tmp_path, capsys):
+def test_benchmark_prints_and_records_stage_figures(ray_local, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["--prompt", "a red circle", "--prompt", "a blue square", "--batch-size", "1"]
     size = ["--height", "32", "--width", "32", "--num-inference-steps", "2"]
