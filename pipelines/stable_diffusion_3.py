@@ -33,6 +33,7 @@ from sd3_core.folder_defaults import (
     folder_guidance_scale,
     folder_max_sequence_length,
 )
+from sd3_core.folder_layout import LIBRARY_CLASSES, pipeline_files
 from sd3_core.hub import LoadOptions, model_folder
 from sd3_core.inference_program import TransformerProgram, program_precision
 from sd3_core.modeling import dtype_argument, read_json_object
@@ -44,21 +45,9 @@ logger = logging.getLogger(__name__)
 
 _FROM_FOLDER = object()  # sentinel: "load this component from the pipeline folder"
 
-# model_index.json entries, as diffusers writes them for this pipeline.
-_LIBRARY_CLASSES = {
-    "transformer": ("diffusers", "SD3Transformer2DModel"),
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "vae": ("diffusers", "AutoencoderKL"),
-    "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
-    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-    "text_encoder_3": ("transformers", "T5EncoderModel"),
-    "tokenizer": ("transformers", "CLIPTokenizer"),
-    "tokenizer_2": ("transformers", "CLIPTokenizer"),
-    "tokenizer_3": ("transformers", "T5TokenizerFast"),
-}
 _OPTIONAL = ("text_encoder_3", "tokenizer_3")
 # The components only prompt encoding needs (a rank that receives its embeddings can go without).
-TEXT_COMPONENTS = tuple(name for name in _LIBRARY_CLASSES if name.startswith(("text_encoder", "tokenizer")))
+TEXT_COMPONENTS = tuple(name for name in LIBRARY_CLASSES if name.startswith(("text_encoder", "tokenizer")))
 # What `callback_on_step_end` may ask for (`callback_on_step_end_tensor_inputs`), as in diffusers.
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
@@ -119,25 +108,6 @@ def _numpy_rng(value: Any, name: str) -> np.random.Generator:
         f"`{name}` must be an int >= 0, a numpy.random.Generator or a paddle.Generator "
         f"(or a list of them, one per image), got {value!r}"
     )
-
-
-def _component_files(name: str) -> list[str]:
-    """The files loading component `name` reads from its folder (patterns, as Hub downloads take them)."""
-    if name == "transformer":
-        return SD3Transformer2DModel.hub_files()
-    if name == "vae":
-        return AutoencoderKL.hub_files()
-    if name == "scheduler":
-        return [FlowMatchEulerDiscreteScheduler.config_name]
-    if name.startswith("text_encoder"):
-        return list(text_encoders.ENCODER_FILES)
-    return list(text_encoders.TOKENIZER_FILES)
-
-
-def pipeline_files(components: Sequence[str] = tuple(_LIBRARY_CLASSES)) -> list[str]:
-    """The files ``from_pretrained`` reads to load `components` (patterns relative to the model
-    folder, as Hub downloads take them)."""
-    return ["model_index.json", *(f"{n}/{f}" for n in components for f in _component_files(n))]
 
 
 def _load_component(name: str, folder: str, dtype: str) -> Any:
@@ -262,7 +232,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
     # ------------------------------------------------------------------ loading and saving
     @property
     def components(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _LIBRARY_CLASSES}
+        return {name: getattr(self, name) for name in LIBRARY_CLASSES}
 
     @classmethod
     def from_pretrained(
@@ -286,12 +256,12 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype)
         options = LoadOptions.take(kwargs, "StableDiffusion3Pipeline.from_pretrained")
         components = kwargs
-        unknown = sorted(set(components) - set(_LIBRARY_CLASSES))
+        unknown = sorted(set(components) - set(LIBRARY_CLASSES))
         if unknown:
             raise TypeError(
-                f"from_pretrained got unknown argument(s) {unknown}; components it takes: {list(_LIBRARY_CLASSES)}"
+                f"from_pretrained got unknown argument(s) {unknown}; components it takes: {list(LIBRARY_CLASSES)}"
             )
-        wanted = [n for n in _LIBRARY_CLASSES if components.get(n, _FROM_FOLDER) is _FROM_FOLDER]
+        wanted = [n for n in LIBRARY_CLASSES if components.get(n, _FROM_FOLDER) is _FROM_FOLDER]
         path = model_folder(pretrained_model_name_or_path, None, options, pipeline_files(wanted))
         index_file = os.path.join(path, "model_index.json")
         if not os.path.isfile(index_file):
@@ -300,7 +270,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             )
         index = read_json_object(index_file)
         loaded = {}
-        for name in _LIBRARY_CLASSES:
+        for name in LIBRARY_CLASSES:
             given = components.get(name, _FROM_FOLDER)
             if given is not _FROM_FOLDER:
                 loaded[name] = given
@@ -346,10 +316,10 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
         (``text_encoder_3=None, tokenizer_3=None`` drops T5). ``paddle_dtype=`` / ``torch_dtype=``
         are ``dtype=`` (default float32)."""
         path = os.fspath(path_or_url)
-        unknown = sorted(set(components) - set(_LIBRARY_CLASSES))
+        unknown = sorted(set(components) - set(LIBRARY_CLASSES))
         if unknown:
             raise TypeError(
-                f"from_single_file got unknown component(s) {unknown}; known: {list(_LIBRARY_CLASSES)}"
+                f"from_single_file got unknown component(s) {unknown}; known: {list(LIBRARY_CLASSES)}"
             )
         index: dict[str, Any] = {}
         index_file = "model_index.json"
@@ -366,7 +336,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                 name: components[name]
                 if name in components
                 else _single_file_component(name, ckpt, config, index, dtype_name)
-                for name in _LIBRARY_CLASSES
+                for name in LIBRARY_CLASSES
             }
         if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
             loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
@@ -394,7 +364,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                 if component is None:
                     index[name] = [None, None]
                     continue
-                index[name] = list(_LIBRARY_CLASSES[name])
+                index[name] = list(LIBRARY_CLASSES[name])
                 component.save_pretrained(os.path.join(staging, name))
             if self.default_max_sequence_length != DEFAULT_T5_LENGTH:
                 index[MAX_SEQUENCE_LENGTH_KEY] = self.default_max_sequence_length

@@ -80,7 +80,7 @@ def local_model_path(
 def hub_model_path(repo_id: str, configs_only: bool = False) -> str:
     """This node's snapshot of Hub model `repo_id` with the files the pipeline loads (fetched into the
     Hugging Face cache when missing), or with only its JSON files (what the job's driver reads)."""
-    from pipelines.stable_diffusion_3 import pipeline_files
+    from sd3_core.folder_layout import pipeline_files  # loads Paddle: only Hub ids need it
 
     patterns = pipeline_files()
     if configs_only:
