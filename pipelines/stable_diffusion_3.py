@@ -285,14 +285,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             if not os.path.isdir(sub):
                 raise FileNotFoundError(f"model_index.json lists `{name}` but the folder {sub} is missing")
             loaded[name] = _load_component(name, sub, dtype_name)
-        if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
-            loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
-        pipe = cls(**loaded)
-        pipe.default_max_sequence_length = folder_max_sequence_length(index, index_file)
-        pipe.default_guidance_scale = folder_guidance_scale(index, index_file)
-        if inference_optimize:
-            pipe.enable_inference_optimize()
-        return pipe
+        return cls._assemble(loaded, index, index_file, inference_optimize)
 
     @classmethod
     def from_single_file(
@@ -338,6 +331,14 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
                 else _single_file_component(name, ckpt, config, index, dtype_name)
                 for name in LIBRARY_CLASSES
             }
+        return cls._assemble(loaded, index, index_file, inference_optimize)
+
+    @classmethod
+    def _assemble(
+        cls, loaded: dict[str, Any], index: dict[str, Any], index_file: str, inference_optimize: bool
+    ) -> StableDiffusion3Pipeline:
+        """The pipeline of loaded components, with the folder's defaults (``index``, read from
+        ``index_file``) and, when asked, inference_optimize."""
         if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
             loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
         pipe = cls(**loaded)

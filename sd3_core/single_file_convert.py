@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from sd3_core.folder_defaults import GUIDANCE_SCALE_KEY, MAX_SEQUENCE_LENGTH_KEY
+from sd3_core.folder_layout import LIBRARY_CLASSES
 from sd3_core.modeling import DIFFUSERS_VERSION, WeightLoadError, read_json_object
 from sd3_core.safetensors_io import FLOAT8_DTYPES, open_weights, write_safetensors
 from sd3_core.single_file import (
@@ -138,7 +139,7 @@ def write_diffusers_folder(
         for key in (MAX_SEQUENCE_LENGTH_KEY, GUIDANCE_SCALE_KEY):
             if key in cfg_index:
                 index[key] = cfg_index[key]
-        for name in _PIPELINE_COMPONENTS:
+        for name in LIBRARY_CLASSES:
             entry = cfg_index.get(name)
             if (
                 name not in written
@@ -150,7 +151,7 @@ def write_diffusers_folder(
                 shutil.copytree(cfg_root / name, staging / name)
                 written.append(name)
             if name in written:
-                index[name] = list(entry) if entry and entry[0] else list(_PIPELINE_COMPONENTS[name])
+                index[name] = list(entry) if entry and entry[0] else list(LIBRARY_CLASSES[name])
             else:
                 index[name] = [None, None]
         if "scheduler" not in written:
@@ -163,7 +164,7 @@ def write_diffusers_folder(
             (staging / "scheduler" / "scheduler_config.json").write_text(
                 json.dumps(scheduler, indent=2) + "\n"
             )
-            index["scheduler"] = list(_PIPELINE_COMPONENTS["scheduler"])
+            index["scheduler"] = list(LIBRARY_CLASSES["scheduler"])
             written.append("scheduler")
         (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if out.exists():
@@ -173,19 +174,6 @@ def write_diffusers_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return written
-
-
-_PIPELINE_COMPONENTS = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
-    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-    "text_encoder_3": ("transformers", "T5EncoderModel"),
-    "tokenizer": ("transformers", "CLIPTokenizer"),
-    "tokenizer_2": ("transformers", "CLIPTokenizer"),
-    "tokenizer_3": ("transformers", "T5TokenizerFast"),
-    "transformer": ("diffusers", "SD3Transformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
 
 
 def _component_from_file(
@@ -202,7 +190,7 @@ def _component_from_file(
         missing = sorted(set(transformer_refs(model_config)) - set(weights))
         if missing:
             raise WeightLoadError(f"{ckpt.source}: transformer tensors missing: {missing[:10]}")
-    header = {"_class_name": _PIPELINE_COMPONENTS[component][1], "_diffusers_version": DIFFUSERS_VERSION}
+    header = {"_class_name": LIBRARY_CLASSES[component][1], "_diffusers_version": DIFFUSERS_VERSION}
     return {**header, **model_config}, weights.tensors()
 
 
