@@ -49,6 +49,7 @@ class ReplicaSpec:
     lora: PinnedLoRA | None = None
     lora_scale: float = 1.0
     inference_optimize: bool = False  # the transformer as cached static programs (sd3_core.inference_program)
+    vae_tiling: bool = False  # decode in overlapping tiles (pipe.vae.enable_tiling): bounded memory
     benchmark: bool = False  # warm up once, then time each call's stages (see BENCHMARK_TYPE)
 
     def __post_init__(self) -> None:
@@ -182,6 +183,8 @@ class LocalReplica:
             self.pipe.enable_inference_optimize(
                 threads=max(1, int(spec.cpus)) if spec.device == "cpu" else None
             )
+        if spec.vae_tiling:
+            self.pipe.vae.enable_tiling()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:

@@ -75,11 +75,17 @@ class ShardWorker:
         return os.getpid()
 
     def load(
-        self, model: str, dtype: str = "float32", storage: Any = None, inference_optimize: bool = False
+        self,
+        model: str,
+        dtype: str = "float32",
+        storage: Any = None,
+        inference_optimize: bool = False,
+        vae_tiling: bool = False,
     ) -> dict[str, Any]:
         """Load this rank's part of ``model`` (folder or URL): its transformer's bytes and the
         model's identity (``sd3_core.model_cache.model_identity``). ``inference_optimize`` runs the
-        (whole, mp = 1) transformer as cached static programs."""
+        (whole, mp = 1) transformer as cached static programs; ``vae_tiling`` decodes (rank 0) in
+        tiles."""
         from pipelines.rank_pipeline import RankPipeline
         from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
         from sd3_core.model_cache import local_model_path, model_identity
@@ -95,6 +101,8 @@ class ShardWorker:
             parts["vae"] = _vae_without_weights(path)
         pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)
         pipe.set_progress_bar_config(disable=True)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
         self.pipe = RankPipeline.of(pipe, self.groups, share_within_mp=self.groups.mp > 1)
         if inference_optimize:
             self.pipe.enable_inference_optimize(threads=self.threads if self.device == "cpu" else None)

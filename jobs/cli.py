@@ -93,6 +93,10 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
                      help="run the transformer as cached static Paddle Inference programs (oneDNN on CPU, "
                      "bfloat16 math with --dtype bfloat16 where the CPU has it); PPDiffusers' "
                      "`--inference_optimize 1` is the same")  # fmt: skip
+    run.add_argument("--vae-tiling", "--vae_tiling", dest="vae_tiling", action="store_true",
+                     help="decode images larger than the VAE's tile (its sample_size, 1024 px for SD3) in "
+                     "overlapping, blended tiles, as diffusers' `pipe.vae.enable_tiling()`: memory "
+                     "bounded by the tile, not the image")  # fmt: skip
     run.add_argument("--benchmark", action="store_true", help="each replica renders its first batch "
                      "once untimed, then every call is timed: prints seconds per stage (text encoding, "
                      "denoising per step, VAE decode), images/s and peak RSS, and writes them under "
@@ -145,6 +149,7 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         inference_optimize=args.inference_optimize,
+        vae_tiling=args.vae_tiling,
         benchmark=args.benchmark,
         defaults=defaults,
         image_format=args.image_format,

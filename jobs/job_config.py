@@ -46,6 +46,7 @@ class JobConfig:
     batch_size: int = 4
     dtype: str = "float32"
     inference_optimize: bool = False  # replicas run the transformer as static programs
+    vae_tiling: bool = False  # replicas decode in overlapping VAE tiles (large images, bounded memory)
     benchmark: bool = False  # warm-up, then stage timings, images/s and peak RSS (jobs.benchmark_report)
     defaults: JobDefaults = field(default_factory=JobDefaults)
     image_format: str = "png"

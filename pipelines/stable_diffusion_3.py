@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -217,6 +218,33 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
 
     def disable_inference_optimize(self) -> None:
         self.transformer_program = None
+
+    # diffusers' older pipeline spellings of the VAE switches: they still work, and warn as
+    # diffusers' pipelines did before removing them (StableDiffusion3Pipeline never had them).
+    def enable_vae_slicing(self) -> None:
+        """Same as ``pipe.vae.enable_slicing()`` (deprecated spelling)."""
+        self._vae_switch("enable_vae_slicing", "enable_slicing")
+
+    def disable_vae_slicing(self) -> None:
+        """Same as ``pipe.vae.disable_slicing()`` (deprecated spelling)."""
+        self._vae_switch("disable_vae_slicing", "disable_slicing")
+
+    def enable_vae_tiling(self) -> None:
+        """Same as ``pipe.vae.enable_tiling()`` (deprecated spelling)."""
+        self._vae_switch("enable_vae_tiling", "enable_tiling")
+
+    def disable_vae_tiling(self) -> None:
+        """Same as ``pipe.vae.disable_tiling()`` (deprecated spelling)."""
+        self._vae_switch("disable_vae_tiling", "disable_tiling")
+
+    def _vae_switch(self, called: str, vae_method: str) -> None:
+        warnings.warn(
+            f"Calling `{called}()` on a `{type(self).__name__}` is deprecated and this method will be "
+            f"removed in a future version. Please use `pipe.vae.{vae_method}()`.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        getattr(self.vae, vae_method)()
 
     def folder_defaults(
         self, guidance_scale: float | None = None, max_sequence_length: int | None = None

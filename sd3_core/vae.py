@@ -7,6 +7,9 @@ checkpoints load with only the Linear transpose. Numerics follow diffusers' ``En
 ``Decoder``, ``ResnetBlock2D``, ``Downsample2D`` (asymmetric (0, 1, 0, 1) pad), ``Upsample2D``
 (nearest x2) and the mid-block ``Attention`` (one head of width C, residual).
 
+Tiling and slicing (``enable_tiling`` / ``enable_slicing``) follow diffusers' ``AutoencoderKL``:
+the same attributes, tile grid, overlap and linear blending, so tiled outputs match its tiled path.
+
 Math runs in ``compute_dtype`` of the weights: their own dtype on GPU, float32 on CPU for
 float16/bfloat16 weights (Paddle's CPU build lacks half kernels); outputs are in that dtype.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from numbers import Integral, Real
 
 import numpy as np
 import paddle
@@ -436,6 +440,14 @@ class AutoencoderKL(ModelMixin):
         )
         self.quant_conv = Conv2D(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = Conv2D(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        #: Encode / decode one batch row at a time (``enable_slicing``).
+        self.use_slicing = False
+        #: Encode / decode inputs larger than one tile as overlapping tiles (``enable_tiling``).
+        self.use_tiling = False
+        # Tile geometry as diffusers sets it: the config's sample_size, a quarter overlap.
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self._tile_sample_min_size = int(size)
+        self._tile_overlap_factor = 0.25
 
     @classmethod
     def from_single_file(
@@ -464,19 +476,134 @@ class AutoencoderKL(ModelMixin):
             )
         return _cast(x, compute_dtype(self.dtype))
 
+    # ---- tiling and slicing (diffusers' names) -------------------------------------------------
+
+    def enable_tiling(self, use_tiling: bool = True) -> None:
+        """Encode and decode inputs larger than one tile as overlapping, blended tiles.
+
+        Memory then depends on the tile size (``tile_sample_min_size`` pixels, by default the
+        config's ``sample_size``), not on the image size. ``use_tiling`` is the older diffusers /
+        PPDiffusers argument."""
+        self.use_tiling = bool(use_tiling)
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one row at a time (same results, less memory)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    @property
+    def tile_sample_min_size(self) -> int:
+        """Tile side in pixels; inputs up to this size are not tiled."""
+        return self._tile_sample_min_size
+
+    @tile_sample_min_size.setter
+    def tile_sample_min_size(self, value: int) -> None:
+        if not _is_int(value) or value <= 0 or value % self.scale_factor:
+            raise ValueError(
+                f"AutoencoderKL.tile_sample_min_size={value!r} must be a positive multiple of the VAE "
+                f"factor {self.scale_factor} (pixels per latent cell)"
+            )
+        self._tile_sample_min_size = int(value)
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        """Tile side in latent cells: ``tile_sample_min_size / scale_factor`` (setting one sets both)."""
+        return self._tile_sample_min_size // self.scale_factor
+
+    @tile_latent_min_size.setter
+    def tile_latent_min_size(self, value: int) -> None:
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"AutoencoderKL.tile_latent_min_size={value!r} must be a positive integer")
+        self._tile_sample_min_size = int(value) * self.scale_factor
+
+    @property
+    def tile_overlap_factor(self) -> float:
+        """Fraction of a tile shared with its neighbour, blended linearly across."""
+        return self._tile_overlap_factor
+
+    @tile_overlap_factor.setter
+    def tile_overlap_factor(self, value: float) -> None:
+        if not isinstance(value, Real) or isinstance(value, bool) or not 0 <= value < 1:
+            raise ValueError(f"AutoencoderKL.tile_overlap_factor={value!r} must be a number in [0, 1)")
+        self._tile_overlap_factor = float(value)
+
+    def _tile_plan(self, decode: bool) -> tuple[int, int, int, int]:
+        """``(tile, step, blend, keep)`` of diffusers' tiled decode (latent tile and step, pixel blend
+        and keep) or tiled encode (pixel tile and step, latent blend and keep)."""
+        sample, latent, f = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
+        sample_blend, latent_blend = int(sample * f), int(latent * f)
+        latent_step, sample_step = int(latent * (1 - f)), int(sample * (1 - f))
+        scale = self.scale_factor
+        # Kept tiles are laid side by side: each must keep exactly one step of the input.
+        if latent_step * scale != sample - sample_blend or sample_step != (latent - latent_blend) * scale:
+            raise ValueError(
+                f"AutoencoderKL tiling: tile_latent_min_size={latent} x tile_overlap_factor={f} = "
+                f"{latent * f:g} latent cells of overlap must be a whole number, or the tiles do not line up "
+                f"(tile_sample_min_size={sample}); e.g. tile_overlap_factor=0.25 with a tile_sample_min_size "
+                f"that is a multiple of {4 * scale}"
+            )
+        if decode:
+            return latent, latent_step, sample_blend, sample - sample_blend
+        return sample, sample_step, latent_blend, latent - latent_blend
+
+    def _tiled(
+        self, x: paddle.Tensor, run: Callable[[paddle.Tensor], paddle.Tensor], decode: bool
+    ) -> paddle.Tensor:
+        """``run`` over overlapping tiles of ``x``, each blended into its upper and left neighbour and
+        cropped, row by row (only the previous row of tiles is held)."""
+        tile, step, blend, keep = self._tile_plan(decode)
+        height, width = x.shape[2], x.shape[3]
+        rows, above = [], None
+        for i in range(0, height, step):
+            row: list[paddle.Tensor] = []
+            for j in range(0, width, step):
+                out = run(x[:, :, i : i + tile, j : j + tile])
+                if above is not None:
+                    out = _blend(above[len(row)], out, blend, axis=2)
+                if row:
+                    out = _blend(row[-1], out, blend, axis=3)
+                row.append(out)
+            rows.append(paddle.concat([out[:, :, :keep, :keep] for out in row], axis=3))
+            above = row
+        return paddle.concat(rows, axis=2)
+
+    def _rows(self, x: paddle.Tensor, run: Callable[[paddle.Tensor], paddle.Tensor]) -> paddle.Tensor:
+        """``run(x)``, or one batch row at a time when slicing."""
+        if self.use_slicing and x.shape[0] > 1:
+            return paddle.concat([run(x[i : i + 1]) for i in range(x.shape[0])])
+        return run(x)
+
+    # ---- encode / decode --------------------------------------------------------------------------
+
+    def _encode_tile(self, x: paddle.Tensor) -> paddle.Tensor:
+        moments = self.encoder(x)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def _encode(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.use_tiling and max(x.shape[2], x.shape[3]) > self.tile_sample_min_size:
+            return self._tiled(x, self._encode_tile, decode=False)
+        return self._encode_tile(x)
+
+    def _decode_tile(self, z: paddle.Tensor) -> paddle.Tensor:
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+    def _decode(self, z: paddle.Tensor) -> paddle.Tensor:
+        if self.use_tiling and max(z.shape[2], z.shape[3]) > self.tile_latent_min_size:
+            return self._tiled(z, self._decode_tile, decode=True)
+        return self._decode_tile(z)
+
     def encode(self, x: paddle.Tensor) -> DiagonalGaussian:
         """Images in [-1, 1], ``[B, in_channels, H, W]`` -> posterior over ``[B, latent, H/8, W/8]``."""
-        moments = self.encoder(self._input(x, self.config.in_channels, "encode"))
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(self._rows(self._input(x, self.config.in_channels, "encode"), self._encode))
 
     def decode(self, z: paddle.Tensor) -> paddle.Tensor:
         """Latents (already ``/ scaling_factor + shift_factor``) -> images ``[B, out, 8h, 8w]``, ~[-1, 1]."""
-        z = self._input(z, self.config.latent_channels, "decode")
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self._rows(self._input(z, self.config.latent_channels, "decode"), self._decode)
 
     def forward(
         self,
@@ -488,6 +615,28 @@ class AutoencoderKL(ModelMixin):
         posterior = self.encode(sample)
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _blend(prev: paddle.Tensor, tile: paddle.Tensor, extent: int, axis: int) -> paddle.Tensor:
+    """``tile`` whose first ``extent`` rows (axis 2) or columns (axis 3) fade in linearly from the
+    last ones of ``prev``, its neighbour above or to the left (diffusers' ``blend_v`` / ``blend_h``)."""
+    extent = min(prev.shape[axis], tile.shape[axis], extent)
+    if extent == 0:
+        return tile
+    shape = [1, 1, 1, 1]
+    shape[axis] = extent
+    ramp = np.arange(extent, dtype=np.float64) / extent
+    weight = paddle.to_tensor(ramp.astype(np.float32).reshape(shape)).astype(tile.dtype)
+    keep = paddle.to_tensor((1.0 - ramp).astype(np.float32).reshape(shape)).astype(tile.dtype)
+    n_prev, n_tile = prev.shape[axis], tile.shape[axis]
+    tail = paddle.slice(prev, [axis], [n_prev - extent], [n_prev])
+    head = paddle.slice(tile, [axis], [0], [extent])
+    rest = paddle.slice(tile, [axis], [extent], [n_tile])
+    return paddle.concat([tail * keep + head * weight, rest], axis=axis)
 
 
 def _check_config(

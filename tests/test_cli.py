@@ -107,6 +107,27 @@ def test_generate_with_inference_optimize_draws_the_eager_images(tmp_path, monke
     assert [p for p in (tmp_path / "programs").iterdir() if p.is_dir()]  # the replica used the program cache
 
 
+def test_generate_with_vae_tiling_decodes_in_tiles(tmp_path):
+    from jobs.manifest import read_manifest
+    from pipelines import StableDiffusion3Pipeline
+
+    out = tmp_path / "tiled"
+    size = ["--height", "96", "--width", "96"]  # the fixture VAE's tile is 64 px: 2 x 2 tiles
+    assert (
+        main(["generate", "--prompt", "a red fox", "--output", str(out), "--vae-tiling", *TINY, *size]) == 0
+    )
+    row = read_manifest(str(out)).to_pylist()[0]
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    kwargs = dict(seed=row["seed"], num_inference_steps=1, height=96, width=96)
+    untiled = np.asarray(pipe("a red fox", **kwargs).images[0], np.int16)
+    pipe.vae.enable_tiling()
+    tiled = np.asarray(pipe("a red fox", **kwargs).images[0], np.int16)
+    got = np.asarray(Image.open(out / "images" / f"{row['id']}_0.png").convert("RGB"), np.int16)
+    assert np.abs(got - tiled).max() <= 1
+    assert np.abs(got - untiled).max() > 10  # the replica really decoded in tiles
+    assert json.loads((out / "job.json").read_text())["config"]["vae_tiling"] is True
+
+
 def test_inference_optimize_flag_errors_name_the_fix(tmp_path, capsys):
     out = str(tmp_path / "o")
     try:

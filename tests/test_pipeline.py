@@ -66,6 +66,43 @@ def test_pipeline_matches_diffusers(case):
     np.testing.assert_allclose(latents.numpy(), ref["out_latents"], rtol=0, atol=IMAGE_TOL)
 
 
+@pytest.mark.parametrize(
+    "method,vae_method,attribute,value",
+    [
+        ("enable_vae_tiling", "enable_tiling", "use_tiling", True),
+        ("disable_vae_tiling", "disable_tiling", "use_tiling", False),
+        ("enable_vae_slicing", "enable_slicing", "use_slicing", True),
+        ("disable_vae_slicing", "disable_slicing", "use_slicing", False),
+    ],
+)
+def test_pipeline_vae_switches_delegate_to_the_vae_and_say_the_current_spelling(
+    method, vae_method, attribute, value
+):
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))  # own copy: switches are state
+    setattr(pipe.vae, attribute, not value)
+    with pytest.warns(FutureWarning, match=rf"`{method}\(\)` on a `StableDiffusion3Pipeline` is deprecated.*"
+                      rf"Please use `pipe\.vae\.{vae_method}\(\)`"):  # fmt: skip
+        getattr(pipe, method)()
+    assert getattr(pipe.vae, attribute) is value
+
+
+def test_tiled_vae_decodes_the_pipelines_images():
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt="a red fox", height=96, width=96, num_inference_steps=2, guidance_scale=1.0, seed=[3]
+    )
+    latents = pipe(**kwargs, output_type="latent").images
+    untiled = pipe(**kwargs, output_type="np").images
+    pipe.vae.enable_tiling()
+    pipe.vae.tile_sample_min_size = 32  # 96 px: 4 x 4 tiles
+    tiled = pipe(**kwargs, output_type="np").images
+    z = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    expected = np.clip(pipe.vae.decode(z).numpy().transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    np.testing.assert_allclose(tiled, expected, rtol=0, atol=1e-6)
+    assert np.abs(tiled - untiled).max() > 1e-2  # the tiled path was taken
+
+
 def test_long_prompt_warns_with_removed_text(caplog):
     pipe = pipeline("sd3-tiny")
     long_prompt = " ".join(["lighthouse"] * 100) + " zebra"

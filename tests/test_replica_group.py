@@ -273,3 +273,23 @@ def test_a_cfg_parallel_group_with_inference_optimize_draws_the_same_images(
     assert [p for p in os.listdir(ray_cluster) if not p.endswith(".lock")]  # both ranks ran programs
     with pytest.raises(ValueError, match="mp=2 shards run eagerly"):
         ReplicaSpec(model=folder, mp=2, inference_optimize=True)
+
+
+def test_a_cfg_parallel_group_with_vae_tiling_decodes_in_tiles(ray_cluster, tiny_pipelines):
+    from pipelines import StableDiffusion3Pipeline
+
+    folder = str(tiny_pipelines["sd3"])
+    spec = ReplicaSpec(model=folder, cfg=2, mp=1, device="gpu", vae_tiling=True)
+    pipe = ParallelStableDiffusion3Pipeline(ReplicaGroup(spec, compute_device="cpu"))
+    kwargs = dict(prompt="a lighthouse", negative_prompt="rain", height=96, width=96, num_inference_steps=1,
+                  guidance_scale=4.0, seed=[5], output_type="np")  # 64 px VAE tiles: 2 x 2  # fmt: skip
+    try:
+        images = pipe(**kwargs).images
+    finally:
+        pipe.close()
+    single = StableDiffusion3Pipeline.from_pretrained(folder)
+    single.set_progress_bar_config(disable=True)
+    untiled = single(**kwargs).images
+    single.vae.enable_tiling()
+    assert _max_diff(images, single(**kwargs).images) < 1e-3
+    assert _max_diff(images, untiled) > 1e-2  # rank 0 really decoded in tiles

@@ -23,9 +23,16 @@ REFERENCES = FIXTURES / "references"
 TOLERANCE = 1e-4  # max abs difference to diffusers' float32 outputs
 
 
-def _cases() -> list:
+TILED_TOLERANCE = 1e-5  # max abs difference to diffusers' tiled float32 outputs (values up to ~4)
+
+
+def _cases(tiled: bool = False) -> list:
     cases = json.loads((REFERENCES / "cases.json").read_text(encoding="utf-8"))
-    return [pytest.param(c, id=c["name"]) for c in cases if c["kind"] == "vae"]
+    return [
+        pytest.param(c, id=c["name"])
+        for c in cases
+        if c["kind"] == "vae" and ("tiling" in c["args"]) == tiled
+    ]
 
 
 def _reference(case: dict) -> dict[str, np.ndarray]:
@@ -74,6 +81,123 @@ def test_matches_diffusers_float32(case):
             assert _max_diff(getattr(posterior, name), ref[f"out_{name}"]) < TOLERANCE, name
     else:
         assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TOLERANCE
+
+
+@pytest.mark.parametrize("case", _cases(tiled=True))
+@paddle.no_grad()
+def test_tiled_encode_and_decode_match_diffusers_tiled_path(case):
+    ref = _reference(case)
+    vae = AutoencoderKL.from_pretrained(FIXTURES / case["fixture"] / "vae")  # own copy: tiling is state
+    vae.enable_tiling()
+    for key, value in case["args"]["tiling"].items():
+        setattr(vae, key, value)
+    if case["args"]["op"] == "encode":
+        posterior = vae.encode(paddle.to_tensor(ref["in_image"]))
+        for name in ("mean", "logvar", "std"):
+            assert _max_diff(getattr(posterior, name), ref[f"out_{name}"]) < TILED_TOLERANCE, name
+    else:
+        assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TILED_TOLERANCE
+
+
+@paddle.no_grad()
+def test_tiled_decode_matches_untiled_away_from_seams():
+    # One level (factor 1), no mid-block attention: the decoder sees ~10 px around a pixel, far less
+    # than the 64 px between a tile's edge and the part of it kept unblended. What still differs
+    # there are the tiles' own GroupNorm statistics (random weights: up to ~3/255 on a few pixels).
+    vae = _tiny(
+        block_out_channels=[8],
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        norm_num_groups=1,
+        mid_block_add_attention=False,
+    )
+    z = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 4, 448, 448)).astype(np.float32))
+    whole = vae.decode(z).numpy()
+    vae.enable_tiling()
+    vae.tile_sample_min_size = 256  # a new tile every 192 px: 64 px blended, 192 kept
+    tiled = vae.decode(z).numpy()
+    diff = np.abs(tiled - whole)[0].max(axis=0) * 127.5  # in /255 steps of a [-1, 1] image
+    seams = np.zeros(448, bool)
+    for start in (192, 384):  # where tiles 1 and 2 of each axis begin in the output
+        seams[start : start + 64] = True
+    away = diff[~seams[:, None] & ~seams[None, :]]
+    assert diff.max() > 5.0  # the seams exist: tiles were decoded on their own
+    assert away.mean() < 1.0 and np.percentile(away, 99) < 2.0, (away.mean(), np.percentile(away, 99))
+
+
+@paddle.no_grad()
+def test_slicing_gives_the_same_results_as_whole_batches():
+    # Same math row by row; only float rounding of batch-size-dependent kernels may differ.
+    vae = _vae("sd3-tiny")
+    rng = np.random.default_rng(0)
+    z = paddle.to_tensor(rng.standard_normal((3, 16, 8, 12)).astype(np.float32))
+    x = paddle.to_tensor(rng.uniform(-1, 1, (3, 3, 64, 96)).astype(np.float32))
+    try:
+        for tiling in (False, True):
+            vae.use_tiling, vae.tile_sample_min_size = tiling, 32
+            vae.disable_slicing()
+            whole_image, whole_mean = vae.decode(z).numpy(), vae.encode(x).mean.numpy()
+            vae.enable_slicing()
+            np.testing.assert_allclose(vae.decode(z).numpy(), whole_image, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(vae.encode(x).mean.numpy(), whole_mean, rtol=0, atol=1e-5)
+    finally:
+        vae.disable_slicing()
+        vae.disable_tiling()
+        vae.tile_sample_min_size = 64
+
+
+def test_tiling_switches_and_sizes_use_diffusers_names():
+    vae = _tiny(sample_size=64)  # factor 2
+    assert (vae.use_tiling, vae.use_slicing) == (False, False)
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor) == (64, 32, 0.25)
+    vae.enable_tiling()
+    vae.enable_slicing()
+    assert (vae.use_tiling, vae.use_slicing) == (True, True)
+    vae.enable_tiling(use_tiling=False)  # the older diffusers / PPDiffusers signature
+    vae.disable_slicing()
+    assert (vae.use_tiling, vae.use_slicing) == (False, False)
+    vae.tile_latent_min_size = 16
+    assert vae.tile_sample_min_size == 32
+    vae.tile_sample_min_size = 48
+    assert vae.tile_latent_min_size == 24
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("tile_sample_min_size", 0, "tile_sample_min_size=0 must be a positive multiple of the VAE factor 8"),
+        ("tile_sample_min_size", -32, "tile_sample_min_size=-32 must be a positive"),
+        ("tile_sample_min_size", 36, "tile_sample_min_size=36 must be a positive multiple"),
+        ("tile_sample_min_size", 32.0, "tile_sample_min_size=32.0 must be"),
+        ("tile_latent_min_size", 0, "tile_latent_min_size=0 must be a positive integer"),
+        ("tile_latent_min_size", True, "tile_latent_min_size=True must be"),
+        ("tile_overlap_factor", 1.0, r"tile_overlap_factor=1.0 must be a number in \[0, 1\)"),
+        ("tile_overlap_factor", -0.1, "tile_overlap_factor=-0.1 must be"),
+        ("tile_overlap_factor", float("nan"), "tile_overlap_factor=nan must be"),
+        ("tile_overlap_factor", "0.25", "tile_overlap_factor='0.25' must be"),
+    ],
+)
+def test_bad_tile_settings_are_refused_naming_the_attribute(key, value, match):
+    vae = _vae("sd3-tiny")
+    before = getattr(vae, key)
+    with pytest.raises(ValueError, match=match):
+        setattr(vae, key, value)
+    assert getattr(vae, key) == before
+
+
+@paddle.no_grad()
+def test_tiles_that_would_not_line_up_are_refused():
+    vae = AutoencoderKL.from_pretrained(FIXTURES / "sd3-tiny" / "vae")
+    vae.enable_tiling()
+    vae.tile_sample_min_size = 40  # 5 latent cells x 0.25: tiles would start every 24 px but keep 30
+    message = (
+        r"tile_latent_min_size=5 x tile_overlap_factor=0.25 = 1.25 latent cells of overlap must be a whole"
+    )
+    with pytest.raises(ValueError, match=message):
+        vae.decode(paddle.zeros([1, 16, 12, 12]))
+    with pytest.raises(ValueError, match=message):
+        vae.encode(paddle.zeros([1, 3, 96, 96]))
+    vae.decode(paddle.zeros([1, 16, 5, 5]))  # one tile: nothing to line up, no tiling
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

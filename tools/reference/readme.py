@@ -92,7 +92,9 @@ Kinds:
 - `transformer`: `out_sample` of `transformer(in_hidden_states, in_encoder_hidden_states,
   in_pooled_projections, in_timestep, skip_layers=args.skip_layers)`; timestep = sigma * 1000.
 - `vae`: `decode(in_z)` (z already unscaled) -> `out_sample`; `encode(in_image)` ->
-  `out_mean`, `out_logvar` (clamped to [-30, 20]), `out_std`.
+  `out_mean`, `out_logvar` (clamped to [-30, 20]), `out_std`. With `args.tiling`: after
+  `vae.enable_tiling()` and setting those attributes (`tile_sample_min_size`,
+  `tile_latent_min_size`, `tile_overlap_factor`), i.e. diffusers' tiled encode / decode.
 - `pipeline`: `pipe(**args, latents=in_latents, output_type="np")` -> `out_images` (NHWC in
   [0, 1]) and `output_type="latent"` -> `out_latents` (final latents before the VAE). Keys of
   `args` that are not pipeline arguments: `drop_t5`, `note`.

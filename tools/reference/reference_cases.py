@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,6 +316,54 @@ def vae_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case]:
             yield Case(name, "vae", fixture, {"op": "encode"},
                        {"in_image": x, "out_mean": _np(dist.mean), "out_logvar": _np(dist.logvar),
                         "out_std": _np(dist.std)})
+    yield from tiled_vae_cases(pipes["sd3-tiny"].vae)
+
+
+# Small tiles so a 64-96 px image has 3-4 x 3-4 overlapping tiles (the fixture's own tile is 64 px).
+TILED_VAE_PLAN = [
+    # (op, batch, h, w, tile_sample_min_size, tile_overlap_factor)
+    ("decode", 1, 96, 96, 32, 0.25),
+    ("decode", 2, 64, 96, 32, 0.5),
+    ("encode", 1, 96, 64, 32, 0.25),
+]
+
+
+@contextmanager
+def tiled_vae(vae, tiling: dict):
+    """``vae`` with tiling on and ``tiling``'s attributes set; restored afterwards (pipes are shared)."""
+    saved = {k: getattr(vae, k) for k in tiling}
+    vae.enable_tiling()
+    for key, value in tiling.items():
+        setattr(vae, key, value)
+    try:
+        yield vae
+    finally:
+        vae.disable_tiling()
+        for key, value in saved.items():
+            setattr(vae, key, value)
+
+
+@torch.no_grad()
+def tiled_vae_cases(vae) -> Iterator[Case]:
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    for op, b, h, w, tile, overlap in TILED_VAE_PLAN:
+        name = f"vae_sd3-tiny_tiled_{op}_b{b}h{h}w{w}_tile{tile}_overlap{overlap:g}"
+        rng = _rng(name)
+        tiling = {"tile_sample_min_size": tile, "tile_latent_min_size": tile // scale,
+                  "tile_overlap_factor": overlap}
+        args = {"op": op, "tiling": tiling,
+                "note": "vae.enable_tiling(), then these attributes set; diffusers' tiled path"}
+        with tiled_vae(vae, tiling):
+            if op == "decode":
+                z = _randn(rng, b, 16, h // scale, w // scale)
+                out = vae.decode(torch.from_numpy(z), return_dict=False)[0]
+                yield Case(name, "vae", "sd3-tiny", args, {"in_z": z, "out_sample": _np(out)})
+            else:
+                x = rng.uniform(-1.0, 1.0, size=(b, 3, h, w)).astype(np.float32)
+                dist = vae.encode(torch.from_numpy(x)).latent_dist
+                yield Case(name, "vae", "sd3-tiny", args,
+                           {"in_image": x, "out_mean": _np(dist.mean), "out_logvar": _np(dist.logvar),
+                            "out_std": _np(dist.std)})
 
 
 # ---------------------------------------------------------------- single files and fp8

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import reference_cases as rc
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from reference_cases import tiled_vae
 
 _NOT_CALL_ARGS = ("drop_t5", "note")
 
@@ -86,10 +88,11 @@ def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pip
                                return_dict=False)[0]
         return {"out_sample": out.numpy()}
     if kind == "vae":
-        if args["op"] == "decode":
-            return {"out_sample": pipe.vae.decode(_t(arrays["in_z"]), return_dict=False)[0].numpy()}
-        dist = pipe.vae.encode(_t(arrays["in_image"])).latent_dist
-        return {"out_mean": dist.mean.numpy(), "out_logvar": dist.logvar.numpy()}
+        with tiled_vae(pipe.vae, args["tiling"]) if "tiling" in args else nullcontext():
+            if args["op"] == "decode":
+                return {"out_sample": pipe.vae.decode(_t(arrays["in_z"]), return_dict=False)[0].numpy()}
+            dist = pipe.vae.encode(_t(arrays["in_image"])).latent_dist
+            return {"out_mean": dist.mean.numpy(), "out_logvar": dist.logvar.numpy()}
     if kind == "pipeline":
         kwargs = _call_args(args)
         latents = pipe(**kwargs, latents=_t(arrays["in_latents"]), output_type="latent").images

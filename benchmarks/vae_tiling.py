@@ -1,0 +1,145 @@
+"""Peak memory and time of decoding one large image with and without VAE tiling.
+
+The SD3 VAE's architecture (``block_out_channels [128, 256, 512, 512]``, ``layers_per_block`` 2,
+16 latent channels, ``sample_size`` 1024) with seeded random weights decodes one seeded random
+``--size`` x ``--size`` latent image, once untiled and once with ``vae.enable_tiling()``
+(``--tile`` pixels per tile, diffusers' default being the config's 1024; overlap 0.25). Each runs
+in its own subprocess so that its peak RSS (``getrusage`` maxrss) is its own. Prints seconds (wall
+and CPU: the CPU figure is the one that holds on a shared machine),
+peak RSS (and RSS before decoding: the weights), the tiled / untiled ratios, and the max and mean
+absolute pixel difference away from the tile seams (the blended bands), in /255 steps.
+
+    nice python benchmarks/vae_tiling.py [--size 2048] [--tile 1024] [--threads 1]
+
+Random weights decode the same tensors as trained ones (same memory and time), but their pixels
+depend more on each tile's own GroupNorm statistics than a trained VAE's do: the difference figure
+is an upper-bound-style check that the tiles line up, not a picture-quality measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD3_VAE = dict(
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=16,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def measure(size: int, tile: int | None, threads: int, out: str) -> dict:
+    """In this process: build the VAE, decode one image (tiled when ``tile``), save it to ``out``."""
+    sys.path.insert(0, ROOT)
+    import sd3_core.runtime  # noqa: F401
+
+    import paddle
+
+    from sd3_core.vae import AutoencoderKL
+
+    paddle.base.core.set_num_threads(threads)
+    paddle.seed(0)
+    with paddle.no_grad():
+        vae = AutoencoderKL(**SD3_VAE)
+        rng = np.random.default_rng(0)
+        for name, p in vae.named_parameters():  # the tiny fixtures' recipe: no exploding activations
+            if name.endswith("bias"):
+                values = 0.05 * rng.standard_normal(p.shape)
+            elif "norm" in name:
+                values = 1 + 0.1 * rng.standard_normal(p.shape)
+            else:
+                values = rng.standard_normal(p.shape) / np.sqrt(
+                    np.prod(p.shape[1:]) if len(p.shape) > 1 else 1
+                )
+            p.set_value(values.astype(np.float32))
+        del vae.encoder  # decoding only
+        if tile is not None:
+            vae.enable_tiling()
+            vae.tile_sample_min_size = tile
+        latent = size // vae.scale_factor
+        z = paddle.to_tensor(rng.standard_normal((1, 16, latent, latent)).astype(np.float32))
+        before = _rss_mib()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        image = vae.decode(z)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    np.save(out, image.numpy()[0])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mib": peak, "rss_before_mib": before}
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=2048, help="image side in pixels (multiple of 8)")
+    parser.add_argument("--tile", type=int, default=1024, help="tile_sample_min_size of the tiled run")
+    parser.add_argument("--threads", type=int, default=1, help="Paddle CPU threads per run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the subprocess side: "untiled" or "tiled"
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.size <= 0 or args.size % 8:
+        parser.error(f"--size={args.size} must be a positive multiple of 8")
+    if args.size <= args.tile:
+        parser.error(f"--size={args.size} must be larger than --tile={args.tile}, or nothing is tiled")
+    if args.child:
+        tile = args.tile if args.child == "tiled" else None
+        print(json.dumps(measure(args.size, tile, args.threads, args.out)))
+        return
+    results, images = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in ("untiled", "tiled"):
+            out = os.path.join(tmp, f"{run}.npy")
+            cmd = [sys.executable, __file__, "--child", run, "--out", out, "--size", str(args.size),
+                   "--tile", str(args.tile), "--threads", str(args.threads)]  # fmt: skip
+            stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[run] = json.loads(stdout.strip().splitlines()[-1])
+            images[run] = np.load(out)
+    blend = int(args.tile * 0.25)  # the overlap diffusers blends: tile_sample_min_size * tile_overlap_factor
+    seams = np.zeros(args.size, bool)
+    for start in range(args.tile - blend, args.size, args.tile - blend):
+        seams[start : start + blend] = True
+    diff = np.abs(images["tiled"] - images["untiled"]).max(axis=0) * 127.5  # /255 steps of [-1, 1]
+    away = diff[~seams[:, None] & ~seams[None, :]]
+    print(f"SD3 VAE decode of one {args.size}x{args.size} image ({args.size // 8}x{args.size // 8} latents), "
+          f"random weights, float32, {args.threads} thread(s) on {_cpu()}")  # fmt: skip
+    for run, r in results.items():
+        label = run if run == "untiled" else f"tiled ({args.tile} px tiles)"
+        print(f"{label:>24}: {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU), peak RSS {r['peak_rss_mib']:7.0f} MiB "
+              f"({r['rss_before_mib']:.0f} MiB before decoding)")  # fmt: skip
+    untiled, tiled = results["untiled"], results["tiled"]
+    print(f"ratio tiled / untiled: peak RSS {tiled['peak_rss_mib'] / untiled['peak_rss_mib']:.2f}, "
+          f"CPU time {tiled['cpu_seconds'] / untiled['cpu_seconds']:.2f}")  # fmt: skip
+    print(f"pixels away from seams ({away.size / diff.size:.0%} of the image): max {away.max():.2f}/255, "
+          f"mean {away.mean():.2f}/255; all pixels: max {diff.max():.2f}/255")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
