@@ -605,6 +605,20 @@ class AutoencoderKL(ModelMixin):
         """Latents (already ``/ scaling_factor + shift_factor``) -> images ``[B, out, 8h, 8w]``, ~[-1, 1]."""
         return self._rows(self._input(z, self.config.latent_channels, "decode"), self._decode)
 
+    def tiled_encode(self, x: paddle.Tensor) -> DiagonalGaussian:
+        """``encode`` in tiles whatever ``use_tiling`` and the image size say (diffusers' method)."""
+        return DiagonalGaussian(
+            self._tiled(
+                self._input(x, self.config.in_channels, "tiled_encode"), self._encode_tile, decode=False
+            )
+        )
+
+    def tiled_decode(self, z: paddle.Tensor) -> paddle.Tensor:
+        """``decode`` in tiles whatever ``use_tiling`` and the latent size say (diffusers' method)."""
+        return self._tiled(
+            self._input(z, self.config.latent_channels, "tiled_decode"), self._decode_tile, decode=True
+        )
+
     def forward(
         self,
         sample: paddle.Tensor,

@@ -99,6 +99,23 @@ def test_tiled_encode_and_decode_match_diffusers_tiled_path(case):
         assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TILED_TOLERANCE
 
 
+@pytest.mark.parametrize("case", _cases(tiled=True))
+@paddle.no_grad()
+def test_tiled_encode_and_decode_methods_tile_without_the_switch(case):
+    ref = _reference(case)
+    vae = AutoencoderKL.from_pretrained(FIXTURES / case["fixture"] / "vae")
+    for key, value in case["args"]["tiling"].items():
+        setattr(vae, key, value)
+    assert not vae.use_tiling
+    if case["args"]["op"] == "encode":
+        mean = vae.tiled_encode(paddle.to_tensor(ref["in_image"])).mean
+        assert _max_diff(mean, ref["out_mean"]) < TILED_TOLERANCE
+    else:
+        assert _max_diff(vae.tiled_decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TILED_TOLERANCE
+        with pytest.raises(ValueError, match=r"tiled_decode: expected \[B, 16, H, W\]"):
+            vae.tiled_decode(paddle.zeros([1, 4, 8, 8]))
+
+
 @paddle.no_grad()
 def test_tiled_decode_matches_untiled_away_from_seams():
     # One level (factor 1), no mid-block attention: the decoder sees ~10 px around a pixel, far less
