@@ -16,7 +16,6 @@ from __future__ import annotations
 import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
 
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -28,29 +27,10 @@ from jobs.benchmark_report import BenchmarkTally
 from jobs.job_config import JobConfig, JobFailed, JobResult
 from jobs.job_graph import build_graph
 from jobs.job_preflight import check_cluster, lora_record, plan_job
+from jobs.ray_session import connect_ray
 from sd3_core.storage import StorageOptions, normalize_url
 
 logger = logging.getLogger(__name__)
-
-
-def connect_ray(address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started a private local instance (to stop later).
-
-    `address`: a cluster address ("auto": the one `ray start` left on this machine). Without one,
-    RAY_ADDRESS is used if set, else a local Ray is started for this job."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return False
-    # One logical CPU more than the machine has: the replicas may take every core, and Ray Data's
-    # block-splitting tasks (repartition) need a CPU slot; they are light and mostly wait.
-    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) + 1
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 class _Progress:

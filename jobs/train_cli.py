@@ -8,10 +8,12 @@ so an existing command works with the script name replaced, plus `--device gpu|n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
 
+from jobs.train_config import TrainConfig
 from sd3_core.storage import StorageOptions
 
 # Flags the reference scripts have that change nothing here (accepted so commands keep working).
@@ -44,37 +46,34 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         required=True,
         help="diffusers SD3 folder, s3:// prefix or Hugging Face Hub id (org/name)",
     )
-    a("--instance_data_dir", default=None, help="folder or s3:// prefix of instance images")
+    a("--instance_data_dir", help="folder or s3:// prefix of instance images")
     a(
         "--dataset",
         "--dataset_name",
         dest="dataset",
-        default=None,
         help="Parquet table (file/folder URL) of images + captions",
     )
-    a("--image_column", default="image")
-    a("--caption_column", default=None)
-    a("--repeats", type=int, default=1)
-    a("--instance_prompt", default=None)
-    a("--class_data_dir", default=None)
-    a("--class_prompt", default=None)
+    a("--image_column")
+    a("--caption_column")
+    a("--repeats", type=int)
+    a("--instance_prompt")
+    a("--class_data_dir")
+    a("--class_prompt")
     a("--with_prior_preservation", action="store_true")
-    a("--prior_loss_weight", type=float, default=1.0)
-    a("--num_class_images", type=int, default=100)
-    a("--sample_batch_size", type=int, default=4)
-    a("--class_inference_steps", type=int, default=28, help="denoising steps for generated class images")
-    a("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+    a("--prior_loss_weight", type=float)
+    a("--num_class_images", type=int)
+    a("--sample_batch_size", type=int)
+    a("--class_inference_steps", type=int, help="denoising steps for generated class images")
+    a("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"],
       help="accepted for compatibility; class images are rendered in the --mixed_precision dtype")  # fmt: skip
     a(
         "--max_sequence_length",
         type=int,
-        default=None,
         help="T5 tokens in training (default: the model folder's _max_sequence_length, else 256)",
     )
     a(
         "--caption_dropout",
         type=float,
-        default=0.0,
         help="probability of replacing a caption by the empty prompt (trains the unconditional branch of CFG)",
     )
     a(
@@ -82,62 +81,60 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         required=True,
         help="folder or s3:// prefix for checkpoints, outputs and validation images",
     )
-    a("--seed", type=int, default=None)
-    a("--resolution", type=int, default=512)
+    a("--seed", type=int)
+    a("--resolution", type=int)
     a("--center_crop", action="store_true")
     a("--random_flip", action="store_true")
-    a("--train_batch_size", type=int, default=4)
-    a("--num_train_epochs", type=int, default=1)
-    a("--max_train_steps", type=int, default=None)
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help='"latest", "checkpoint-N" or a checkpoint URL')
-    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--train_batch_size", type=int)
+    a("--num_train_epochs", type=int)
+    a("--max_train_steps", type=int)
+    a("--checkpointing_steps", type=int)
+    a("--checkpoints_total_limit", type=int)
+    a("--resume_from_checkpoint", help='"latest", "checkpoint-N" or a checkpoint URL')
+    a("--gradient_accumulation_steps", type=int)
     a("--gradient_checkpointing", action="store_true")
-    a("--learning_rate", type=float, default=1e-4)
+    a("--learning_rate", type=float)
     a("--scale_lr", action="store_true")
-    a("--lr_scheduler", default="constant")
-    a("--lr_warmup_steps", type=int, default=500)
-    a("--lr_num_cycles", type=int, default=1)
-    a("--lr_power", type=float, default=1.0)
+    a("--lr_scheduler")
+    a("--lr_warmup_steps", type=int)
+    a("--lr_num_cycles", type=int)
+    a("--lr_power", type=float)
     a(
         "--weighting_scheme",
-        default="logit_normal",
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
     )
-    a("--logit_mean", type=float, default=0.0)
-    a("--logit_std", type=float, default=1.0)
-    a("--mode_scale", type=float, default=1.29)
-    a("--precondition_outputs", type=int, default=0, help="1: train the preconditioned x0 estimate")
-    a("--optimizer", default="AdamW")
+    a("--logit_mean", type=float)
+    a("--logit_std", type=float)
+    a("--mode_scale", type=float)
+    a("--precondition_outputs", type=int, help="1: train the preconditioned x0 estimate")
+    a("--optimizer")
     a("--use_8bit_adam", action="store_true")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-4)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    a("--adam_beta1", type=float)
+    a("--adam_beta2", type=float)
+    a("--adam_weight_decay", type=float)
+    a("--adam_epsilon", type=float)
+    a("--max_grad_norm", type=float)
+    a("--mixed_precision", choices=["no", "fp16", "bf16"])
     a("--cache_latents", action="store_true")
     a("--no_cache_text_embeddings", action="store_true", help="re-encode prompts every step")
     a("--train_text_encoder", action="store_true")
-    a("--rank", type=int, default=4)
-    a("--lora_alpha", type=float, default=None, help="default: the rank")
+    a("--rank", type=int)
+    a("--lora_alpha", type=float, help="default: the rank")
     a(
         "--lora_layers",
-        default=None,
         help="comma-separated module suffixes (default: the attention projections)",
     )
-    a("--lora_blocks", default=None, help="comma-separated transformer block indices (default: all)")
-    a("--validation_prompt", default=None)
-    a("--num_validation_images", type=int, default=4)
-    a("--validation_epochs", type=int, default=50)
-    a("--validation_inference_steps", type=int, default=28)
+    a("--lora_blocks", help="comma-separated transformer block indices (default: all)")
+    a("--validation_prompt")
+    a("--num_validation_images", type=int)
+    a("--validation_epochs", type=int)
+    a("--validation_inference_steps", type=int)
     a("--not_validation_final", action="store_true")
-    a("--report_to", default="wandb", choices=["wandb", "none", "tensorboard", "all"])
-    a("--logging_dir", default=None)
-    a("--tracker_project_name", default=None)
-    a("--publish_to", default=None, help="LoRA registry to publish the adapter in (nightly runs)")
-    a("--publish_version", default=None)
+    a("--report_to", choices=["wandb", "none", "tensorboard", "all"])
+    a("--logging_dir")
+    a("--tracker_project_name")
+    a("--publish_to", help="LoRA registry to publish the adapter in (nightly runs)")
+    a("--publish_version")
     run = p.add_argument_group("where it runs")
     run.add_argument(
         "--device",
@@ -145,7 +142,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         choices=["gpu", "npu", "cpu"],
         help="device of the training actor (default gpu)",
     )
-    run.add_argument("--num_cpus", type=float, default=1.0, help="CPUs of the training actor")
+    run.add_argument("--num_cpus", type=float, help="CPUs of the training actor")
     run.add_argument(
         "--ray_address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray)"
     )
@@ -153,11 +150,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--s3_endpoint_url", default=None)
     for name in _IGNORED:
         p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    # Every field's default is TrainConfig's; the command line only trains on a GPU by default.
+    p.set_defaults(**{**_config_defaults(), "device": "gpu"})
+
+
+def _config_defaults() -> dict:
+    return {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
 
 
 def config_from_args(args: argparse.Namespace):
-    from jobs.train import TrainConfig
-
     if args.train_text_encoder:
         raise ValueError("--train_text_encoder is not supported: only the transformer is trained")
     if args.use_8bit_adam:
@@ -165,76 +170,15 @@ def config_from_args(args: argparse.Namespace):
     for name in _IGNORED:
         if getattr(args, name, None) is not None:
             warnings.warn(f"--{name} has no effect here; ignored", stacklevel=2)
-    return TrainConfig(
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-        output_dir=args.output_dir,
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in vars(args).items() if name in names}
+    values.update(
         mode="lora" if args.train_kind == "dreambooth-lora" else "full",
-        instance_prompt=args.instance_prompt,
-        instance_data_dir=args.instance_data_dir,
-        dataset=args.dataset,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        with_prior_preservation=args.with_prior_preservation,
-        class_data_dir=args.class_data_dir,
-        class_prompt=args.class_prompt,
-        prior_loss_weight=args.prior_loss_weight,
-        num_class_images=args.num_class_images,
-        sample_batch_size=args.sample_batch_size,
-        class_inference_steps=args.class_inference_steps,
-        prior_generation_precision=args.prior_generation_precision,
-        resolution=args.resolution,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-        repeats=args.repeats,
-        max_sequence_length=args.max_sequence_length,
-        caption_dropout=args.caption_dropout,
-        cache_latents=args.cache_latents,
         cache_text_embeddings=not args.no_cache_text_embeddings,
-        seed=args.seed,
-        train_batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.num_train_epochs,
-        max_train_steps=args.max_train_steps,
-        gradient_checkpointing=args.gradient_checkpointing,
-        learning_rate=args.learning_rate,
-        scale_lr=args.scale_lr,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
-        lr_num_cycles=args.lr_num_cycles,
-        lr_power=args.lr_power,
-        weighting_scheme=args.weighting_scheme,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        mode_scale=args.mode_scale,
         precondition_outputs=bool(args.precondition_outputs),
-        optimizer=args.optimizer,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_weight_decay=args.adam_weight_decay,
-        adam_epsilon=args.adam_epsilon,
-        max_grad_norm=args.max_grad_norm,
-        mixed_precision=args.mixed_precision,
-        rank=args.rank,
-        lora_alpha=args.lora_alpha,
-        lora_layers=args.lora_layers,
-        lora_blocks=args.lora_blocks,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        validation_prompt=args.validation_prompt,
-        num_validation_images=args.num_validation_images,
-        validation_epochs=args.validation_epochs,
-        validation_inference_steps=args.validation_inference_steps,
-        not_validation_final=args.not_validation_final,
-        report_to=args.report_to,
-        logging_dir=args.logging_dir,
-        tracker_project_name=args.tracker_project_name,
-        device=args.device,
-        num_cpus=args.num_cpus,
         storage=StorageOptions.from_env(endpoint_url=args.s3_endpoint_url),
-        publish_to=args.publish_to,
-        publish_version=args.publish_version,
     )
+    return TrainConfig(**values)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -562,3 +562,23 @@ def test_t5_length_defaults_to_the_model_folders_own(instance_dir, tmp_path):
     assert trainer.config.max_sequence_length == 12
     embeds, _ = trainer._text(["a photo of sks dog"])
     assert embeds.shape[1] == 77 + 12
+
+
+def test_the_command_line_takes_every_default_from_train_config():
+    import dataclasses
+
+    from jobs.cli import build_parser
+    from jobs.train_cli import config_from_args
+
+    command = ["train", "dreambooth", "--pretrained_model_name_or_path=m", "--dataset=d", "--output_dir=o"]
+    cfg = config_from_args(build_parser().parse_args(command))
+    reference = TrainConfig(
+        pretrained_model_name_or_path="m", dataset="d", output_dir="o", mode="full", device="gpu"
+    )
+    # The command line's only own default: it trains on a GPU (storage: from the environment).
+    assert dataclasses.replace(cfg, storage=reference.storage) == reference
+    # Every field but the derived ones is a flag of the same name.
+    parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest for a in parser._subparsers._group_actions[0].choices["dreambooth"]._actions}
+    derived = {"mode", "storage", "cache_text_embeddings", "validation_guidance_scale"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - derived <= flags
