@@ -7,8 +7,10 @@ checkpoints load with only the Linear transpose. Numerics follow diffusers' ``En
 ``Decoder``, ``ResnetBlock2D``, ``Downsample2D`` (asymmetric (0, 1, 0, 1) pad), ``Upsample2D``
 (nearest x2) and the mid-block ``Attention`` (one head of width C, residual).
 
-Tiling and slicing (``enable_tiling`` / ``enable_slicing``) follow diffusers' ``AutoencoderKL``:
-the same attributes, tile grid, overlap and linear blending, so tiled outputs match its tiled path.
+Tiling and slicing (``enable_tiling`` / ``enable_slicing``) have diffusers' attributes and tile
+grid; tiles share the whole image's GroupNorm statistics and the latent-resolution part runs
+whole (``sd3_core.vae_tiling``), so at the default tile size a tiled output equals the untiled one
+(diffusers' tiles each differ, and it blends their seams).
 
 Math runs in ``compute_dtype`` of the weights: their own dtype on GPU, float32 on CPU for
 float16/bfloat16 weights (Paddle's CPU build lacks half kernels); outputs are in that dtype.
@@ -28,10 +30,12 @@ from sd3_core import (
     modeling,
     runtime,  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
     single_file,
+    vae_tiling,
 )
+from sd3_core.group_norm import GroupNorm
 from sd3_core.modeling import Linear, ModelMixin, compute_dtype
 
-__all__ = ["AutoencoderKL", "DiagonalGaussian"]
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "GroupNorm"]
 
 _ACTIVATIONS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "silu": F.silu,
@@ -95,22 +99,6 @@ class Conv2D(modeling.Conv2D):
             pads = [max(-first, 0), max(end - h, 0), left, right]
             out[:, :, r0:r1] = F.conv2d(band, weight, bias, stride=s, padding=pads)
         return out
-
-
-class GroupNorm(paddle.nn.GroupNorm):
-    """``nn.GroupNorm`` (affine) computed like torch's: statistics are taken of centred data.
-
-    Paddle's kernel uses E[x^2] - E[x]^2, which loses all precision when a group's mean is large
-    relative to its spread (an offset of 100 already costs 1e-2); subtracting the group mean
-    first (the result is shift-invariant) keeps it at float rounding.
-    """
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        g = self._num_groups
-        grouped = x.reshape([x.shape[0], g, -1])
-        centred = (grouped - grouped.mean(axis=-1, keepdim=True)).reshape(x.shape)
-        del grouped
-        return F.group_norm(centred, g, self._epsilon, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype))
 
 
 class ResnetBlock2D(paddle.nn.Layer):
@@ -228,11 +216,19 @@ class _ResnetStack(paddle.nn.Layer):
         )
         setattr(self, self.resampler_key, paddle.nn.LayerList([resampler]) if resampler else None)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    @property
+    def resampler(self) -> paddle.nn.Layer | None:
+        resamplers = getattr(self, self.resampler_key)
+        return None if resamplers is None else resamplers[0]
+
+    def run_resnets(self, x: paddle.Tensor) -> paddle.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        resamplers = getattr(self, self.resampler_key)
-        return x if resamplers is None else resamplers[0](x)
+        return x
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.run_resnets(x)
+        return x if self.resampler is None else self.resampler(x)
 
 
 class DownEncoderBlock2D(_ResnetStack):
@@ -283,13 +279,25 @@ class Encoder(paddle.nn.Layer):
         self.conv_norm_out = GroupNorm(groups, block_out_channels[-1], epsilon=1e-6)
         self.conv_out = Conv2D(block_out_channels[-1], 2 * latent_channels, 3, padding=1)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def tiled_layers(self) -> list[paddle.nn.Layer]:
+        """What ``high_res`` runs (the part a tiled encode runs per tile)."""
+        return [self.conv_in, *self.down_blocks[:-1]]
+
+    def high_res(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Image -> features at latent resolution (every level but the last)."""
         x = self.conv_in(x)
-        for block in self.down_blocks:
+        for block in self.down_blocks[:-1]:
             x = block(x)
-        x = self.mid_block(x)
+        return x
+
+    def low_res(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Features at latent resolution -> moments: the last level, mid block and output head."""
+        x = self.mid_block(self.down_blocks[-1](x))
         # diffusers hard-codes SiLU here whatever act_fn says
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.low_res(self.high_res(x))
 
 
 class Decoder(paddle.nn.Layer):
@@ -318,12 +326,32 @@ class Decoder(paddle.nn.Layer):
         self.conv_norm_out = GroupNorm(groups, block_out_channels[0], epsilon=1e-6)
         self.conv_out = Conv2D(block_out_channels[0], out_channels, 3, padding=1)
 
-    def forward(self, z: paddle.Tensor) -> paddle.Tensor:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
+    def tiled_layers(self) -> list[paddle.nn.Layer]:
+        """What ``high_res`` runs (the part a tiled decode runs per tile)."""
+        first = self.up_blocks[0].resampler
+        return [
+            *([first] if first is not None else []),
+            *self.up_blocks[1:],
+            self.conv_norm_out,
+            self.conv_out,
+        ]
+
+    def low_res(self, z: paddle.Tensor) -> paddle.Tensor:
+        """Latent -> features at latent resolution: conv_in, mid block, the first level's resnets."""
+        return self.up_blocks[0].run_resnets(self.mid_block(self.conv_in(z)))
+
+    def high_res(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Features at latent resolution -> image: every upsampling level and the output head."""
+        first = self.up_blocks[0].resampler
+        if first is not None:
+            x = first(x)
+        for block in self.up_blocks[1:]:
             x = block(x)
         # diffusers hard-codes SiLU here whatever act_fn says
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward(self, z: paddle.Tensor) -> paddle.Tensor:
+        return self.high_res(self.low_res(z))
 
 
 # ---- posterior --------------------------------------------------------------------------------
@@ -479,11 +507,11 @@ class AutoencoderKL(ModelMixin):
     # ---- tiling and slicing (diffusers' names) -------------------------------------------------
 
     def enable_tiling(self, use_tiling: bool = True) -> None:
-        """Encode and decode inputs larger than one tile as overlapping, blended tiles.
+        """Encode and decode inputs larger than one tile as overlapping tiles (``sd3_core.vae_tiling``).
 
         Memory then depends on the tile size (``tile_sample_min_size`` pixels, by default the
-        config's ``sample_size``), not on the image size. ``use_tiling`` is the older diffusers /
-        PPDiffusers argument."""
+        config's ``sample_size``) and on the latent-resolution part, which runs whole (1/64 of the
+        pixels). ``use_tiling`` is the older diffusers / PPDiffusers argument."""
         self.use_tiling = bool(use_tiling)
 
     def disable_tiling(self) -> None:
@@ -523,7 +551,7 @@ class AutoencoderKL(ModelMixin):
 
     @property
     def tile_overlap_factor(self) -> float:
-        """Fraction of a tile shared with its neighbour, blended linearly across."""
+        """Fraction of a tile shared with its neighbour (half of it on each side of their border)."""
         return self._tile_overlap_factor
 
     @tile_overlap_factor.setter
@@ -532,45 +560,19 @@ class AutoencoderKL(ModelMixin):
             raise ValueError(f"AutoencoderKL.tile_overlap_factor={value!r} must be a number in [0, 1)")
         self._tile_overlap_factor = float(value)
 
-    def _tile_plan(self, decode: bool) -> tuple[int, int, int, int]:
-        """``(tile, step, blend, keep)`` of diffusers' tiled decode (latent tile and step, pixel blend
-        and keep) or tiled encode (pixel tile and step, latent blend and keep)."""
-        sample, latent, f = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
-        sample_blend, latent_blend = int(sample * f), int(latent * f)
-        latent_step, sample_step = int(latent * (1 - f)), int(sample * (1 - f))
-        scale = self.scale_factor
-        # Kept tiles are laid side by side: each must keep exactly one step of the input.
-        if latent_step * scale != sample - sample_blend or sample_step != (latent - latent_blend) * scale:
-            raise ValueError(
-                f"AutoencoderKL tiling: tile_latent_min_size={latent} x tile_overlap_factor={f} = "
-                f"{latent * f:g} latent cells of overlap must be a whole number, or the tiles do not line up "
-                f"(tile_sample_min_size={sample}); e.g. tile_overlap_factor=0.25 with a tile_sample_min_size "
-                f"that is a multiple of {4 * scale}"
-            )
-        if decode:
-            return latent, latent_step, sample_blend, sample - sample_blend
-        return sample, sample_step, latent_blend, latent - latent_blend
-
-    def _tiled(
-        self, x: paddle.Tensor, run: Callable[[paddle.Tensor], paddle.Tensor], decode: bool
-    ) -> paddle.Tensor:
-        """``run`` over overlapping tiles of ``x``, each blended into its upper and left neighbour and
-        cropped, row by row (only the previous row of tiles is held)."""
-        tile, step, blend, keep = self._tile_plan(decode)
-        height, width = x.shape[2], x.shape[3]
-        rows, above = [], None
-        for i in range(0, height, step):
-            row: list[paddle.Tensor] = []
-            for j in range(0, width, step):
-                out = run(x[:, :, i : i + tile, j : j + tile])
-                if above is not None:
-                    out = _blend(above[len(row)], out, blend, axis=2)
-                if row:
-                    out = _blend(row[-1], out, blend, axis=3)
-                row.append(out)
-            rows.append(paddle.concat([out[:, :, :keep, :keep] for out in row], axis=3))
-            above = row
-        return paddle.concat(rows, axis=2)
+    def _tiled(self, x: paddle.Tensor, coder: Encoder | Decoder) -> paddle.Tensor:
+        """``coder.high_res`` over overlapping tiles of ``x`` sharing GroupNorm statistics."""
+        plan = vae_tiling.tile_plan(
+            self.tile_sample_min_size,
+            self.tile_latent_min_size,
+            self.tile_overlap_factor,
+            self.scale_factor,
+            decode=coder is self.decoder,
+        )
+        norms = [
+            m for layer in coder.tiled_layers() for m in layer.sublayers(True) if isinstance(m, GroupNorm)
+        ]
+        return vae_tiling.tiled(x, coder.high_res, plan, norms)
 
     def _rows(self, x: paddle.Tensor, run: Callable[[paddle.Tensor], paddle.Tensor]) -> paddle.Tensor:
         """``run(x)``, or one batch row at a time when slicing."""
@@ -580,22 +582,18 @@ class AutoencoderKL(ModelMixin):
 
     # ---- encode / decode --------------------------------------------------------------------------
 
-    def _encode_tile(self, x: paddle.Tensor) -> paddle.Tensor:
-        moments = self.encoder(x)
+    def _encode(self, x: paddle.Tensor, tiled: bool | None = None) -> paddle.Tensor:
+        if tiled is None:
+            tiled = self.use_tiling and max(x.shape[2], x.shape[3]) > self.tile_sample_min_size
+        h = self._tiled(x, self.encoder) if tiled else self.encoder.high_res(x)
+        moments = self.encoder.low_res(h)
         return moments if self.quant_conv is None else self.quant_conv(moments)
 
-    def _encode(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self.use_tiling and max(x.shape[2], x.shape[3]) > self.tile_sample_min_size:
-            return self._tiled(x, self._encode_tile, decode=False)
-        return self._encode_tile(x)
-
-    def _decode_tile(self, z: paddle.Tensor) -> paddle.Tensor:
-        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
-
-    def _decode(self, z: paddle.Tensor) -> paddle.Tensor:
-        if self.use_tiling and max(z.shape[2], z.shape[3]) > self.tile_latent_min_size:
-            return self._tiled(z, self._decode_tile, decode=True)
-        return self._decode_tile(z)
+    def _decode(self, z: paddle.Tensor, tiled: bool | None = None) -> paddle.Tensor:
+        if tiled is None:
+            tiled = self.use_tiling and max(z.shape[2], z.shape[3]) > self.tile_latent_min_size
+        h = self.decoder.low_res(z if self.post_quant_conv is None else self.post_quant_conv(z))
+        return self._tiled(h, self.decoder) if tiled else self.decoder.high_res(h)
 
     def encode(self, x: paddle.Tensor) -> DiagonalGaussian:
         """Images in [-1, 1], ``[B, in_channels, H, W]`` -> posterior over ``[B, latent, H/8, W/8]``."""
@@ -606,18 +604,12 @@ class AutoencoderKL(ModelMixin):
         return self._rows(self._input(z, self.config.latent_channels, "decode"), self._decode)
 
     def tiled_encode(self, x: paddle.Tensor) -> DiagonalGaussian:
-        """``encode`` in tiles whatever ``use_tiling`` and the image size say (diffusers' method)."""
-        return DiagonalGaussian(
-            self._tiled(
-                self._input(x, self.config.in_channels, "tiled_encode"), self._encode_tile, decode=False
-            )
-        )
+        """``encode`` in tiles whatever ``use_tiling`` and the image size say (diffusers' method name)."""
+        return DiagonalGaussian(self._encode(self._input(x, self.config.in_channels, "tiled_encode"), True))
 
     def tiled_decode(self, z: paddle.Tensor) -> paddle.Tensor:
-        """``decode`` in tiles whatever ``use_tiling`` and the latent size say (diffusers' method)."""
-        return self._tiled(
-            self._input(z, self.config.latent_channels, "tiled_decode"), self._decode_tile, decode=True
-        )
+        """``decode`` in tiles whatever ``use_tiling`` and the latent size say (diffusers' method name)."""
+        return self._decode(self._input(z, self.config.latent_channels, "tiled_decode"), True)
 
     def forward(
         self,
@@ -633,24 +625,6 @@ class AutoencoderKL(ModelMixin):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _blend(prev: paddle.Tensor, tile: paddle.Tensor, extent: int, axis: int) -> paddle.Tensor:
-    """``tile`` whose first ``extent`` rows (axis 2) or columns (axis 3) fade in linearly from the
-    last ones of ``prev``, its neighbour above or to the left (diffusers' ``blend_v`` / ``blend_h``)."""
-    extent = min(prev.shape[axis], tile.shape[axis], extent)
-    if extent == 0:
-        return tile
-    shape = [1, 1, 1, 1]
-    shape[axis] = extent
-    ramp = np.arange(extent, dtype=np.float64) / extent
-    weight = paddle.to_tensor(ramp.astype(np.float32).reshape(shape)).astype(tile.dtype)
-    keep = paddle.to_tensor((1.0 - ramp).astype(np.float32).reshape(shape)).astype(tile.dtype)
-    n_prev, n_tile = prev.shape[axis], tile.shape[axis]
-    tail = paddle.slice(prev, [axis], [n_prev - extent], [n_prev])
-    head = paddle.slice(tile, [axis], [0], [extent])
-    rest = paddle.slice(tile, [axis], [extent], [n_tile])
-    return paddle.concat([tail * keep + head * weight, rest], axis=axis)
 
 
 def _check_config(

@@ -23,9 +23,6 @@ REFERENCES = FIXTURES / "references"
 TOLERANCE = 1e-4  # max abs difference to diffusers' float32 outputs
 
 
-TILED_TOLERANCE = 1e-5  # max abs difference to diffusers' tiled float32 outputs (values up to ~4)
-
-
 def _cases(tiled: bool = False) -> list:
     cases = json.loads((REFERENCES / "cases.json").read_text(encoding="utf-8"))
     return [
@@ -83,20 +80,51 @@ def test_matches_diffusers_float32(case):
         assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TOLERANCE
 
 
+def _tiled_and_whole(vae: AutoencoderKL, op: str, x: paddle.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    code = (lambda t: vae.encode(t).mean) if op == "encode" else vae.decode
+    vae.disable_tiling()
+    whole = code(x).numpy()
+    vae.enable_tiling()
+    try:
+        return code(x).numpy(), whole
+    finally:
+        vae.disable_tiling()
+
+
+@pytest.mark.parametrize("op", ["decode", "encode"])
+@paddle.no_grad()
+def test_tiled_output_equals_untiled_output(op, monkeypatch):
+    # Two levels with mid-block attention. The tiled part reaches <= 6 px around a pixel, less
+    # than the 8 px (4 latent cells, half the overlap) between a tile's edge and the cells it owns,
+    # so with whole-image GroupNorm statistics every owned cell is computed as untiled; diffusers'
+    # per-tile statistics and attention differ everywhere.
+    vae = _tiny(sample_size=64)  # factor 2; 64 px tiles every 48 px
+    coder = vae.encoder if op == "encode" else vae.decoder
+    calls, run = [], coder.high_res
+    monkeypatch.setattr(coder, "high_res", lambda t: calls.append(t.shape) or run(t))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 80, 72)) if op == "decode" else rng.uniform(-1, 1, (2, 3, 160, 144))
+    tiled, whole = _tiled_and_whole(vae, op, paddle.to_tensor(x.astype(np.float32)))
+    assert len(calls) > 4 * 3 + 1  # untiled once, then passes of 4 x 3 tiles
+    assert tiled.shape == whole.shape
+    assert np.abs(tiled - whole).max() < 1e-5 * np.abs(whole).max(), np.abs(tiled - whole).max()
+
+
 @pytest.mark.parametrize("case", _cases(tiled=True))
 @paddle.no_grad()
-def test_tiled_encode_and_decode_match_diffusers_tiled_path(case):
+def test_tiled_outputs_are_closer_to_untiled_than_diffusers_tiled_path(case):
+    # diffusers' tiled reference (committed) against ours, both measured from the untiled output;
+    # these 32 px tiles are smaller than the decoder's reach, so neither is exact here.
     ref = _reference(case)
     vae = AutoencoderKL.from_pretrained(FIXTURES / case["fixture"] / "vae")  # own copy: tiling is state
-    vae.enable_tiling()
     for key, value in case["args"]["tiling"].items():
         setattr(vae, key, value)
-    if case["args"]["op"] == "encode":
-        posterior = vae.encode(paddle.to_tensor(ref["in_image"]))
-        for name in ("mean", "logvar", "std"):
-            assert _max_diff(getattr(posterior, name), ref[f"out_{name}"]) < TILED_TOLERANCE, name
-    else:
-        assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TILED_TOLERANCE
+    op = case["args"]["op"]
+    x = paddle.to_tensor(ref["in_image"] if op == "encode" else ref["in_z"])
+    tiled, whole = _tiled_and_whole(vae, op, x)
+    theirs = ref["out_mean"] if op == "encode" else ref["out_sample"]
+    ours_error, their_error = np.abs(tiled - whole).mean(), np.abs(theirs - whole).mean()
+    assert ours_error < 0.5 * their_error, (ours_error, their_error)
 
 
 @pytest.mark.parametrize("case", _cases(tiled=True))
@@ -107,39 +135,32 @@ def test_tiled_encode_and_decode_methods_tile_without_the_switch(case):
     for key, value in case["args"]["tiling"].items():
         setattr(vae, key, value)
     assert not vae.use_tiling
-    if case["args"]["op"] == "encode":
-        mean = vae.tiled_encode(paddle.to_tensor(ref["in_image"])).mean
-        assert _max_diff(mean, ref["out_mean"]) < TILED_TOLERANCE
-    else:
-        assert _max_diff(vae.tiled_decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TILED_TOLERANCE
+    op = case["args"]["op"]
+    x = paddle.to_tensor(ref["in_image"] if op == "encode" else ref["in_z"])
+    tiled, _ = _tiled_and_whole(vae, op, x)
+    method = vae.tiled_encode(x).mean if op == "encode" else vae.tiled_decode(x)
+    assert not vae.use_tiling
+    np.testing.assert_array_equal(method.numpy(), tiled)
+    if op == "decode":
         with pytest.raises(ValueError, match=r"tiled_decode: expected \[B, 16, H, W\]"):
             vae.tiled_decode(paddle.zeros([1, 4, 8, 8]))
 
 
 @paddle.no_grad()
-def test_tiled_decode_matches_untiled_away_from_seams():
-    # One level (factor 1), no mid-block attention: the decoder sees ~10 px around a pixel, far less
-    # than the 64 px between a tile's edge and the part of it kept unblended. What still differs
-    # there are the tiles' own GroupNorm statistics (random weights: up to ~3/255 on a few pixels).
-    vae = _tiny(
-        block_out_channels=[8],
-        down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"],
-        norm_num_groups=1,
-        mid_block_add_attention=False,
-    )
-    z = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 4, 448, 448)).astype(np.float32))
-    whole = vae.decode(z).numpy()
-    vae.enable_tiling()
-    vae.tile_sample_min_size = 256  # a new tile every 192 px: 64 px blended, 192 kept
-    tiled = vae.decode(z).numpy()
-    diff = np.abs(tiled - whole)[0].max(axis=0) * 127.5  # in /255 steps of a [-1, 1] image
-    seams = np.zeros(448, bool)
-    for start in (192, 384):  # where tiles 1 and 2 of each axis begin in the output
-        seams[start : start + 64] = True
-    away = diff[~seams[:, None] & ~seams[None, :]]
-    assert diff.max() > 5.0  # the seams exist: tiles were decoded on their own
-    assert away.mean() < 1.0 and np.percentile(away, 99) < 2.0, (away.mean(), np.percentile(away, 99))
+def test_statistics_passes_stop_once_settled_and_never_exceed_one_per_group_norm(monkeypatch):
+    vae = _tiny(sample_size=64)
+    calls = []
+    run = vae.decoder.high_res
+    monkeypatch.setattr(vae.decoder, "high_res", lambda t: calls.append(1) or run(t))
+    z = paddle.to_tensor(np.random.default_rng(1).standard_normal((1, 4, 80, 80)).astype(np.float32))
+    vae.tiled_decode(z)
+    tiles = len(range(0, 80, 24)) ** 2
+    norms = 2 * 2 + 1  # the second level's two resnets and the output norm
+    assert len(calls) % tiles == 0 and 2 * tiles <= len(calls) <= (norms + 1) * tiles
+    calls.clear()
+    monkeypatch.setattr(vae_module.vae_tiling, "TOLERANCE", float("inf"))  # settled after the first
+    vae.tiled_decode(z)
+    assert len(calls) == 2 * tiles
 
 
 @paddle.no_grad()
@@ -200,21 +221,6 @@ def test_bad_tile_settings_are_refused_naming_the_attribute(key, value, match):
     with pytest.raises(ValueError, match=match):
         setattr(vae, key, value)
     assert getattr(vae, key) == before
-
-
-@paddle.no_grad()
-def test_tiles_that_would_not_line_up_are_refused():
-    vae = AutoencoderKL.from_pretrained(FIXTURES / "sd3-tiny" / "vae")
-    vae.enable_tiling()
-    vae.tile_sample_min_size = 40  # 5 latent cells x 0.25: tiles would start every 24 px but keep 30
-    message = (
-        r"tile_latent_min_size=5 x tile_overlap_factor=0.25 = 1.25 latent cells of overlap must be a whole"
-    )
-    with pytest.raises(ValueError, match=message):
-        vae.decode(paddle.zeros([1, 16, 12, 12]))
-    with pytest.raises(ValueError, match=message):
-        vae.encode(paddle.zeros([1, 3, 96, 96]))
-    vae.decode(paddle.zeros([1, 16, 5, 5]))  # one tile: nothing to line up, no tiling
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
