@@ -2,7 +2,7 @@
 
 One step, ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` samples each:
 
-    positions -> entries (seeded order) -> pixels, prompt      (jobs/train_data.py)
+    positions -> entries (seeded order) -> pixels, prompt      (pipelines/training/data.py)
     latents = (vae.encode(x).sample(noise) - shift) * scaling  (cached posterior with --cache_latents)
     text embeddings at T5 length max_sequence_length           (cached with --cache_text_embeddings)
     u ~ density, t = schedule[u * 1000], x_t = (1 - s) x0 + s n
@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from jobs import checkpoints
 from jobs.ray_session import connect_ray
-from jobs.train_config import MIXED_PRECISION, TrainConfig
-from jobs.train_data import (
+from pipelines.training import checkpoints
+from pipelines.training.config import MIXED_PRECISION, TrainConfig
+from pipelines.training.data import (
     STREAM_CAPTION,
     STREAM_NOISE,
     STREAM_VAE,
@@ -55,8 +55,8 @@ from jobs.train_data import (
     rng_for,
     save_image,
 )
-from jobs.train_devices import DEVICE_OVERRIDE_ENV, NPU_FLAGS, select_device
-from jobs.train_optim import AdamW, LossScaler, LRSchedule, clip_coefficient, global_grad_norm
+from pipelines.training.devices import DEVICE_OVERRIDE_ENV, NPU_FLAGS, select_device
+from pipelines.training.optim import AdamW, LossScaler, LRSchedule, clip_coefficient, global_grad_norm
 from sd3_core.storage import (
     check_writable,
     join_url,
@@ -607,7 +607,7 @@ class Trainer:
             if split_url(self.output)[0] == ""
             else os.path.join(tempfile.gettempdir(), "sd3-train-logs")
         )
-        from jobs.tracking import Tracker
+        from pipelines.training.tracking import Tracker
 
         tracker = Tracker(
             c.report_to,

@@ -13,7 +13,7 @@ import json
 import sys
 import warnings
 
-from jobs.train_config import TrainConfig
+from pipelines.training.config import TrainConfig
 from sd3_core.storage import StorageOptions
 
 # Flags the reference scripts have that change nothing here (accepted so commands keep working).
@@ -182,11 +182,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from jobs.train_devices import apply_npu_flags
+    from pipelines.training.devices import apply_npu_flags, select_device
 
     if args.local and args.device == "npu":
         apply_npu_flags()  # before jobs.train imports paddle
-    from jobs.train import run_on_ray, select_device, train
+    from jobs.train import run_on_ray, train
 
     config = config_from_args(args)
     if args.local:

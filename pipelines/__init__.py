@@ -1,13 +1,17 @@
-"""User-facing pipelines built on sd3_core."""
+"""User-facing pipelines built on sd3_core: text-to-image, and training (`pipelines.training`)."""
 
 import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
-from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
 
 __all__ = ["StableDiffusion3Pipeline", "StableDiffusion3PipelineOutput"]
 
 
 def __getattr__(name: str):
+    # Resolved on first use: it loads Paddle, which importing pipelines.training.config or
+    # .devices must not (the NPU flags have to be in the environment before Paddle loads).
+    if name in __all__:
+        from pipelines import stable_diffusion_3
+
+        return getattr(stable_diffusion_3, name)
     if name == "ParallelStableDiffusion3Pipeline":  # Ray-driven: it lives with the actors
         raise ImportError(
             "ParallelStableDiffusion3Pipeline runs on Ray actors; write "

@@ -75,7 +75,7 @@ def test_classifier_reads_the_new_colour_only_when_asked():
 
 
 def test_table_is_what_the_training_job_reads(tmp_path):
-    from jobs.train_data import read_parquet_table
+    from pipelines.training.data import read_parquet_table
 
     path = str(tmp_path / "shapes.parquet")
     shapes_data.write_parquet(path, 10, seed=0)

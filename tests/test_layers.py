@@ -24,3 +24,14 @@ def test_the_batch_job_driver_and_the_cli_do_not_load_paddle():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_training_config_and_device_settings_do_not_load_paddle():
+    # `sd3 train --device npu --local` sets the NPU flags (pipelines.training.devices) after
+    # reading its config and before Paddle loads.
+    code = (
+        "import sys, jobs.train_cli, pipelines.training.config, pipelines.training.devices;"
+        "print(sorted(m for m in ('paddle', 'paddlenlp', 'pipelines.stable_diffusion_3') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

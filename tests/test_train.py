@@ -19,10 +19,11 @@ import paddle
 import pytest
 from PIL import Image
 
-from jobs import checkpoints
-from jobs.train import TrainConfig, Trainer, TrainingInterrupted, enable_gradient_checkpointing, train
-from jobs.train_data import SampleOrder, build_entries, read_parquet_table
-from jobs.train_optim import LossScaler, LRSchedule
+from jobs.train import Trainer, TrainingInterrupted, enable_gradient_checkpointing, train
+from pipelines.training import checkpoints
+from pipelines.training.config import TrainConfig
+from pipelines.training.data import SampleOrder, build_entries, read_parquet_table
+from pipelines.training.optim import LossScaler, LRSchedule
 from sd3_core import lora, lora_file
 from sd3_core.storage import StorageOptions, get_fs, list_files
 from sd3_core.transformer import SD3Transformer2DModel
@@ -164,7 +165,8 @@ def test_a_trained_lora_file_gives_diffusers_our_fused_output(instance_dir, tmp_
 _KILLED_RUN = textwrap.dedent(
     """
     import json, os, signal, sys
-    from jobs.train import TrainConfig, train
+    from jobs.train import train
+    from pipelines.training.config import TrainConfig
     cfg = TrainConfig(**json.loads(sys.argv[1]))
     def kill(step):
         if step == int(sys.argv[2]):
@@ -408,7 +410,7 @@ def test_parquet_table_of_bytes_and_uris_with_captions(instance_dir, tmp_path):
 
 
 def test_wandb_offline_run_holds_metrics_and_validation_images(instance_dir, tmp_path, monkeypatch):
-    from jobs.tracking import read_offline_history
+    from pipelines.training.tracking import read_offline_history
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     result = train(config(instance_dir, tmp_path, max_train_steps=4, train_batch_size=2, report_to="wandb",
@@ -470,7 +472,8 @@ def ray_with_devices():
 def test_training_runs_as_a_ray_actor_on_a_node_with_the_device(
     ray_with_devices, instance_dir, tmp_path, device, resource
 ):
-    from jobs.train import NPU_FLAGS, run_on_ray
+    from jobs.train import run_on_ray
+    from pipelines.training.devices import NPU_FLAGS
 
     result = run_on_ray(config(instance_dir, tmp_path, max_train_steps=2, device=device))
     info = result["info"]
@@ -530,7 +533,7 @@ def test_sd3_train_names_an_unwritable_output_dir(instance_dir, capsys):
 
 
 def test_caption_dropout_replaces_a_seeded_fraction_of_prompts_by_the_empty_prompt(instance_dir, tmp_path):
-    from jobs.train_data import Entry
+    from pipelines.training.data import Entry
 
     entries = [("i", k, Entry(np.zeros((2, 2, 3), np.uint8), f"prompt {k}", "x")) for k in range(400)]
     positions = list(range(400))

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.train_devices import DEVICES
+from pipelines.training.devices import DEVICES
 from sd3_core.storage import StorageOptions
 
 MODES = ("lora", "full")

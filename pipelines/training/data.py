@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # Stream ids for np.random.default_rng([seed, STREAM, ...]): independent draws per purpose.
 STREAM_TRANSFORM, STREAM_ORDER, STREAM_NOISE, STREAM_VAE, STREAM_CLASS_ORDER = 1, 2, 3, 4, 5
-STREAM_CAPTION = 7  # 6 is the LoRA init (jobs/train.py)
+STREAM_CAPTION = 7  # 6 is the LoRA init (pipelines/training/model.py)
 
 
 class TrainingDataError(ValueError):
