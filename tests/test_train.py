@@ -1,5 +1,6 @@
-"""DreamBooth training (jobs/train.py) on the tiny SD3 model: learning, exact resume, accumulation,
-checkpointing, prior preservation, mixed precision, tracking, object storage and Ray actors.
+"""DreamBooth training (pipelines/training; the job, jobs/train.py) on the tiny SD3 model: learning,
+exact resume, accumulation, checkpointing, prior preservation, mixed precision, tracking, object
+storage and Ray actors.
 
 Images are 32x32 crops of small generated pictures; runs are a few dozen steps at most.
 """
@@ -19,11 +20,14 @@ import paddle
 import pytest
 from PIL import Image
 
-from jobs.train import Trainer, TrainingInterrupted, enable_gradient_checkpointing, train
+from jobs.train import train
 from pipelines.training import checkpoints
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import SampleOrder, build_entries, read_parquet_table
+from pipelines.training.loss import sample_prompts
+from pipelines.training.model import enable_gradient_checkpointing
 from pipelines.training.optim import LossScaler, LRSchedule
+from pipelines.training.trainer import Trainer, TrainingInterrupted
 from sd3_core import lora, lora_file
 from sd3_core.storage import StorageOptions, get_fs, list_files
 from sd3_core.transformer import SD3Transformer2DModel
@@ -71,7 +75,7 @@ def config(instance_dir: Path, output: Path | str, **kw) -> TrainConfig:
 
 
 def trained_weights(trainer: Trainer) -> dict[str, np.ndarray]:
-    return {n: p.numpy().copy() for n, p in trainer.params.items()}
+    return {n: p.numpy().copy() for n, p in trainer.models.params.items()}
 
 
 def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -99,7 +103,7 @@ def test_lora_training_lowers_the_fixed_evaluation_loss(instance_dir, tmp_path):
               for s in ([1, 16, 4, 4], [1, 16, 128], [1, 80])]  # fmt: skip
     t = paddle.to_tensor([500.0])
     with paddle.no_grad():
-        ours = trainer.transformer(*inputs, t).numpy()
+        ours = trainer.models.transformer(*inputs, t).numpy()
         loaded = fresh(*inputs, t).numpy()
     np.testing.assert_allclose(loaded, ours, atol=1e-4)
 
@@ -262,11 +266,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(instance_dir, tmp_path,
         )
         t.setup()
         t.batch_loss([0, 1]).loss.backward()
-        grads.append({n: p.grad.numpy() for n, p in t.params.items() if p.grad is not None})
+        grads.append({n: p.grad.numpy() for n, p in t.models.params.items() if p.grad is not None})
     assert any(n.startswith("transformer_blocks.1.") for n in grads[1])  # recomputed blocks get gradients
     assert max_diff(*grads) <= 1e-6
-    enable_gradient_checkpointing(t.transformer)  # idempotent
-    assert all(b._checkpointed for b in t.transformer.transformer_blocks)
+    enable_gradient_checkpointing(t.models.transformer)  # idempotent
+    assert all(b._checkpointed for b in t.models.transformer.transformer_blocks)
 
 
 def test_cached_latents_and_text_embeddings_change_nothing_and_t5_runs_at_max_sequence_length(
@@ -279,8 +283,8 @@ def test_cached_latents_and_text_embeddings_change_nothing_and_t5_runs_at_max_se
         t.run()
         runs.append(t)
     assert max_diff(trained_weights(runs[0]), trained_weights(runs[1])) <= 1e-5
-    assert len(runs[1]._latent_cache) == 4 and not hasattr(runs[0], "_latent_cache")
-    embeds, _ = runs[1]._text(["a photo of sks dog"])
+    assert len(runs[1].encoder.latent_cache) == 4 and not runs[0].encoder.latent_cache
+    embeds, _ = runs[1].encoder.text(["a photo of sks dog"])
     assert embeds.shape[1] == 77 + 16  # CLIP tokens + T5 at max_sequence_length
 
 
@@ -294,14 +298,14 @@ def test_prior_preservation_generates_class_images_and_keeps_the_class_prior(ins
     with_pp = Trainer(config(instance_dir, tmp_path / "pp", with_prior_preservation=True, **common))
     with_pp.setup()
     assert len(list_files(str(class_dir), suffix=".png")) == 2  # rendered by the base pipeline
-    class_before = with_pp.evaluation_loss(with_pp.classes)
+    class_before = with_pp.evaluation_loss(with_pp.data.classes)
     result = with_pp.run()
     assert all("prior_loss" in h for h in result.history)
     without = Trainer(config(instance_dir, tmp_path / "plain", **common))
     without.run()
     with_after, without_after = (
-        with_pp.evaluation_loss(with_pp.classes),
-        without.evaluation_loss(with_pp.classes),
+        with_pp.evaluation_loss(with_pp.data.classes),
+        without.evaluation_loss(with_pp.data.classes),
     )
     print(
         f"prior preservation: class-set loss {class_before:.4f} -> with PP {with_after:.4f}, without {without_after:.4f}"
@@ -334,8 +338,8 @@ def test_fp16_loss_scaling_makes_exactly_the_unscaled_update(instance_dir, tmp_p
     print(f"fp16 loss scale 65536 vs none: max weight diff {diff:.3g}")
     assert diff <= 1e-6
     # fp16 keeps the frozen base weights in half precision; the LoRA weights stay float32
-    assert scaled.transformer.proj_out.weight.dtype == paddle.float16
-    assert all(p.dtype == paddle.float32 for p in scaled.params.values())
+    assert scaled.models.transformer.proj_out.weight.dtype == paddle.float16
+    assert all(p.dtype == paddle.float32 for p in scaled.models.params.values())
 
 
 def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(instance_dir, tmp_path):
@@ -343,7 +347,7 @@ def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(instance_dir, tm
     t.setup()
     before = trained_weights(t)
     t.scaler.scale_loss(t.batch_loss([0, 1]).loss).backward()
-    name, p = next(iter(t.params.items()))
+    name, p = next(iter(t.models.params.items()))
     p.grad.set_value(paddle.full(p.grad.shape, float("inf"), p.grad.dtype))
     stats = t.optimizer_step()
     assert stats["applied"] == 0.0 and t.scaler.scale == 2.0**15 and t.optimizer.step_count == 0
@@ -359,7 +363,7 @@ def test_bf16_trains_lora_on_half_precision_frozen_weights(instance_dir, tmp_pat
         config(instance_dir, tmp_path, max_train_steps=20, learning_rate=1e-2, mixed_precision="bf16")
     )
     t.setup()
-    assert t.transformer.proj_out.weight.dtype == paddle.bfloat16 and not t.scaler.enabled
+    assert t.models.transformer.proj_out.weight.dtype == paddle.bfloat16 and not t.scaler.enabled
     before = t.evaluation_loss()
     t.run()
     assert t.evaluation_loss() < 0.9 * before
@@ -537,15 +541,13 @@ def test_caption_dropout_replaces_a_seeded_fraction_of_prompts_by_the_empty_prom
 
     entries = [("i", k, Entry(np.zeros((2, 2, 3), np.uint8), f"prompt {k}", "x")) for k in range(400)]
     positions = list(range(400))
-    dropped = Trainer(config(instance_dir, tmp_path, caption_dropout=0.25))._prompts(entries, positions, 1)
+    dropped = sample_prompts(entries, positions, 1, seed=0, caption_dropout=0.25)
     assert 0.18 < dropped.count("") / 400 < 0.32
     assert all(p in ("", f"prompt {k}") for k, p in enumerate(dropped))
     # keyed by position: the same samples are dropped in another run and in another batch split
-    again = Trainer(config(instance_dir, tmp_path, caption_dropout=0.25))._prompts(
-        entries[:7], positions[:7], 1
-    )
+    again = sample_prompts(entries[:7], positions[:7], 1, seed=0, caption_dropout=0.25)
     assert again == dropped[:7]
-    assert Trainer(config(instance_dir, tmp_path))._prompts(entries, positions, 1) == [
+    assert sample_prompts(entries, positions, 1, seed=0, caption_dropout=0.0) == [
         e.prompt for _, _, e in entries
     ]
     with pytest.raises(ValueError, match="caption_dropout"):
@@ -563,7 +565,7 @@ def test_t5_length_defaults_to_the_model_folders_own(instance_dir, tmp_path):
                              max_sequence_length=None, max_train_steps=1))  # fmt: skip
     trainer.setup()
     assert trainer.config.max_sequence_length == 12
-    embeds, _ = trainer._text(["a photo of sks dog"])
+    embeds, _ = trainer.encoder.text(["a photo of sks dog"])
     assert embeds.shape[1] == 77 + 12
 
 

@@ -1,4 +1,4 @@
-"""Training checkpoints in a local folder or under an object-storage prefix.
+"""Training checkpoints in a local folder or under an object-storage prefix: saving a run, resuming it.
 
 ``OUTPUT/checkpoint-<step>/`` holds the trainable weights (LoRA: ``pytorch_lora_weights.safetensors``;
 full fine-tune: ``transformer/`` in diffusers layout), ``optimizer.safetensors`` (AdamW moments
@@ -14,13 +14,18 @@ highest step, so a run killed mid-save resumes from the previous one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
+from pipelines.training.model import TrainModels
+from pipelines.training.optim import AdamW, LossScaler
+from sd3_core.safetensors_io import SafetensorsFile, write_safetensors
 from sd3_core.storage import (
     StorageOptions,
     exists,
@@ -30,6 +35,8 @@ from sd3_core.storage import (
     split_url,
     write_bytes_atomic,
 )
+
+log = logging.getLogger(__name__)
 
 STATE_NAME = "training_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -143,5 +150,58 @@ def prune(output: str, keep: int | None, options: StorageOptions | None = None) 
     return doomed
 
 
-def write_text(url: str, text: str, options: StorageOptions | None = None) -> None:
-    write_bytes_atomic(url, text.encode(), options)
+# ---- saving and resuming a run ---------------------------------------------------------------------
+
+
+def save_checkpoint(
+    output: str,
+    step: int,
+    state: dict[str, Any],
+    models: TrainModels,
+    optimizer: AdamW,
+    options: StorageOptions | None = None,
+    keep: int | None = None,
+) -> str:
+    """Write ``OUTPUT/checkpoint-<step>/`` (weights, optimizer moments, ``state`` as
+    ``training_state.json``, last), then prune to the newest ``keep``; returns its URL."""
+    url = join_url(output, checkpoint_name(step))
+    with tempfile.TemporaryDirectory(prefix="sd3-ckpt-") as tmp:
+        folder = Path(tmp)
+        models.write_weights(folder)
+        write_safetensors(folder / OPTIMIZER_NAME, optimizer.state_tensors(), {"format": "sd3-ray-adamw"})
+        (folder / STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+        publish_folder(folder, url, options)
+    for removed in prune(output, keep, options):
+        log.info("removed old checkpoint %s", removed)
+    return url
+
+
+def load_checkpoint(
+    url: str,
+    now: dict[str, Any],
+    models: TrainModels,
+    optimizer: AdamW,
+    scaler: LossScaler,
+    options: StorageOptions | None = None,
+) -> int:
+    """Restore the weights, optimizer and loss scaler saved at ``url``; returns its step.
+
+    ``now``: this run's state; a checkpoint whose data order or mode differ is refused."""
+    state = read_state(url, options)
+    want = now["order"]
+    diff = {k: (state["order"].get(k), v) for k, v in want.items() if state["order"].get(k) != v}
+    if state.get("mode") != now["mode"]:
+        diff["mode"] = (state.get("mode"), now["mode"])
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"cannot resume from {url}: the run differs in what the data order and state depend on ({detail}); "
+            "resume with the same settings and data, or start a fresh --output_dir"
+        )
+    local = fetch_folder(url, options)
+    models.load_weights(local, url)
+    with SafetensorsFile(Path(local) / OPTIMIZER_NAME) as f:
+        tensors = {k: f.get(k) for k in f.keys()}
+    optimizer.load_state(tensors, state["optimizer"])
+    scaler.load_state_dict(state["loss_scaler"])
+    return int(state["global_step"])

@@ -1,4 +1,4 @@
-"""Training data: instance images and their prompts, preprocessed once, read in a seeded order.
+"""Training data: instance (and class) images with their prompts, preprocessed once, read in a seeded order.
 
 Sources (every path an fsspec URL: local folder, file://, s3://):
 - a folder or prefix of images plus one instance prompt (DreamBooth);
@@ -13,25 +13,36 @@ per entry, so they are the same in every run with the same seed. The order in wh
 read is a seeded permutation per epoch: :meth:`SampleOrder.entry_at` maps a position in the
 stream of samples to an entry, which is what makes a resumed run read exactly what the
 uninterrupted one would have.
+
+With prior preservation, the class images missing from ``class_data_dir`` are rendered first by
+the base pipeline (:func:`generate_class_images`); :func:`load_training_data` assembles a run's data.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import logging
 import posixpath
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from sd3_core.storage import StorageOptions, get_fs, join_url, list_files, read_bytes, split_url
+from pipelines.training.config import TrainConfig
+from sd3_core.storage import StorageOptions, join_url, list_files, read_bytes, split_url
+
+if TYPE_CHECKING:  # a type only: importing the pipeline loads Paddle
+    from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # Stream ids for np.random.default_rng([seed, STREAM, ...]): independent draws per purpose.
 STREAM_TRANSFORM, STREAM_ORDER, STREAM_NOISE, STREAM_VAE, STREAM_CLASS_ORDER = 1, 2, 3, 4, 5
-STREAM_CAPTION = 7  # 6 is the LoRA init (pipelines/training/model.py)
+STREAM_LORA_INIT, STREAM_CAPTION = 6, 7
 
 
 class TrainingDataError(ValueError):
@@ -229,7 +240,64 @@ def save_image(url: str, image: Image.Image, options: StorageOptions | None = No
     write_bytes_atomic(url, buf.getvalue(), options)
 
 
-def ensure_folder(url: str, options: StorageOptions | None = None) -> None:
-    fs, path = get_fs(url, options)
-    if split_url(url)[0] == "":
-        fs.makedirs(path, exist_ok=True)
+# ---- a run's data --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A run's entries and the order it reads them in."""
+
+    instances: list[Entry]
+    classes: list[Entry]  # prior preservation's class images; empty without it
+    order: SampleOrder
+    fingerprint: str  # of the preprocessed data: a resumed run must find the same
+
+    @property
+    def length(self) -> int:
+        """Entries per epoch: ``max(instances, class images)``."""
+        return self.order.length
+
+
+def load_training_data(config: TrainConfig, seed: int, pipe: StableDiffusion3Pipeline) -> TrainingData:
+    """Read and preprocess the instance data and, with prior preservation, the class images
+    (``pipe``, the base pipeline, renders the missing ones first)."""
+    c = config
+    if c.instance_data_dir is not None:
+        items = read_image_folder(c.instance_data_dir, c.instance_prompt, c.storage)
+    else:
+        items = read_parquet_table(c.dataset, c.image_column, c.caption_column, c.instance_prompt, c.storage)
+    instances = build_entries(items, c.resolution, seed, c.center_crop, c.random_flip, c.repeats)
+    classes: list[Entry] = []
+    if c.with_prior_preservation:
+        generate_class_images(c, seed, pipe)
+        class_items = read_image_folder(c.class_data_dir, c.class_prompt, c.storage)[: c.num_class_images]
+        # Class entries get their own transform draws (offset keys), no repeats.
+        classes = build_entries(class_items, c.resolution, seed + 1, c.center_crop, c.random_flip)
+    order = SampleOrder(max(len(instances), len(classes)), seed)
+    return TrainingData(instances, classes, order, fingerprint(instances + classes))
+
+
+def generate_class_images(config: TrainConfig, seed: int, pipe: StableDiffusion3Pipeline) -> None:
+    """Fill class_data_dir up to num_class_images with images ``pipe`` renders from the class
+    prompt (before any training, so they are the prior)."""
+    c = config
+    have = len(image_files(c.class_data_dir, c.storage))
+    missing = c.num_class_images - have
+    if missing <= 0:
+        return
+    log.info("generating %d class images for %r into %s", missing, c.class_prompt, c.class_data_dir)
+    done = 0
+    while done < missing:
+        n = min(c.sample_batch_size, missing - done)
+        index = have + done
+        images = pipe(
+            prompt=[c.class_prompt] * n,
+            height=c.resolution,
+            width=c.resolution,
+            num_inference_steps=c.class_inference_steps,
+            seed=[seed * 100003 + index + k for k in range(n)],
+            max_sequence_length=c.max_sequence_length,
+        ).images
+        for k, image in enumerate(images):
+            save_image(join_url(c.class_data_dir, f"class-{index + k:05d}.png"), image, c.storage)
+        done += n
