@@ -10,6 +10,7 @@ weights), the tiled / untiled ratios, the passes over the tiles (``sd3_core.vae_
 the max and mean absolute pixel difference, in /255 steps.
 
     nice python benchmarks/vae_tiling.py [--size 2048] [--tile 1024] [--threads 1] [--init torch]
+        [--vae jobs/default_model/vae] [--tolerance inf]
 
 Random weights cost the same memory and time per pass as trained ones, but not the same number
 of passes: statistics settle in a few passes for a smooth decoder and need one pass per
@@ -54,7 +55,43 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def measure(size: int, tile: int | None, threads: int, init: str, out: str) -> dict:
+def _initialise(vae, init: str, rng: np.random.Generator) -> None:
+    """Seeded random weights (see the module docstring for the two recipes)."""
+    fan_in = {}  # a bias's fan-in is its weight's
+    for name, p in vae.named_parameters():
+        if len(p.shape) > 1:
+            fan_in[name.rsplit(".", 1)[0]] = int(np.prod(p.shape[1:]))
+    for name, p in vae.named_parameters():
+        layer, kind = name.rsplit(".", 1)
+        norm = "norm" in layer
+        if init == "torch":
+            values = (np.full(p.shape, float(kind == "weight")) if norm
+                      else rng.uniform(-1, 1, p.shape) / np.sqrt(fan_in[layer]))  # fmt: skip
+        elif kind == "bias":
+            values = 0.05 * rng.standard_normal(p.shape)
+        elif norm:
+            values = 1 + 0.1 * rng.standard_normal(p.shape)
+        else:
+            values = rng.standard_normal(p.shape) / np.sqrt(fan_in[layer])
+        p.set_value(values.astype(np.float32))
+
+
+def _shapes(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size`` x ``size`` picture of random discs and boxes, [1, 3, H, W] in [-1, 1]."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (200, 220, 240))
+    draw = ImageDraw.Draw(image)
+    for _ in range(size // 16):
+        x, y = rng.integers(0, size, 2).tolist()
+        r = int(rng.integers(8, size // 6))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x - r, y - r, x + r, y + r], fill=tuple(rng.integers(0, 255, 3).tolist()))
+    return (np.asarray(image, np.float32) / 127.5 - 1).transpose(2, 0, 1)[None]
+
+
+def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str | None,
+            tolerance: float | None, out: str) -> dict:  # fmt: skip
     """In this process: build the VAE, decode one image (tiled when ``tile``), save it to ``out``."""
     sys.path.insert(0, ROOT)
     import sd3_core.runtime  # noqa: F401
@@ -66,26 +103,18 @@ def measure(size: int, tile: int | None, threads: int, init: str, out: str) -> d
 
     paddle.base.core.set_num_threads(threads)
     paddle.seed(0)
+    if tolerance is not None:
+        vae_tiling.TOLERANCE = tolerance
     with paddle.no_grad():
-        vae = AutoencoderKL(**SD3_VAE)
         rng = np.random.default_rng(0)
-        fan_in = {}  # a bias's fan-in is its weight's
-        for name, p in vae.named_parameters():
-            if len(p.shape) > 1:
-                fan_in[name.rsplit(".", 1)[0]] = int(np.prod(p.shape[1:]))
-        for name, p in vae.named_parameters():
-            layer, kind = name.rsplit(".", 1)
-            norm = "norm" in layer
-            if init == "torch":
-                values = (np.full(p.shape, float(kind == "weight")) if norm
-                          else rng.uniform(-1, 1, p.shape) / np.sqrt(fan_in[layer]))  # fmt: skip
-            elif kind == "bias":
-                values = 0.05 * rng.standard_normal(p.shape)
-            elif norm:
-                values = 1 + 0.1 * rng.standard_normal(p.shape)
-            else:
-                values = rng.standard_normal(p.shape) / np.sqrt(fan_in[layer])
-            p.set_value(values.astype(np.float32))
+        if vae_path:
+            vae = AutoencoderKL.from_pretrained(vae_path)
+            z = vae.encode(paddle.to_tensor(_shapes(size, rng))).mode()
+        else:
+            vae = AutoencoderKL(**SD3_VAE)
+            _initialise(vae, init, rng)
+            latent = size // vae.scale_factor
+            z = paddle.to_tensor(rng.standard_normal((1, 16, latent, latent)).astype(np.float32))
         del vae.encoder  # decoding only
         passes = []
         tiled = vae_tiling.tiled
@@ -94,7 +123,6 @@ def measure(size: int, tile: int | None, threads: int, init: str, out: str) -> d
             vae.enable_tiling()
             vae.tile_sample_min_size = tile
         latent = size // vae.scale_factor
-        z = paddle.to_tensor(rng.standard_normal((1, 16, latent, latent)).astype(np.float32))
         before = _rss_mib()
         start, cpu_start = time.perf_counter(), time.process_time()
         image = vae.decode(z)
@@ -132,6 +160,10 @@ def main() -> None:
     parser.add_argument(
         "--init", choices=["torch", "fixture"], default="torch", help="random weights (see above)"
     )
+    parser.add_argument("--vae", help="a trained VAE folder (e.g. jobs/default_model/vae) instead of random "
+                        "weights; the latent is then a drawn picture's, encoded")  # fmt: skip
+    parser.add_argument("--tolerance", type=float, help="vae_tiling.TOLERANCE for the tiled run "
+                        "(default: the module's; inf: one stitched pass, for memory and time per pass)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the subprocess side: "untiled" or "tiled"
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +173,9 @@ def main() -> None:
         parser.error(f"--size={args.size} must be larger than --tile={args.tile}, or nothing is tiled")
     if args.child:
         tile = args.tile if args.child == "tiled" else None
-        print(json.dumps(measure(args.size, tile, args.threads, args.init, args.out)))
+        print(
+            json.dumps(measure(args.size, tile, args.threads, args.init, args.vae, args.tolerance, args.out))
+        )
         return
     results, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,12 +183,20 @@ def main() -> None:
             out = os.path.join(tmp, f"{run}.npy")
             cmd = [sys.executable, __file__, "--child", run, "--out", out, "--size", str(args.size),
                    "--tile", str(args.tile), "--threads", str(args.threads), "--init", args.init]  # fmt: skip
+            cmd += ["--vae", args.vae] if args.vae else []
+            cmd += ["--tolerance", str(args.tolerance)] if args.tolerance is not None else []
             stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[run] = json.loads(stdout.strip().splitlines()[-1])
             images[run] = np.load(out)
     diff = np.abs(images["tiled"] - images["untiled"]).max(axis=0) * 127.5  # /255 steps of [-1, 1]
-    print(f"SD3 VAE decode of one {args.size}x{args.size} image ({args.size // 8}x{args.size // 8} latents), "
-          f"random weights ({args.init} init), float32, {args.threads} thread(s) on {_cpu()}")  # fmt: skip
+    weights = (
+        f"trained weights of {args.vae}"
+        if args.vae
+        else f"SD3 VAE architecture, random weights ({args.init} init)"
+    )
+    print(
+        f"VAE decode of one {args.size}x{args.size} image, {weights}, float32, {args.threads} thread(s) on {_cpu()}"
+    )
     for run, r in results.items():
         label = run if run == "untiled" else f"tiled ({args.tile} px tiles)"
         print(f"{label:>24}: {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU), peak RSS {r['peak_rss_mib']:7.0f} MiB "
@@ -162,7 +204,7 @@ def main() -> None:
     untiled, tiled = results["untiled"], results["tiled"]
     print(f"ratio tiled / untiled: peak RSS {tiled['peak_rss_mib'] / untiled['peak_rss_mib']:.2f}, "
           f"CPU time {tiled['cpu_seconds'] / untiled['cpu_seconds']:.2f}")  # fmt: skip
-    print(f"tiled: {tiled['passes']} passes over the tiles; untiled output's change under a 1e-6 relative "
+    print(f"tiled: {tiled['passes']} passes over the tiles ({tiled['cpu_seconds'] / tiled['passes']:.1f} s CPU each); untiled output's change under a 1e-6 relative "
           f"change of the latent: max {untiled['sensitivity']:.4f}/255")  # fmt: skip
     print(f"tiled vs untiled pixels: max {diff.max():.4f}/255, mean {diff.mean():.5f}/255")
 

@@ -30,8 +30,11 @@ import paddle
 from sd3_core.group_norm import group_moments
 
 #: Statistics have settled when no group's mean moves by more than this many of its standard
-#: deviations, nor its variance by more than this fraction, from one pass to the next.
-TOLERANCE = 1e-5
+#: deviations, nor its variance by more than this fraction, from one pass to the next. Measured on
+#: the embedded default model's trained VAE (512 px image, 256 px tiles): 1e-3 stops after 10 of
+#: at most 14 passes, 0.03/255 from untiled; 1e-2 after 7, 0.46/255; 1e-5 after 12, 0.001/255.
+#: Zero runs every pass (exact).
+TOLERANCE = 1e-3
 
 
 class TilePlan(NamedTuple):
