@@ -26,7 +26,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from actors.replica import LocalReplica, RenderRequest, ReplicaSpec
+from actors.replica import RenderRequest, ReplicaLost, ReplicaSpec, render_request
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
 from pipelines.lora_loading import LORA_METHODS, SD3LoraLoaderMixin
 from pipelines.rank_pipeline import TENSOR_ARGUMENTS, call_arguments
@@ -125,15 +125,16 @@ for _name in LORA_METHODS:
     setattr(ParallelStableDiffusion3Pipeline, _name, _on_every_rank(_name))
 
 
-class GroupReplica(LocalReplica):
+class GroupReplica:
     """A replica group behind the batch job's ``Replica`` protocol: what a pool actor of
     ``map_batches`` holds instead of an in-process pipeline when ``cfg x mp > 1``.
 
     The pool actor only coordinates; the group's ranks hold the devices. A broken group (a rank
-    died mid-call) ends the pool actor, so Ray restarts it with a new group and retries the batch.
+    died mid-call) raises ``ReplicaLost``: Ray restarts the pool actor, with a new group, and
+    retries the batch.
     """
 
-    def __init__(self, spec: ReplicaSpec) -> None:  # not LocalReplica's: nothing loads here
+    def __init__(self, spec: ReplicaSpec) -> None:
         self.group = ReplicaGroup(spec)
         self.pipe = ParallelStableDiffusion3Pipeline(self.group)
         self.model = self.group.model
@@ -142,10 +143,12 @@ class GroupReplica(LocalReplica):
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:
         try:
-            return super().render(request)
-        except ReplicaGroupBroken:
-            logger.exception("replica group %s broke; ending this pool actor for Ray to restart", self.name)
-            os._exit(1)
+            return render_request(self.pipe, request)
+        except ReplicaGroupBroken as e:
+            logger.error(
+                "replica group %s broke; ending this pool actor for Ray to restart: %s", self.name, e
+            )
+            raise ReplicaLost(f"replica group {self.name} broke: {e}") from e
 
     def __del__(self) -> None:
         # Ray Data drops the stage (and so this replica) when the pool actor exits gracefully; the

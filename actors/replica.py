@@ -2,9 +2,10 @@
 
 A *replica* is one process holding a `StableDiffusion3Pipeline` (`LocalReplica`), or a group of
 `cfg x mp` actors in one placement group driven from the pool actor
-(`actors.parallel_pipeline.GroupReplica`). Both sit behind the `Replica` protocol, and
-`ReplicaSpec` is the one place that says which Ray resources a replica takes, so the batch job's
-stage (`jobs/generate_stage.py`) does not change when a new replica shape plugs in.
+(`actors.parallel_pipeline.GroupReplica`). Both implement the `Replica` protocol and render a
+request with the same `render_request`; `ReplicaSpec` is the one place that says which Ray
+resources a replica takes, so the batch job's stage (`jobs/generate_stage.py`) does not change
+when a new replica shape plugs in.
 """
 
 from __future__ import annotations
@@ -133,6 +134,36 @@ class Replica(Protocol):
     def render(self, request: RenderRequest) -> list[np.ndarray]: ...
 
 
+class ReplicaLost(SystemExit):
+    """Raised by a replica that can no longer render (its group broke): it ends the pool actor.
+
+    Ray counts an actor task that raises SystemExit with a non-zero code as its worker process
+    dying unexpectedly, unlike `ray.actor.exit_actor()` (an intended exit, neither restarted nor
+    retried). The pool's `max_restarts=-1` and `max_task_retries=-1` (Ray Data's defaults) then
+    start the actor again, with a new replica, and rerun its batch. A SystemExit, not an
+    Exception, so the stage's image-by-image retry of a failed call does not catch it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(1)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def render_request(pipe: Any, request: RenderRequest) -> list[np.ndarray]:
+    """`pipe(...)` (a `StableDiffusion3Pipeline` or anything taking its arguments) on one request:
+    uint8 HxWx3 images, one per image of the request, in order."""
+    arguments = {
+        f.name: getattr(request, f.name) if f.shared else list(getattr(request, f.name))
+        for f in image_fields()
+    }
+    arguments["seed"] = [int(s) for s in arguments["seed"]]
+    images = pipe(**arguments, output_type="np").images
+    # The same rounding as the pipeline's PIL output, so PNGs match `output_type="pil"`.
+    return list((images * 255).round().astype(np.uint8))
+
+
 def _paddle_device(device: str) -> str:
     if device == "gpu":
         return "gpu:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
@@ -188,11 +219,4 @@ class LocalReplica:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:
-        arguments = {
-            f.name: getattr(request, f.name) if f.shared else list(getattr(request, f.name))
-            for f in image_fields()
-        }
-        arguments["seed"] = [int(s) for s in arguments["seed"]]
-        images = self.pipe(**arguments, output_type="np").images
-        # The same rounding as the pipeline's PIL output, so PNGs match `output_type="pil"`.
-        return list((images * 255).round().astype(np.uint8))
+        return render_request(self.pipe, request)

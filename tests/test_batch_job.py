@@ -241,14 +241,14 @@ def test_rerun_of_a_finished_job_writes_nothing(fifty_row_job):
 # --------------------------------------------------------------------------- failures
 
 
-def _generate_stage_actors(address: str, job_id: str) -> list:
+def _generate_stage_actors(address: str, job_id: str, class_name: str = "GenerateStage") -> list:
     from ray.util.state import list_actors
 
     # The address is explicit: other Ray instances may run on this machine.
     return [
         a
         for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-        if "GenerateStage" in a.class_name and a.job_id == job_id
+        if class_name in a.class_name and a.job_id == job_id
     ]
 
 
@@ -290,6 +290,25 @@ def test_killed_model_actor_is_replaced_and_its_batch_retried(ray_address, tmp_p
     assert killed_at < len(expected)
     replicas = {r["replica"] for r in merged.to_pylist()}
     assert len(replicas) == 2 and any(r.endswith(f":{actors[0].pid}") for r in replicas)
+
+
+def test_killed_rank_of_a_cfg_parallel_group_is_replaced_and_its_batch_retried(ray_address, tmp_path):
+    """A rank of the pool actor's 2 x 1 group dies: the group breaks, the pool actor ends
+    (`ReplicaLost`), Ray restarts it with a new group and reruns the batch; every image once."""
+    expected = simple_table(tmp_path / "t.parquet", 60)
+    output = str(tmp_path / "out")
+    thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), batch_size=2, cfg_parallel=True))
+    _wait_for_parts(output, 1, alive=thread.is_alive)
+    ranks = _generate_stage_actors(ray_address, ray.get_runtime_context().get_job_id(), "ShardWorker")
+    assert len(ranks) == 2
+    os.kill(ranks[1].pid, signal.SIGKILL)
+    killed_at = len(manifest.done_keys(output))
+    thread.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    merged = check_complete(output, expected)
+    assert killed_at < len(expected)
+    replicas = {r["replica"] for r in merged.to_pylist()}
+    assert len(replicas) == 2 and all("/cfg2xmp1@" in r for r in replicas), replicas
 
 
 def test_killed_driver_then_rerun_recomputes_only_in_flight_rows(ray_address, tmp_path):
