@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import paddle
+import ray
 from PIL import Image
 
 from actors.replica import RenderRequest, ReplicaLost, ReplicaSpec, render_request
@@ -129,13 +130,20 @@ class GroupReplica:
     """A replica group behind the batch job's ``Replica`` protocol: what a pool actor of
     ``map_batches`` holds instead of an in-process pipeline when ``cfg x mp > 1``.
 
-    The pool actor only coordinates; the group's ranks hold the devices. A broken group (a rank
-    died mid-call) raises ``ReplicaLost``: Ray restarts the pool actor, with a new group, and
-    retries the batch.
+    The pool actor only coordinates; the group's ranks hold the devices, in the bundles of the
+    pool actor's placement group (``actors/pool_placement.py``), and end with the pool actor (an
+    actor's actors end with it). A broken group (a rank died mid-call) raises ``ReplicaLost``:
+    Ray restarts the pool actor, with a new group, and retries the batch.
     """
 
     def __init__(self, spec: ReplicaSpec) -> None:
-        self.group = ReplicaGroup(spec)
+        placement = ray.util.get_current_placement_group()
+        if placement is None:
+            raise RuntimeError(
+                "a GroupReplica's ranks take the bundles of its pool actor's placement group; start the "
+                "pool actor with actors.pool_placement.PoolPlacementGroups (map_batches' ray_remote_args_fn)"
+            )
+        self.group = ReplicaGroup(spec, placement_group=placement)
         self.pipe = ParallelStableDiffusion3Pipeline(self.group)
         self.model = self.group.model
         self.lora = self.group.lora
@@ -149,13 +157,3 @@ class GroupReplica:
                 "replica group %s broke; ending this pool actor for Ray to restart: %s", self.name, e
             )
             raise ReplicaLost(f"replica group {self.name} broke: {e}") from e
-
-    def __del__(self) -> None:
-        # Ray Data drops the stage (and so this replica) when the pool actor exits gracefully; the
-        # group's placement group would otherwise hold its devices until the driver's job ends.
-        group = getattr(self, "group", None)
-        if group is not None and group.workers:
-            try:
-                group.shutdown()
-            except Exception:  # the process is exiting; Ray reclaims the actors with the job anyway
-                pass

@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 DEVICES = ("cpu", "gpu", "npu")
 DTYPES = ("float32", "float16", "bfloat16")
+POOL_ACTOR_CPUS = 0.01  # a replica group's pool actor: it only coordinates its ranks
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,31 @@ class ReplicaSpec:
         return self.cfg * self.mp
 
     def device_bundle(self) -> dict[str, float]:
-        """Ray resources of one rank: one device of the chosen kind (plus its host CPUs).
-
-        Issue 4's placement groups use one such bundle per rank."""
+        """Ray resources of one rank: one device of the chosen kind (plus its host CPUs)."""
         if self.device == "gpu":
             return {"CPU": self.cpus, "GPU": 1.0}
         if self.device == "npu":
             return {"CPU": self.cpus, "NPU": 1.0}
         return {"CPU": self.cpus}
 
+    def rank_bundles(self) -> list[dict[str, float]]:
+        """Placement-group bundles of a replica group's ranks: bundle r is rank r's device."""
+        return [self.device_bundle() for _ in range(self.world_size)]
+
+    def pool_bundles(self) -> list[dict[str, float]]:
+        """The bundles of a replica group's pool actor's placement group
+        (``actors/pool_placement.py``): the ranks' bundles, then the pool actor's own (index
+        ``world_size``), a token CPU share, as the pool actor only coordinates."""
+        return [*self.rank_bundles(), {"CPU": POOL_ACTOR_CPUS}]
+
     def pool_actor_resources(self) -> dict[str, Any]:
         """Keyword arguments for `map_batches` (num_cpus, num_gpus, resources) of one pool actor.
 
         A single-process replica runs in the pool actor, which therefore holds the device. A
-        replica group's pool actor only coordinates; its ranks hold the devices through their
-        placement group, so the pool actor asks for a token CPU share."""
+        replica group's pool actor takes the token CPU share of its placement group's last bundle
+        (`pool_bundles`); its ranks hold the devices."""
         if self.world_size > 1:
-            return {"num_cpus": 0.01}
+            return {"num_cpus": POOL_ACTOR_CPUS}
         bundle = self.device_bundle()
         args: dict[str, Any] = {"num_cpus": bundle["CPU"]}
         if "GPU" in bundle:
@@ -105,9 +114,11 @@ class ReplicaSpec:
 
     def total_resources(self, replicas: int) -> dict[str, float]:
         """Ray resources `replicas` replicas take in all (to check the cluster can hold them)."""
+        bundles = [self.device_bundle()] if self.world_size == 1 else self.pool_bundles()
         out: dict[str, float] = {}
-        for name, amount in self.device_bundle().items():
-            out[name] = out.get(name, 0.0) + amount * self.world_size * replicas
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                out[name] = out.get(name, 0.0) + amount * replicas
         return out
 
 

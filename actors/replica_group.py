@@ -1,9 +1,11 @@
 """A replica group: ``cfg x mp`` shard-worker actors pinned together by one placement group.
 
-One bundle per rank, each one device of the spec's kind (``ReplicaSpec.device_bundle``), packed
+Rank r takes bundle r, one device of the spec's kind (``ReplicaSpec.rank_bundles``), all packed
 onto one node (STRICT_PACK: the ranks' collectives run every few milliseconds). Each group has
 its own placement group and its own Paddle world (rank 0's address and a free port), so many
-groups run side by side for throughput.
+groups run side by side for throughput. Used alone (``ParallelStableDiffusion3Pipeline``), a
+group makes its placement group and removes it in ``shutdown``; in the batch job it takes its
+pool actor's (made and removed by the job's driver: ``actors/pool_placement.py``).
 
 Shape errors (``num_attention_heads % mp``, cfg not in {1, 2}) are raised before anything is
 created. A rank that fails while its peers wait in a collective would hang them forever, so a
@@ -56,7 +58,9 @@ class ReplicaGroup:
     """The ranks of one ``spec.cfg x spec.mp`` replica, ready to generate once constructed.
 
     ``compute_device`` overrides the kind of device the ranks compute on (default: the bundles'
-    kind); tests use "cpu" with GPU-kind bundles of Ray's logical GPUs.
+    kind); tests use "cpu" with GPU-kind bundles of Ray's logical GPUs. ``placement_group``: one
+    whose bundles ``0 .. world_size - 1`` are the ranks' (``ReplicaSpec.pool_bundles``), which the
+    group leaves in place; by default the group makes its own and removes it in ``shutdown``.
     """
 
     def __init__(
@@ -65,9 +69,9 @@ class ReplicaGroup:
         compute_device: str | None = None,
         ready_timeout: float | None = 600.0,
         grace_seconds: float = 30.0,
+        placement_group: Any = None,
     ) -> None:
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         check_replica_shape(spec)  # before any placement group or actor exists
@@ -75,7 +79,15 @@ class ReplicaGroup:
         self.grace_seconds = grace_seconds
         self.world_size = spec.world_size
         bundle = spec.device_bundle()
-        self.placement_group = placement_group([dict(bundle)] * self.world_size, strategy="STRICT_PACK")
+        self.owns_placement_group = placement_group is None
+        if placement_group is None:
+            placement_group = ray.util.placement_group(spec.rank_bundles(), strategy="STRICT_PACK")
+        elif len(placement_group.bundle_specs) < self.world_size:
+            raise ValueError(
+                f"a placement group of {len(placement_group.bundle_specs)} bundles cannot hold the "
+                f"{self.world_size} ranks of cfg={spec.cfg} x mp={spec.mp}"
+            )
+        self.placement_group = placement_group
         self.workers: list[Any] = []
         self.endpoints: list[str] = []
         self.last_stats: list[dict[str, Any]] = []
@@ -155,7 +167,8 @@ class ReplicaGroup:
         return self._all("call_pipeline", name, args, kwargs)[0]
 
     def shutdown(self, leave: bool = True) -> None:
-        """Leave the collective world together, then free the actors and the placement group."""
+        """Leave the collective world together, then free the actors (and the placement group, if
+        the group made it)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
@@ -172,9 +185,9 @@ class ReplicaGroup:
         for w in self.workers:
             ray.kill(w)  # no-op for an actor that has exited
         self.workers = []
-        if self.placement_group is not None:
+        if self.owns_placement_group and self.placement_group is not None:
             remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self.placement_group = None
 
     def _live_workers(self) -> list[Any]:
         if not self.workers:

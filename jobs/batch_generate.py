@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
+from actors.pool_placement import PoolPlacementGroups
 from jobs import manifest
 from jobs.benchmark_report import BenchmarkTally
 from jobs.job_config import JobConfig, JobFailed, JobResult
@@ -88,25 +89,27 @@ def run_job(config: JobConfig) -> JobResult:
     started_ray = connect_ray(config.ray_address)
     try:
         check_cluster(plan.spec, config.replicas)
-        ds = build_graph(plan, config)
-        progress = _Progress(plan.total_rows, config.progress)
-        tally = BenchmarkTally() if config.benchmark else None
-        graph_started = time.perf_counter()
-        try:
-            for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                progress.update(summary)
-                if tally is not None:
-                    tally.update(summary)
-        except ray.exceptions.RayError as e:
-            cause = getattr(e, "cause", None) or e
-            # Ray's text carries the remote traceback; its last line is the original exception.
-            lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()] or [type(cause).__name__]
-            raise JobFailed(
-                f"the job stopped after {progress.images} image(s): {type(cause).__name__}: {lines[-1]}\n"
-                f"Finished images are kept; rerun the same command to resume."
-            ) from e
-        finally:
-            progress.close()
+        # A cfg x mp pool's placement groups: made as Ray Data starts the pool, removed here.
+        with PoolPlacementGroups(plan.spec, config.replicas) as placements:
+            ds = build_graph(plan, config, placements)
+            progress = _Progress(plan.total_rows, config.progress)
+            tally = BenchmarkTally() if config.benchmark else None
+            graph_started = time.perf_counter()
+            try:
+                for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    progress.update(summary)
+                    if tally is not None:
+                        tally.update(summary)
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                # Ray's text carries the remote traceback; its last line is the original exception.
+                lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()] or [type(cause).__name__]
+                raise JobFailed(
+                    f"the job stopped after {progress.images} image(s): {type(cause).__name__}: {lines[-1]}\n"
+                    f"Finished images are kept; rerun the same command to resume."
+                ) from e
+            finally:
+                progress.close()
     finally:
         if started_ray:
             ray.shutdown()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from actors.pool_placement import PoolPlacementGroups
 from jobs import manifest
 from jobs.generate_stage import GROUP_COLUMNS, ITEM_SCHEMA, RESULT_SCHEMA, GenerateStage
 from jobs.job_config import IMAGE_FORMATS, JobConfig
@@ -177,6 +178,8 @@ def configure_ray_data() -> None:
 
     # Ray Data warns when a job has fewer batches than the write stage's task limit (small jobs).
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+    # Deprecated without a replacement yet; ray.data.llm places its multi-device engines with it too.
+    warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job shows one bar of its own (rows/s, ETA, failures)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
@@ -198,10 +201,19 @@ class Stage:
         return ds.map_batches(self.fn, **self.options)
 
 
-def graph_stages(plan: JobPlan, config: JobConfig, done: Any, errors: Any) -> list[Stage]:
+def graph_stages(
+    plan: JobPlan, config: JobConfig, done: Any, errors: Any, placements: PoolPlacementGroups | None = None
+) -> list[Stage]:
     """The graph's stages in order (no Ray call: inspectable alone). ``done``/``errors``: the
-    plan's known outcomes, or ObjectRefs of them (Ray Data passes fn_kwargs through unresolved)."""
+    plan's known outcomes, or ObjectRefs of them (Ray Data passes fn_kwargs through unresolved).
+    ``placements``: the driver's placement groups for a cfg x mp pool (one per pool actor)."""
     import ray.data
+
+    pool = dict(compute=ray.data.ActorPoolStrategy(size=config.replicas), **plan.spec.pool_actor_resources())
+    if plan.spec.world_size > 1:
+        if placements is None:
+            raise ValueError("a cfg x mp pool's actors need the driver's PoolPlacementGroups (placements=)")
+        pool["ray_remote_args_fn"] = placements  # each pool actor in its own group's last bundle
 
     outcomes = {"done": done, "errors": errors}
     if plan.inline is None:
@@ -223,7 +235,7 @@ def graph_stages(plan: JobPlan, config: JobConfig, done: Any, errors: Any) -> li
         # A fixed pool; Ray restarts a dead actor and retries its batch (max_restarts=-1,
         # max_task_retries=-1 are Ray Data's defaults for actor pools).
         dict(fn_constructor_kwargs={"spec": plan.spec}, batch_size=config.batch_size, batch_format="pyarrow",
-             compute=ray.data.ActorPoolStrategy(size=config.replicas), **plan.spec.pool_actor_resources()),
+             **pool),
     )  # fmt: skip
     write = Stage(
         "write", write_stage, tuple(RESULT_SCHEMA.names),
@@ -235,14 +247,16 @@ def graph_stages(plan: JobPlan, config: JobConfig, done: Any, errors: Any) -> li
     return [source, generate, write]
 
 
-def build_graph(plan: JobPlan, config: JobConfig) -> Any:
+def build_graph(plan: JobPlan, config: JobConfig, placements: PoolPlacementGroups | None = None) -> Any:
     """The job's Dataset: the plan's source through every stage; iterating it runs the job and
-    yields each written batch's summary (`SUMMARY_COLUMNS`)."""
+    yields each written batch's summary (`SUMMARY_COLUMNS`). ``placements``: see `graph_stages`
+    (the caller removes them when the job ends)."""
     import ray
     import ray.data
 
     configure_ray_data()
-    read, generate, write = graph_stages(plan, config, ray.put(plan.known.done), ray.put(plan.known.errors))
+    known = ray.put(plan.known.done), ray.put(plan.known.errors)
+    read, generate, write = graph_stages(plan, config, *known, placements)
     if plan.inline is None:
         ds = ray.data.from_items([u.as_dict() for u in plan.units])
     else:

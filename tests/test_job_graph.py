@@ -6,6 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actors.pool_placement import PoolPlacementGroups
+from actors.replica import ReplicaSpec
 from jobs.generate_stage import ITEM_SCHEMA, RESULT_SCHEMA
 from jobs.job_config import JobConfig, JobError
 from jobs.job_graph import SUMMARY_COLUMNS, graph_stages, read_stage
@@ -55,3 +57,19 @@ def test_a_bad_plan_is_refused_before_any_stage(tmp_path):
     with pytest.raises(JobError, match="--model"):
         plan_job(JobConfig(output=str(tmp_path / "out"), prompt_list=["x"], model=str(tmp_path / "nope")))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_replica_group_pool_places_each_actor_in_a_placement_group_of_its_own(tmp_path):
+    config, plan = _plan(tmp_path, replicas=2, cfg_parallel=True, cpus_per_replica=2.0)
+    with pytest.raises(ValueError, match="PoolPlacementGroups"):
+        graph_stages(plan, config, frozenset(), frozenset())
+    placements = PoolPlacementGroups(plan.spec, config.replicas)
+    _, generate, _ = graph_stages(plan, config, frozenset(), frozenset(), placements)
+    assert generate.options["ray_remote_args_fn"] is placements and not placements.groups  # made by Ray Data
+    # The pool actor takes a token CPU share of its group's last bundle; bundle r is rank r's.
+    assert generate.options["num_cpus"] == 0.01 and "num_gpus" not in generate.options
+    assert plan.spec.pool_bundles() == [{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 0.01}]
+    assert plan.spec.total_resources(2) == {"CPU": pytest.approx(8.02)}
+    gpus = ReplicaSpec(model=str(MODEL), device="gpu", cfg=2)  # 2 ranks of `ray start --num-gpus=4`
+    assert gpus.pool_bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 2 + [{"CPU": 0.01}]
+    assert gpus.total_resources(2) == {"CPU": pytest.approx(4.02), "GPU": 4.0}

@@ -196,6 +196,16 @@ def test_the_call_takes_exactly_the_single_pipelines_arguments():
         pipe("a cat", guidance=3.0)
 
 
+def test_a_group_replica_runs_only_in_a_placed_pool_actor(ray_cluster, tiny_pipelines):
+    from actors.parallel_pipeline import GroupReplica
+
+    spec = ReplicaSpec(model=str(tiny_pipelines["sd3"]), device="gpu", cfg=2)
+    groups_before = len(ray.util.placement_group_table())
+    with pytest.raises(RuntimeError, match="PoolPlacementGroups"):
+        GroupReplica(spec)  # here, in the driver: no placement group to take bundles from
+    assert len(ray.util.placement_group_table()) == groups_before
+
+
 def test_report(runs, single_process):
     """Figures for the closing note (run with -s)."""
     lines = ["shape       model  max|image diff|  bytes/full per rank  collectives/step (rank 0)"]
@@ -235,11 +245,17 @@ def test_batch_job_renders_on_a_cfg_parallel_mp2_group(ray_cluster, tiny_pipelin
     argv += ["--steps", "2", "--guidance-scale", "5", "--negative-prompt", "blurry", "--no-progress"]
     lora_file = tiny_pipelines["sd3"] / "lora" / "pytorch_lora_weights.safetensors"
     argv += ["--lora", str(lora_file.parent), "--lora-scale", "0.7"]  # every kind of split layer
+    groups_before = set(ray.util.placement_group_table())
     assert main(argv) == 0, capsys.readouterr().err
-    deadline = time.monotonic() + 30  # the pool actor's group frees its placement group on exit
+    deadline = time.monotonic() + 30  # the driver removes the pool's placement groups at the end
     while any(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values()):
         assert time.monotonic() < deadline, ray.util.placement_group_table()
         time.sleep(0.5)
+    made = [pg for pid, pg in ray.util.placement_group_table().items() if pid not in groups_before]
+    assert len(made) == 1, made  # one per pool actor (--replicas 1), though Ray Data asks more often
+    # Bundle r holds rank r (--device cpu: one CPU each); the last, the pool actor's token share.
+    assert list(made[0]["bundles"].values()) == [{"CPU": 1.0}] * 4 + [{"CPU": 0.01}], made[0]
+    assert made[0]["strategy"] == "STRICT_PACK"
     rows = [r for r in manifest.read_manifest(out).to_pylist() if r["status"] == "ok"]
     assert sorted(r["prompt"] for r in rows) == sorted(prompts)
     assert all("cfg2xmp2@" in r["replica"] for r in rows)
@@ -283,10 +299,12 @@ def test_a_cfg_parallel_group_with_vae_tiling_decodes_in_tiles(ray_cluster, tiny
     pipe = ParallelStableDiffusion3Pipeline(ReplicaGroup(spec, compute_device="cpu"))
     kwargs = dict(prompt="a lighthouse", negative_prompt="rain", height=96, width=96, num_inference_steps=1,
                   guidance_scale=4.0, seed=[5], output_type="np")  # 64 px VAE tiles: 2 x 2  # fmt: skip
+    placement = pipe.group.placement_group
     try:
         images = pipe(**kwargs).images
     finally:
         pipe.close()
+    assert ray.util.placement_group_table(placement)["state"] == "REMOVED"  # the group made it: it goes
     single = StableDiffusion3Pipeline.from_pretrained(folder)
     single.set_progress_bar_config(disable=True)
     untiled = single(**kwargs).images
