@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from pipelines.lora_loading import SD3LoraLoaderMixin
 from pipelines.stage_timer import StageTimer
-from sd3_core import single_file, text_encoders
+from sd3_core import single_file
+from sd3_core.clip_text_encoder import clip_text_encoder_from_weights, load_clip_text_encoder
 from sd3_core.folder_defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_T5_LENGTH,
@@ -39,6 +40,8 @@ from sd3_core.hub import LoadOptions, model_folder
 from sd3_core.inference_program import TransformerProgram, program_precision
 from sd3_core.modeling import dtype_argument, read_json_object
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
+from sd3_core.t5_encoder import load_t5_encoder, t5_encoder_from_weights
+from sd3_core.tokenizer_loading import load_clip_tokenizer, load_t5_tokenizer
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
 
@@ -119,12 +122,12 @@ def _load_component(name: str, folder: str, dtype: str) -> Any:
     if name == "scheduler":
         return FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
     if name in ("text_encoder", "text_encoder_2"):
-        return text_encoders.load_clip_text_encoder(folder, dtype)
+        return load_clip_text_encoder(folder, dtype)
     if name == "text_encoder_3":
-        return text_encoders.load_t5_encoder(folder, dtype)
+        return load_t5_encoder(folder, dtype)
     if name in ("tokenizer", "tokenizer_2"):
-        return text_encoders.load_clip_tokenizer(folder)
-    return text_encoders.load_t5_tokenizer(folder)
+        return load_clip_tokenizer(folder)
+    return load_t5_tokenizer(folder)
 
 
 def _single_file_component(
@@ -144,11 +147,7 @@ def _single_file_component(
         return model_cls.from_weights(model_config, weights, dtype, ckpt.source)
     if name.startswith("text_encoder") and ckpt.has(name):
         te_config = ckpt.text_encoder_config(name, config)
-        build = (
-            text_encoders.t5_encoder_from_weights
-            if name == "text_encoder_3"
-            else (text_encoders.clip_text_encoder_from_weights)
-        )
+        build = t5_encoder_from_weights if name == "text_encoder_3" else clip_text_encoder_from_weights
         return build(te_config, ckpt.text_encoder_weights(name), dtype, f"{ckpt.source} ({name})")
     if name == "transformer":
         raise single_file.SingleFileError(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sd3_core import text_encoders
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
+from sd3_core.text_encoder_folder import ENCODER_FILES
+from sd3_core.tokenizer_loading import TOKENIZER_FILES
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
 
@@ -39,8 +40,8 @@ def component_files(name: str) -> list[str]:
     if name == "scheduler":
         return [FlowMatchEulerDiscreteScheduler.config_name]
     if name.startswith("text_encoder"):
-        return list(text_encoders.ENCODER_FILES)
-    return list(text_encoders.TOKENIZER_FILES)
+        return list(ENCODER_FILES)
+    return list(TOKENIZER_FILES)
 
 
 def pipeline_files(components: Sequence[str] = tuple(LIBRARY_CLASSES)) -> list[str]:

@@ -19,7 +19,7 @@ from sd3_core.safetensors_io import SafetensorsFile, WeightsFileError, open_weig
 from sd3_core.single_file import SingleFileError
 from sd3_core.single_file_convert import write_single_file
 from sd3_core.single_file_keys import transformer_refs, vae_original_refs
-from sd3_core.text_encoders import load_t5_encoder
+from sd3_core.t5_encoder import load_t5_encoder
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
 from tests.reference_cases import FIXTURES, arrays, cases, fixture_path

@@ -17,9 +17,13 @@ import numpy as np
 import paddle
 import pytest
 
-from sd3_core import text_encoders as te
+from sd3_core import text_encoder_folder
+from sd3_core.clip_text_encoder import load_clip_text_encoder
 from sd3_core.modeling import WeightLoadError
+from sd3_core.prompt_tokenizer import PromptTokenizer
 from sd3_core.safetensors_io import WeightsFileError, open_weights
+from sd3_core.t5_encoder import load_t5_encoder
+from sd3_core.tokenizer_loading import load_clip_tokenizer, load_t5_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = FIXTURES / "references"
@@ -47,14 +51,14 @@ def _folder(case: dict) -> Path:
 
 
 @functools.cache
-def _tokenizer(folder: Path) -> te.PromptTokenizer:
-    return te.load_t5_tokenizer(folder) if folder.name == "tokenizer_3" else te.load_clip_tokenizer(folder)
+def _tokenizer(folder: Path) -> PromptTokenizer:
+    return load_t5_tokenizer(folder) if folder.name == "tokenizer_3" else load_clip_tokenizer(folder)
 
 
 @functools.cache
 def _encoder(folder: Path):
     return (
-        te.load_t5_encoder(folder) if folder.name == "text_encoder_3" else te.load_clip_text_encoder(folder)
+        load_t5_encoder(folder) if folder.name == "text_encoder_3" else load_clip_text_encoder(folder)
     )
 
 
@@ -118,7 +122,7 @@ def test_tokenizer_save_pretrained_round_trip(tmp_path, fixture, sub):
 def test_bare_spiece_model_folder_uses_transformers_defaults(tmp_path):
     # No tokenizer_config.json: <pad>/</s>/<unk> and 100 <extra_id_N> tokens, as transformers assumes.
     shutil.copy(FIXTURES / "sd3-tiny" / "tokenizer_3" / "spiece.model", tmp_path)
-    bare = te.load_t5_tokenizer(tmp_path)
+    bare = load_t5_tokenizer(tmp_path)
     configured = _tokenizer(FIXTURES / "sd3-tiny" / "tokenizer_3")
     texts = ["A photo of a CAT </s> <extra_id_3>", ""]
     np.testing.assert_array_equal(bare(texts, 24).input_ids, configured(texts, 24).input_ids)
@@ -134,18 +138,18 @@ def test_tokenizer_rejects_bad_arguments():
 
 def test_missing_tokenizer_folder_and_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        te.load_clip_tokenizer(tmp_path / "nowhere")
+        load_clip_tokenizer(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: no CLIP tokenizer files .*vocab\.json"):
-        te.load_clip_tokenizer(empty)
+        load_clip_tokenizer(empty)
     with pytest.raises(FileNotFoundError, match=r"empty: no T5 tokenizer files .*spiece\.model"):
-        te.load_t5_tokenizer(empty)
+        load_t5_tokenizer(empty)
     only_vocab = tmp_path / "only_vocab"
     only_vocab.mkdir()
     shutil.copy(FIXTURES / "sd3-tiny" / "tokenizer" / "vocab.json", only_vocab)
     with pytest.raises(FileNotFoundError, match="merges.txt"):
-        te.load_clip_tokenizer(only_vocab)
+        load_clip_tokenizer(only_vocab)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ def test_clip_pools_the_token_transformers_pools(tmp_path, eos_token_id, pooled_
     config = json.loads((folder / "config.json").read_text())
     config["eos_token_id"] = eos_token_id
     (folder / "config.json").write_text(json.dumps(config))
-    encoder = te.load_clip_text_encoder(folder)
+    encoder = load_clip_text_encoder(folder)
     ids = np.array([[912, 5, 913, 7, 900, 900, 900]], dtype=np.int64)  # largest id at 2, eos 900 at 4..6
     text_embeds, hidden_states = _run(encoder, ids)
     with paddle.no_grad():
@@ -225,7 +229,7 @@ def test_t5_honours_relative_attention_max_distance(tmp_path):
     config["relative_attention_max_distance"] = 20
     (folder / "config.json").write_text(json.dumps(config))
     ids = _reference(_cases("text_encoder", ("text_encoder_3",))[0])["in_input_ids"]
-    near = _run(te.load_t5_encoder(folder), ids)
+    near = _run(load_t5_encoder(folder), ids)
     far = _run(_encoder(FIXTURES / "sd3-tiny" / "text_encoder_3"), ids)
     assert _max_diff(near, far.numpy()) > 1e-3  # 32 tokens: distances 20..31 now share a bucket
 
@@ -240,10 +244,10 @@ def test_float16_checkpoints_run_in_float32_on_cpu():
     # Paddle's CPU build has no half-precision matmul/layer_norm kernels (see modeling.compute_dtype).
     if not paddle.get_device().startswith("cpu"):
         pytest.skip("CPU-only behaviour")
-    encoder = te.load_clip_text_encoder(FIXTURES / "sd3-tiny" / "text_encoder", dtype="float16")
+    encoder = load_clip_text_encoder(FIXTURES / "sd3-tiny" / "text_encoder", dtype="float16")
     assert encoder.dtype == paddle.float32
     with pytest.raises(ValueError, match="float64"):
-        te.load_t5_encoder(FIXTURES / "sd3-tiny" / "text_encoder_3", dtype="float64")
+        load_t5_encoder(FIXTURES / "sd3-tiny" / "text_encoder_3", dtype="float64")
 
 
 @pytest.mark.parametrize(
@@ -258,8 +262,8 @@ def test_float16_checkpoints_run_in_float32_on_cpu():
 )
 def test_half_precision_load_path_where_kernels_exist(monkeypatch, sub, dtype):
     # Pretend the device has half kernels (GPU): weights must then be held in that dtype.
-    monkeypatch.setattr(te, "compute_dtype", lambda d: d)
-    load = te.load_t5_encoder if sub == "text_encoder_3" else te.load_clip_text_encoder
+    monkeypatch.setattr(text_encoder_folder, "compute_dtype", lambda d: d)
+    load = load_t5_encoder if sub == "text_encoder_3" else load_clip_text_encoder
     encoder = load(FIXTURES / "sd3-tiny" / sub, dtype=dtype)
     dtypes = {name: str(p.dtype) for name, p in encoder.named_parameters()}
     # transformers keeps T5's feed-forward ``wo`` in float32 when loading float16 (only).
@@ -277,14 +281,14 @@ def test_half_precision_load_path_where_kernels_exist(monkeypatch, sub, dtype):
 
 def test_missing_encoder_folder_and_weights_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        te.load_clip_text_encoder(tmp_path / "nowhere")
+        load_clip_text_encoder(tmp_path / "nowhere")
     folder = tmp_path / "text_encoder"
     folder.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        te.load_t5_encoder(folder)
+        load_t5_encoder(folder)
     shutil.copy(FIXTURES / "sd3-tiny" / "text_encoder" / "config.json", folder)
     with pytest.raises(WeightsFileError, match="model.safetensors"):
-        te.load_clip_text_encoder(folder)
+        load_clip_text_encoder(folder)
 
 
 def test_checkpoint_that_does_not_fit_names_folder_and_keys(tmp_path):
@@ -294,7 +298,7 @@ def test_checkpoint_that_does_not_fit_names_folder_and_keys(tmp_path):
     config["num_hidden_layers"] += 1
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightLoadError, match=r"text_encoder.*missing keys.*encoder\.layers\.\d+\.mlp\.fc1"):
-        te.load_clip_text_encoder(folder)
+        load_clip_text_encoder(folder)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -304,4 +308,4 @@ def test_unsupported_architecture_is_named(tmp_path):
     config["hidden_act"] = "silu"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"text_encoder: hidden_act='silu' is not supported"):
-        te.load_clip_text_encoder(folder)
+        load_clip_text_encoder(folder)

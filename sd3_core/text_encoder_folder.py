@@ -1,0 +1,78 @@
+"""A text encoder's folder as transformers writes it: ``config.json`` + ``model.safetensors``
+(single or sharded, PyTorch tensor layout); reading it, the dtype it runs in, writing it back."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import paddle
+
+from sd3_core import runtime  # noqa: F401  (must run before paddle is imported)
+from sd3_core.hub import weights_patterns
+from sd3_core.modeling import compute_dtype, read_json_object, resolve_dtype
+from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors
+
+__all__ = [
+    "CONFIG_NAME",
+    "ENCODER_FILES",
+    "WEIGHTS_NAME",
+    "existing_folder",
+    "load_encoder_folder",
+    "run_dtype",
+    "save_encoder_folder",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+#: What the encoder loaders read from a text-encoder folder (patterns, as Hub downloads take them).
+ENCODER_FILES = (CONFIG_NAME, *weights_patterns(WEIGHTS_NAME))
+
+_Encoder = TypeVar("_Encoder")
+
+
+def existing_folder(folder: str | os.PathLike, what: str) -> Path:
+    """``folder`` as a Path; FileNotFoundError naming ``what`` if it is not a directory."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {what} folder not found")
+    return path
+
+
+def load_encoder_folder(
+    folder: str | os.PathLike,
+    what: str,
+    from_weights: Callable[[dict[str, Any], WeightsIndex, str | paddle.dtype, str], _Encoder],
+    dtype: str | paddle.dtype,
+) -> _Encoder:
+    """``from_weights(config, weights, dtype, source)`` on the folder's config.json and weights."""
+    path = existing_folder(folder, what)
+    config = read_json_object(path / CONFIG_NAME)
+    index = open_weights(path, WEIGHTS_NAME)
+    try:
+        return from_weights(config, index, dtype, str(path))
+    finally:
+        index.close()
+
+
+def run_dtype(dtype: str | paddle.dtype) -> str:
+    """The dtype weights are held and run in: the request, or float32 where the device lacks
+    half-precision kernels (Paddle's CPU build; see modeling.compute_dtype)."""
+    name = resolve_dtype(dtype)
+    return resolve_dtype(compute_dtype(getattr(paddle, name)))
+
+
+def save_encoder_folder(
+    folder: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]
+) -> None:
+    """Write ``tensors`` (transformers' names and layout) and ``hf_config`` into ``folder``."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+    tmp = out / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out / CONFIG_NAME)
