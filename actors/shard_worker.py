@@ -86,8 +86,9 @@ class ShardWorker:
         model's identity (``sd3_core.model_cache.model_identity``). ``inference_optimize`` runs the
         (whole, mp = 1) transformer as cached static programs; ``vae_tiling`` decodes (rank 0) in
         tiles."""
+        from pipelines.pipeline_loading import TEXT_COMPONENTS
         from pipelines.rank_pipeline import RankPipeline
-        from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
+        from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
         from sd3_core.model_cache import local_model_path, model_identity
         from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 

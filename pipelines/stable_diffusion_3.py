@@ -6,15 +6,9 @@ denoise (guidance, scheduler step), decode, postprocess.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,153 +16,31 @@ import paddle
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.latents import generator_seeds, initial_latents
 from pipelines.lora_loading import SD3LoraLoaderMixin
+from pipelines.pipeline_loading import PipelineLoadingMixin
+from pipelines.pipeline_output import StableDiffusion3PipelineOutput
+from pipelines.prompt_encoding import PromptEncodingMixin, check_prompt_inputs
 from pipelines.stage_timer import StageTimer
-from sd3_core import single_file
-from sd3_core.clip_text_encoder import clip_text_encoder_from_weights, load_clip_text_encoder
-from sd3_core.folder_defaults import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_T5_LENGTH,
-    GUIDANCE_SCALE_KEY,
-    MAX_SEQUENCE_LENGTH_KEY,
-    MAX_T5_LENGTH,
-    folder_guidance_scale,
-    folder_max_sequence_length,
-)
-from sd3_core.folder_layout import LIBRARY_CLASSES, pipeline_files
-from sd3_core.hub import LoadOptions, model_folder
+from sd3_core.folder_defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_T5_LENGTH, MAX_T5_LENGTH
 from sd3_core.inference_program import TransformerProgram, program_precision
-from sd3_core.modeling import dtype_argument, read_json_object
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
-from sd3_core.t5_encoder import load_t5_encoder, t5_encoder_from_weights
-from sd3_core.tokenizer_loading import load_clip_tokenizer, load_t5_tokenizer
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
 
-logger = logging.getLogger(__name__)
+# generator_seeds and the output class are also imported from here (actors/parallel_pipeline.py).
+__all__ = [
+    "CALLBACK_TENSOR_INPUTS",
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3PipelineOutput",
+    "generator_seeds",
+]
 
-_FROM_FOLDER = object()  # sentinel: "load this component from the pipeline folder"
-
-_OPTIONAL = ("text_encoder_3", "tokenizer_3")
-# The components only prompt encoding needs (a rank that receives its embeddings can go without).
-TEXT_COMPONENTS = tuple(name for name in LIBRARY_CLASSES if name.startswith(("text_encoder", "tokenizer")))
 # What `callback_on_step_end` may ask for (`callback_on_step_end_tensor_inputs`), as in diffusers.
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
 
-@dataclass
-class StableDiffusion3PipelineOutput:
-    """`images`: a list of PIL images, an NHWC float array in [0, 1], or latents."""
-
-    images: Any
-
-
-def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(f"`{name}` must be a str or a list of str, got {type(value).__name__}")
-
-
-def _is_framework_generator(value: Any) -> bool:
-    """A ``paddle.Generator`` or a ``torch.Generator`` (recognised by its class; torch is never imported)."""
-    kind = type(value)
-    return isinstance(value, paddle.base.core.Generator) or (
-        kind.__name__ == "Generator" and kind.__module__.split(".")[0] == "torch"
-    )
-
-
-def generator_seeds(generator: Any) -> Any:
-    """`generator` with each paddle / torch Generator replaced by its ``initial_seed()``.
-
-    Latents are drawn with NumPy (the same on every device), so such a generator stands for its seed:
-    ``paddle.Generator().manual_seed(42)`` draws what ``seed=42`` draws, every time (its state is
-    neither read nor advanced). NumPy generators and ints pass through unchanged."""
-    items = generator if isinstance(generator, (list, tuple)) else [generator]
-    framework = [g for g in items if _is_framework_generator(g)]
-    if len({id(g) for g in framework}) < len(framework):
-        raise ValueError(
-            "`generator` lists the same Generator object more than once: paddle.Generator() returns the "
-            "device's one default generator, so `[paddle.Generator().manual_seed(i) for i in ...]` re-seeds "
-            "that one object; pass `seed=[...]` (one int per image) instead"
-        )
-    seeds = [int(g.initial_seed()) if _is_framework_generator(g) else g for g in items]
-    return seeds if isinstance(generator, (list, tuple)) else seeds[0]
-
-
-def _numpy_rng(value: Any, name: str) -> np.random.Generator:
-    """The NumPy generator for one `seed` / `generator` value (a NumPy generator, an int >= 0, or
-    None: fresh entropy)."""
-    if isinstance(value, np.random.Generator):
-        return value
-    if value is None:
-        return np.random.default_rng()
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
-        return np.random.default_rng(int(value))
-    raise TypeError(
-        f"`{name}` must be an int >= 0, a numpy.random.Generator or a paddle.Generator "
-        f"(or a list of them, one per image), got {value!r}"
-    )
-
-
-def _load_component(name: str, folder: str, dtype: str) -> Any:
-    if name == "transformer":
-        return SD3Transformer2DModel.from_pretrained(folder, dtype=dtype)
-    if name == "vae":
-        return AutoencoderKL.from_pretrained(folder, dtype=dtype)
-    if name == "scheduler":
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
-    if name in ("text_encoder", "text_encoder_2"):
-        return load_clip_text_encoder(folder, dtype)
-    if name == "text_encoder_3":
-        return load_t5_encoder(folder, dtype)
-    if name in ("tokenizer", "tokenizer_2"):
-        return load_clip_tokenizer(folder)
-    return load_t5_tokenizer(folder)
-
-
-def _single_file_component(
-    name: str,
-    ckpt: single_file.Checkpoint,
-    config: str | os.PathLike | None,
-    index: dict[str, Any],
-    dtype: str,
-) -> Any:
-    """One pipeline component for `from_single_file`: from the file, else from the config folder."""
-    sub = os.path.join(os.fspath(config), name) if config is not None else None
-    if name in ("transformer", "vae") and ckpt.has(name):
-        hints_file = os.path.join(sub, "config.json") if sub else None
-        hints = read_json_object(hints_file) if hints_file and os.path.isfile(hints_file) else None
-        model_config, weights = ckpt.model_weights(name, hints)
-        model_cls = SD3Transformer2DModel if name == "transformer" else AutoencoderKL
-        return model_cls.from_weights(model_config, weights, dtype, ckpt.source)
-    if name.startswith("text_encoder") and ckpt.has(name):
-        te_config = ckpt.text_encoder_config(name, config)
-        build = t5_encoder_from_weights if name == "text_encoder_3" else clip_text_encoder_from_weights
-        return build(te_config, ckpt.text_encoder_weights(name), dtype, f"{ckpt.source} ({name})")
-    if name == "transformer":
-        raise single_file.SingleFileError(
-            f"{ckpt.source}: holds no SD3 transformer (model.diffusion_model.*)"
-        )
-    entry = index.get(name)
-    if sub is not None and entry and entry[0] is not None and os.path.isdir(sub):
-        return _load_component(name, sub, dtype)
-    if name == "scheduler":
-        return FlowMatchEulerDiscreteScheduler.from_config(single_file.SD3_SCHEDULER_CONFIG)
-    if name in _OPTIONAL and config is not None:
-        return None  # the config folder has no T5 either: T5 dropped
-    where = f"config={os.fspath(config)!r} has no {name}" if config is not None else "no config= was given"
-    hint = " (or text_encoder_3=None, tokenizer_3=None to drop T5)" if name in _OPTIONAL else ""
-    raise single_file.SingleFileError(
-        f"{ckpt.source}: the file holds no {name} and {where}; pass config= a diffusers SD3 folder of "
-        f"this model, or {name}=...{hint}"
-    )
-
-
-class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
+class StableDiffusion3Pipeline(PipelineLoadingMixin, PromptEncodingMixin, SD3LoraLoaderMixin):
     """SD3 / SD3.5 text-to-image. Build with `from_pretrained(path)` on a diffusers folder."""
 
     def __init__(
@@ -256,159 +128,6 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             max_sequence_length = self.default_max_sequence_length
         return guidance_scale, max_sequence_length
 
-    # ------------------------------------------------------------------ loading and saving
-    @property
-    def components(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in LIBRARY_CLASSES}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        dtype: str | Any = None,
-        inference_optimize: bool = False,
-        *,
-        paddle_dtype: Any = None,
-        torch_dtype: Any = None,
-        **kwargs: Any,
-    ) -> StableDiffusion3Pipeline:
-        """Load a diffusers-format SD3 folder or Hub id (``org/name``, fetched through huggingface_hub's
-        cache; ``revision=``, ``cache_dir=``, ``token=``, ``local_files_only=`` as in diffusers).
-
-        ``dtype`` (default float32) may also be spelled ``paddle_dtype=`` (PPDiffusers) or
-        ``torch_dtype=`` (diffusers). Pass `text_encoder_3=None, tokenizer_3=None` to drop T5; any
-        other component may be passed in ready-made instead of loaded (its files are then not
-        fetched). `inference_optimize=True` runs the transformer as static programs
-        (:meth:`enable_inference_optimize`)."""
-        dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype)
-        options = LoadOptions.take(kwargs, "StableDiffusion3Pipeline.from_pretrained")
-        components = kwargs
-        unknown = sorted(set(components) - set(LIBRARY_CLASSES))
-        if unknown:
-            raise TypeError(
-                f"from_pretrained got unknown argument(s) {unknown}; components it takes: {list(LIBRARY_CLASSES)}"
-            )
-        wanted = [n for n in LIBRARY_CLASSES if components.get(n, _FROM_FOLDER) is _FROM_FOLDER]
-        path = model_folder(pretrained_model_name_or_path, None, options, pipeline_files(wanted))
-        index_file = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_file):
-            raise FileNotFoundError(
-                f"{path!r} is not a diffusers pipeline folder: {index_file} does not exist"
-            )
-        index = read_json_object(index_file)
-        loaded = {}
-        for name in LIBRARY_CLASSES:
-            given = components.get(name, _FROM_FOLDER)
-            if given is not _FROM_FOLDER:
-                loaded[name] = given
-                continue
-            entry = index.get(name)
-            if not entry or entry[0] is None or entry[1] is None:
-                if name in _OPTIONAL:
-                    loaded[name] = None
-                    continue
-                raise ValueError(f"{index_file} has no `{name}` component, which SD3 needs")
-            sub = os.path.join(path, name)
-            if not os.path.isdir(sub):
-                raise FileNotFoundError(f"model_index.json lists `{name}` but the folder {sub} is missing")
-            loaded[name] = _load_component(name, sub, dtype_name)
-        return cls._assemble(loaded, index, index_file, inference_optimize)
-
-    @classmethod
-    def from_single_file(
-        cls,
-        path_or_url: str | os.PathLike,
-        config: str | os.PathLike | None = None,
-        dtype: str | Any = None,
-        inference_optimize: bool = False,
-        *,
-        paddle_dtype: Any = None,
-        torch_dtype: Any = None,
-        **components: Any,
-    ) -> StableDiffusion3Pipeline:
-        """Load an original-layout single file (Stability's / ComfyUI's ``sd3_medium*.safetensors``,
-        ``sd3.5_*.safetensors``): local path, ``file://`` or fsspec URL.
-
-        The transformer comes from the file, and the VAE and text encoders when it holds them (an
-        fp8 T5 is upcast). Everything else (tokenizers always) comes from ``config``, a diffusers
-        SD3 folder, whose model configs also fill what the file's keys do not record; without one
-        the scheduler is SD3's default. Components may be passed ready-made as in `from_pretrained`
-        (``text_encoder_3=None, tokenizer_3=None`` drops T5). ``paddle_dtype=`` / ``torch_dtype=``
-        are ``dtype=`` (default float32)."""
-        path = os.fspath(path_or_url)
-        unknown = sorted(set(components) - set(LIBRARY_CLASSES))
-        if unknown:
-            raise TypeError(
-                f"from_single_file got unknown component(s) {unknown}; known: {list(LIBRARY_CLASSES)}"
-            )
-        index: dict[str, Any] = {}
-        index_file = "model_index.json"
-        if config is not None:
-            index_file = os.path.join(os.fspath(config), "model_index.json")
-            if not os.path.isfile(index_file):
-                raise FileNotFoundError(
-                    f"config={os.fspath(config)!r} is not a diffusers SD3 pipeline folder: {index_file} does not exist"
-                )
-            index = read_json_object(index_file)
-        dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype)
-        with single_file.open_checkpoint(path) as ckpt:
-            loaded = {
-                name: components[name]
-                if name in components
-                else _single_file_component(name, ckpt, config, index, dtype_name)
-                for name in LIBRARY_CLASSES
-            }
-        return cls._assemble(loaded, index, index_file, inference_optimize)
-
-    @classmethod
-    def _assemble(
-        cls, loaded: dict[str, Any], index: dict[str, Any], index_file: str, inference_optimize: bool
-    ) -> StableDiffusion3Pipeline:
-        """The pipeline of loaded components, with the folder's defaults (``index``, read from
-        ``index_file``) and, when asked, inference_optimize."""
-        if (loaded["text_encoder_3"] is None) != (loaded["tokenizer_3"] is None):
-            loaded["text_encoder_3"] = loaded["tokenizer_3"] = None  # T5 dropped on one side drops both
-        pipe = cls(**loaded)
-        pipe.default_max_sequence_length = folder_max_sequence_length(index, index_file)
-        pipe.default_guidance_scale = folder_guidance_scale(index, index_file)
-        if inference_optimize:
-            pipe.enable_inference_optimize()
-        return pipe
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the diffusers folder layout (PyTorch layout on disk). The folder appears whole or not at all."""
-        target = os.path.abspath(os.fspath(save_directory))
-        if os.path.exists(target) and os.listdir(target):
-            raise FileExistsError(f"save_pretrained: {target} exists and is not empty")
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".sd3-save-", dir=parent)
-        try:
-            index: dict[str, Any] = {
-                "_class_name": "StableDiffusion3Pipeline",
-                "_diffusers_version": "0.42.1",
-            }
-            for name, component in self.components.items():
-                if component is None:
-                    index[name] = [None, None]
-                    continue
-                index[name] = list(LIBRARY_CLASSES[name])
-                component.save_pretrained(os.path.join(staging, name))
-            if self.default_max_sequence_length != DEFAULT_T5_LENGTH:
-                index[MAX_SEQUENCE_LENGTH_KEY] = self.default_max_sequence_length
-            if self.default_guidance_scale != DEFAULT_GUIDANCE_SCALE:
-                index[GUIDANCE_SCALE_KEY] = self.default_guidance_scale
-            index["image_encoder"] = [None, None]
-            index["feature_extractor"] = [None, None]
-            with open(os.path.join(staging, "model_index.json"), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-            if os.path.exists(target):
-                os.rmdir(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the denoising progress bar (tqdm's), e.g. `disable=True`."""
         self._progress_bar_config = dict(kwargs)
@@ -416,136 +135,6 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
     @property
     def dtype(self) -> Any:
         return self.transformer.dtype
-
-    # ------------------------------------------------------------------ prompt encoding
-    def _tokenize(self, tokenizer: Any, prompts: list[str], max_length: int, why: str) -> paddle.Tensor:
-        batch = tokenizer(prompts, max_length=max_length)
-        removed = [r for r in batch.removed if r]
-        if removed:
-            logger.warning("The following part of your input was truncated because %s: %s", why, removed)
-        return paddle.to_tensor(batch.input_ids, dtype="int64")
-
-    def _clip_embeds(
-        self, prompts: list[str], index: int, num_images_per_prompt: int, clip_skip: int | None
-    ) -> tuple[paddle.Tensor, paddle.Tensor]:
-        tokenizer = (self.tokenizer, self.tokenizer_2)[index]
-        encoder = (self.text_encoder, self.text_encoder_2)[index]
-        ids = self._tokenize(
-            tokenizer, prompts, self.tokenizer_max_length,
-            f"CLIP can only handle sequences up to {self.tokenizer_max_length} tokens",
-        )  # fmt: skip
-        pooled, hidden_states = encoder(ids)
-        depth = 2 if clip_skip is None else clip_skip + 2
-        if depth > len(hidden_states):
-            raise ValueError(
-                f"clip_skip={clip_skip} is larger than the text encoder's {len(hidden_states) - 1} layers"
-            )
-        embeds = hidden_states[-depth]
-        return (
-            paddle.repeat_interleave(embeds, num_images_per_prompt, axis=0),
-            paddle.repeat_interleave(pooled, num_images_per_prompt, axis=0),
-        )
-
-    def _t5_embeds(
-        self, prompts: list[str], num_images_per_prompt: int, max_sequence_length: int
-    ) -> paddle.Tensor:
-        n = len(prompts) * num_images_per_prompt
-        if self.text_encoder_3 is None:
-            return paddle.zeros(
-                [n, max_sequence_length, self.transformer.config.joint_attention_dim],
-                dtype=self.text_encoder.dtype,
-            )
-        ids = self._tokenize(
-            self.tokenizer_3,
-            prompts,
-            max_sequence_length,
-            f"`max_sequence_length` is {max_sequence_length} tokens",
-        )
-        embeds = self.text_encoder_3(ids)
-        return paddle.repeat_interleave(embeds, num_images_per_prompt, axis=0)
-
-    def _encode_one_side(
-        self,
-        prompt: list[str],
-        prompt_2: list[str],
-        prompt_3: list[str],
-        num_images_per_prompt: int,
-        clip_skip: int | None,
-        max_sequence_length: int,
-    ) -> tuple[paddle.Tensor, paddle.Tensor]:
-        embed_1, pooled_1 = self._clip_embeds(prompt, 0, num_images_per_prompt, clip_skip)
-        embed_2, pooled_2 = self._clip_embeds(prompt_2, 1, num_images_per_prompt, clip_skip)
-        t5 = self._t5_embeds(prompt_3, num_images_per_prompt, max_sequence_length)
-        clip = paddle.concat([embed_1, embed_2.astype(embed_1.dtype)], axis=-1)
-        width = t5.shape[-1]
-        if clip.shape[-1] > width:
-            raise ValueError(
-                f"CLIP features ({clip.shape[-1]}) are wider than the T5 / joint attention width ({width}): "
-                "the text encoders do not belong to this transformer"
-            )
-        pad = paddle.zeros([clip.shape[0], clip.shape[1], width - clip.shape[-1]], dtype=clip.dtype)
-        clip = paddle.concat([clip, pad], axis=-1)
-        embeds = paddle.concat([clip, t5.astype(clip.dtype)], axis=-2)
-        pooled = paddle.concat([pooled_1, pooled_2.astype(pooled_1.dtype)], axis=-1)
-        return embeds, pooled
-
-    def encode_prompt(
-        self,
-        prompt: str | list[str] | None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        device: Any = None,
-        num_images_per_prompt: int = 1,
-        do_classifier_free_guidance: bool = True,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
-        prompt_embeds: paddle.Tensor | None = None,
-        negative_prompt_embeds: paddle.Tensor | None = None,
-        pooled_prompt_embeds: paddle.Tensor | None = None,
-        negative_pooled_prompt_embeds: paddle.Tensor | None = None,
-        clip_skip: int | None = None,
-        max_sequence_length: int | None = None,
-    ) -> tuple[paddle.Tensor, paddle.Tensor | None, paddle.Tensor, paddle.Tensor | None]:
-        """Returns (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds).
-
-        `device` is accepted for diffusers compatibility; Paddle places tensors on its current device.
-        """
-        del device
-        _, max_sequence_length = self.folder_defaults(max_sequence_length=max_sequence_length)
-        prompts = _as_list(prompt, "prompt")
-        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if prompt_embeds is None:
-            p2 = self._match_batch(_as_list(prompt_2, "prompt_2") or prompts, batch_size, "prompt_2")
-            p3 = self._match_batch(_as_list(prompt_3, "prompt_3") or prompts, batch_size, "prompt_3")
-            prompt_embeds, pooled_prompt_embeds = self._encode_one_side(
-                prompts, p2, p3, num_images_per_prompt, clip_skip, max_sequence_length
-            )
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            neg = self._match_batch(
-                _as_list(negative_prompt, "negative_prompt") or [""], batch_size, "negative_prompt"
-            )
-            neg_2 = self._match_batch(
-                _as_list(negative_prompt_2, "negative_prompt_2") or neg, batch_size, "negative_prompt_2"
-            )
-            neg_3 = self._match_batch(
-                _as_list(negative_prompt_3, "negative_prompt_3") or neg, batch_size, "negative_prompt_3"
-            )
-            # clip_skip is not applied to the negative side (diffusers does the same).
-            negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_one_side(
-                neg, neg_2, neg_3, num_images_per_prompt, None, max_sequence_length
-            )
-        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
-
-    @staticmethod
-    def _match_batch(values: list[str], batch_size: int, name: str) -> list[str]:
-        if len(values) == 1 and batch_size > 1:
-            return values * batch_size
-        if len(values) != batch_size:
-            raise ValueError(
-                f"`{name}` has {len(values)} entries but `prompt` has {batch_size}; they must match"
-            )
-        return values
 
     # ------------------------------------------------------------------ checks and latents
     def check_inputs(
@@ -586,29 +175,10 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             )
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type={output_type!r} must be one of 'pil', 'np', 'latent'")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("`prompt` is required (or pass `prompt_embeds` and `pooled_prompt_embeds`)")
-        if prompt is not None:
-            prompts = _as_list(prompt, "prompt")
-            if not prompts:
-                raise ValueError("`prompt` is an empty list")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` from the same text encoders")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds`")
-        if (
-            prompt_embeds is not None
-            and negative_prompt_embeds is not None
-            and list(prompt_embeds.shape) != list(negative_prompt_embeds.shape)
-        ):
-            raise ValueError(
-                f"`prompt_embeds` {list(prompt_embeds.shape)} and `negative_prompt_embeds` "
-                f"{list(negative_prompt_embeds.shape)} must have the same shape"
-            )
+        check_prompt_inputs(
+            prompt, prompt_embeds, pooled_prompt_embeds,
+            negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds,
+        )  # fmt: skip
 
     def prepare_latents(
         self,
@@ -630,31 +200,7 @@ class StableDiffusion3Pipeline(SD3LoraLoaderMixin):
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         ]
-        if latents is not None:
-            if isinstance(latents, np.ndarray):
-                latents = paddle.to_tensor(latents)
-            if not isinstance(latents, paddle.Tensor):
-                raise TypeError(
-                    f"`latents` must be a numpy array or a paddle Tensor, got {type(latents).__name__}"
-                )
-            if list(latents.shape) != shape:
-                raise ValueError(f"`latents` has shape {list(latents.shape)}, expected {shape}")
-            return latents.astype("float32")
-        if generator is not None and seed is not None:
-            raise ValueError("pass either `generator` or `seed`, not both")
-        name = "generator" if generator is not None else "seed"
-        source = generator_seeds(generator) if generator is not None else seed
-        if isinstance(source, (list, tuple)):
-            if len(source) != batch_size:
-                raise ValueError(
-                    f"got {len(source)} seeds/generators for a batch of {batch_size} images "
-                    "(batch = len(prompt) x num_images_per_prompt)"
-                )
-            rngs = [_numpy_rng(s, f"{name}[{i}]") for i, s in enumerate(source)]
-            array = np.stack([rng.standard_normal(shape[1:], dtype=np.float32) for rng in rngs])
-        else:
-            array = _numpy_rng(source, name).standard_normal(shape, dtype=np.float32)
-        return paddle.to_tensor(array)
+        return initial_latents(shape, generator, seed, latents)
 
     # ------------------------------------------------------------------ generation
     @paddle.no_grad()

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from pipelines.pipeline_loading import TEXT_COMPONENTS
 from pipelines.rank_pipeline import RankPipeline
-from pipelines.stable_diffusion_3 import TEXT_COMPONENTS, StableDiffusion3Pipeline
+from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
 from sd3_core.collectives import init_world, leave_world, replica_groups
 from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
