@@ -19,7 +19,7 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from PIL import Image
 
 from actors.replica import RenderRequest, ReplicaLost, ReplicaSpec, render_request
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
-from pipelines.lora_loading import LORA_METHODS, SD3LoraLoaderMixin
+from pipelines.lora_loading import LORA_COMPONENTS
 from pipelines.rank_pipeline import TENSOR_ARGUMENTS, call_arguments
 from pipelines.stable_diffusion_3 import (
     StableDiffusion3Pipeline,
@@ -97,6 +97,57 @@ class ParallelStableDiffusion3Pipeline:
             images = [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
 
+    # diffusers' LoRA methods (``SD3LoraLoaderMixin``, same signatures): each runs on every rank,
+    # which holds its own slices of the adapter; rank 0's result is returned.
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike,
+        adapter_name: str | None = None,
+        scale: float = 1.0,
+        weight_name: str | None = None,
+    ) -> str:
+        """See ``StableDiffusion3Pipeline.load_lora_weights``; the path is read on each rank's node."""
+        return self.group.call_pipeline(
+            "load_lora_weights", os.fspath(pretrained_model_name_or_path), adapter_name, scale, weight_name
+        )
+
+    def set_adapters(
+        self,
+        adapter_names: str | Sequence[str],
+        adapter_weights: float | Sequence[float | None] | None = None,
+    ) -> None:
+        self.group.call_pipeline("set_adapters", adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return self.group.call_pipeline("get_active_adapters")
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return self.group.call_pipeline("get_list_adapters")
+
+    def enable_lora(self) -> None:
+        self.group.call_pipeline("enable_lora")
+
+    def disable_lora(self) -> None:
+        self.group.call_pipeline("disable_lora")
+
+    def fuse_lora(
+        self,
+        components: Sequence[str] = LORA_COMPONENTS,
+        lora_scale: float = 1.0,
+        adapter_names: Sequence[str] | None = None,
+    ) -> None:
+        self.group.call_pipeline("fuse_lora", components, lora_scale, adapter_names)
+
+    def unfuse_lora(self, components: Sequence[str] = LORA_COMPONENTS) -> None:
+        self.group.call_pipeline("unfuse_lora", components)
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        self.group.call_pipeline("delete_adapters", adapter_names)
+
+    def unload_lora_weights(self) -> None:
+        self.group.call_pipeline("unload_lora_weights")
+
     def close(self) -> None:
         self.group.shutdown()
 
@@ -108,22 +159,6 @@ class ParallelStableDiffusion3Pipeline:
 
 
 ParallelStableDiffusion3Pipeline.__call__.__signature__ = _CALL_SIGNATURE  # for help() and IDEs
-
-
-def _on_every_rank(name: str) -> Callable[..., Any]:
-    single = getattr(SD3LoraLoaderMixin, name)
-
-    def method(self: ParallelStableDiffusion3Pipeline, *args: Any, **kwargs: Any) -> Any:
-        return self.group.call_pipeline(name, *args, **kwargs)
-
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = f"On every rank: {single.__doc__ or name}"
-    method.__signature__ = inspect.signature(single)
-    return method
-
-
-for _name in LORA_METHODS:
-    setattr(ParallelStableDiffusion3Pipeline, _name, _on_every_rank(_name))
 
 
 class GroupReplica:

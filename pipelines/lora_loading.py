@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sd3_core import lora, lora_file
 from sd3_core.lora_registry import resolve_lora
 
-_COMPONENTS = ("transformer",)
+LORA_COMPONENTS = ("transformer",)  # the components that carry LoRA here
 
 
 class SD3LoraLoaderMixin:
@@ -62,7 +62,7 @@ class SD3LoraLoaderMixin:
 
     def fuse_lora(
         self,
-        components: Sequence[str] = _COMPONENTS,
+        components: Sequence[str] = LORA_COMPONENTS,
         lora_scale: float = 1.0,
         adapter_names: Sequence[str] | None = None,
     ) -> None:
@@ -73,7 +73,7 @@ class SD3LoraLoaderMixin:
         _check_components(components)
         lora.fuse_lora(self.transformer, lora_scale, adapter_names)
 
-    def unfuse_lora(self, components: Sequence[str] = _COMPONENTS) -> None:
+    def unfuse_lora(self, components: Sequence[str] = LORA_COMPONENTS) -> None:
         """Restore the exact pre-fuse transformer weights."""
         _check_components(components)
         lora.unfuse_lora(self.transformer)
@@ -102,14 +102,15 @@ def _is_remote_or_registry(path: str) -> bool:
 
 
 def _check_components(components: Sequence[str]) -> None:
-    extra = [c for c in components if c not in _COMPONENTS]
+    extra = [c for c in components if c not in LORA_COMPONENTS]
     if extra:
         raise ValueError(
-            f"LoRA components {extra} are not supported; only {list(_COMPONENTS)} carries LoRA here"
+            f"LoRA components {extra} are not supported; only {list(LORA_COMPONENTS)} carries LoRA here"
         )
 
 
-# The LoRA methods a replica group runs on every rank (rank 0's result is returned).
+# The LoRA methods a replica group runs on every rank (rank 0's result is returned): all but saving,
+# which needs a whole adapter.
 LORA_METHODS = tuple(
     name
     for name, value in vars(SD3LoraLoaderMixin).items()

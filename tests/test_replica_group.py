@@ -196,6 +196,31 @@ def test_the_call_takes_exactly_the_single_pipelines_arguments():
         pipe("a cat", guidance=3.0)
 
 
+def test_the_lora_methods_are_the_single_pipelines_each_forwarded_to_every_rank():
+    import inspect
+
+    from pipelines.lora_loading import LORA_METHODS, SD3LoraLoaderMixin
+
+    class Group:  # what ParallelStableDiffusion3Pipeline asks of its ReplicaGroup
+        def call_pipeline(self, name, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            return name
+
+    public = {n for n, v in vars(ParallelStableDiffusion3Pipeline).items() if callable(v) and not n.startswith("_")}
+    assert public - {"from_pretrained", "close"} == set(LORA_METHODS)
+    assert "save_lora_weights" not in LORA_METHODS  # a rank holds slices, not the whole adapter
+    pipe = ParallelStableDiffusion3Pipeline(group=Group())
+    for name in LORA_METHODS:
+        single = inspect.signature(getattr(SD3LoraLoaderMixin, name))
+        assert inspect.signature(getattr(ParallelStableDiffusion3Pipeline, name)) == single, name
+        # Every parameter filled with a distinct value: each must reach the ranks, in its place.
+        values = {p: f"{name}.{p}" for p in list(single.parameters)[1:]}
+        calls = []
+        returned = getattr(pipe, name)(**values)
+        assert returned == (None if single.return_annotation == "None" else name), name  # rank 0's
+        assert calls == [(name, tuple(values.values()), {})], name
+
+
 def test_a_group_replica_runs_only_in_a_placed_pool_actor(ray_cluster, tiny_pipelines):
     from actors.parallel_pipeline import GroupReplica
 
