@@ -1,6 +1,5 @@
 """Ray actors: model replicas, tensor-parallel shard workers, the Ray-driven parallel pipeline."""
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
 
 __all__ = ["ParallelStableDiffusion3Pipeline"]
 

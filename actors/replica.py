@@ -6,26 +6,24 @@ A *replica* is one process holding a `StableDiffusion3Pipeline` (`LocalReplica`)
 request with the same `render_request`; `ReplicaSpec` is the one place that says which Ray
 resources a replica takes, so the batch job's stage (`jobs/generate_stage.py`) does not change
 when a new replica shape plugs in.
+
+The job's driver imports this module (for `ReplicaSpec`) and never loads Paddle: what does (the
+pipelines, `sd3_core.lora`) is imported inside the replica, after its `runtime.configure()`.
 """
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import os
 import socket
-import warnings
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from sd3_core import runtime
 from sd3_core.generation_fields import image_fields
 from sd3_core.lora_registry import PinnedLoRA, fetch_lora
 from sd3_core.storage import StorageOptions
-
-# Paddle warns on import that it cannot find ccache (it only matters when building C++ extensions).
-warnings.filterwarnings("ignore", message="No ccache found")
 
 DEVICES = ("cpu", "gpu", "npu")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -190,7 +188,7 @@ def apply_lora(pipe: Any, lora: PinnedLoRA, scale: float, storage: StorageOption
     Fused, then unloaded, as diffusers users do for inference, but a layer at a time
     (``sd3_core.lora.bake_lora``): the forward then costs what the base model's does, and the
     unfused weights are never all held at once."""
-    from sd3_core.lora import bake_lora
+    from sd3_core.lora import bake_lora  # loads Paddle (see the module docstring)
 
     pipe.load_lora_weights(fetch_lora(lora, storage), adapter_name="job", scale=scale)
     bake_lora(pipe.transformer)
@@ -201,15 +199,14 @@ class LocalReplica:
     """A whole pipeline in this process (the 1 x 1 replica)."""
 
     def __init__(self, spec: ReplicaSpec) -> None:
-        import paddle
+        # A CPU actor computes on its share of the node (Ray gives it OMP_NUM_THREADS=num_cpus too).
+        runtime.configure(threads=spec.cpus if spec.device == "cpu" else None)
+        import paddle  # this and the pipelines after configure() (see the module docstring)
 
         from pipelines import StableDiffusion3Pipeline
         from sd3_core.model_cache import local_model_path, model_identity
 
         paddle.set_device(_paddle_device(spec.device))
-        if spec.device == "cpu":
-            # Ray gives a CPU actor OMP_NUM_THREADS=num_cpus; keep Paddle's pool to that share.
-            paddle.base.core.set_num_threads(max(1, int(spec.cpus)))
         path = local_model_path(spec.model, spec.storage)
         self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=spec.dtype)
         self.pipe.set_progress_bar_config(disable=True)

@@ -10,11 +10,13 @@ hosting the store, makes them abort).
 Memory: a rank holds only its transformer shard; with mp > 1 only mp rank 0 of each CFG half
 holds the text encoders (its embeddings reach the other mp ranks in one all-reduce), and only
 rank 0 holds the VAE's weights (it alone decodes).
+
+Paddle and the model code are imported inside the methods, after the constructor's
+`runtime.configure()`: the rank's process settings come first, and the warning Paddle prints on
+import is hidden in every rank's log.
 """
 
 from __future__ import annotations
-
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
 
 import os
 import socket
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from actors.replica import apply_lora
+from sd3_core import runtime
 
 __all__ = ["ShardWorker", "paddle_device"]
 
@@ -48,13 +51,12 @@ class ShardWorker:
     "cpu" when tests run GPU-kind bundles of Ray's logical GPUs on the CPU."""
 
     def __init__(self, rank: int, cfg: int, mp: int, compute: str, threads: int = 1) -> None:
+        self.threads = runtime.configure(threads=threads)
         import paddle
 
         self.rank, self.cfg, self.mp = rank, cfg, mp
         self.device = paddle_device(compute)
         paddle.set_device(self.device)
-        self.threads = max(1, int(threads))
-        paddle.base.core.set_num_threads(self.threads)
         self.groups = None
         self.pipe = None
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
-import paddle
 import ray
 
 from pipelines.training.config import TrainConfig
 from pipelines.training.devices import DEVICE_OVERRIDE_ENV, NPU_FLAGS, select_device
 from pipelines.training.trainer import Trainer
+from sd3_core import runtime
 
 
 @dataclass(frozen=True)
@@ -43,9 +41,8 @@ class TrainingActor:
     """Holds the device for the run; ``run(config)`` trains and returns ``TrainResult.as_dict()``."""
 
     def run(self, config: TrainConfig) -> dict[str, Any]:
+        runtime.configure(threads=config.num_cpus if config.device == "cpu" else None)
         device = select_device(config.device)
-        if config.device == "cpu":
-            paddle.base.core.set_num_threads(max(1, int(config.num_cpus)))
         result = Trainer(config).run().as_dict()
         ctx = ray.get_runtime_context()
         result["info"] = {

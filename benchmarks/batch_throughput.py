@@ -33,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import sd3_core.runtime  # noqa: E402,F401  (thread/MKL settings must precede paddle's import)
+from sd3_core import runtime  # noqa: E402
 
 
 def _second_half_rate(ends: list[float], counts: list[int]) -> float:
@@ -47,12 +47,11 @@ def _second_half_rate(ends: list[float], counts: list[int]) -> float:
 
 
 def bare_loop(args: argparse.Namespace, prompts: list[str], seeds: list[int]) -> float:
-    import paddle
 
     from jobs.job_config import DEFAULT_MODEL
     from pipelines import StableDiffusion3Pipeline
 
-    paddle.base.core.set_num_threads(args.threads)
+    runtime.configure(threads=args.threads)
     pipe = StableDiffusion3Pipeline.from_pretrained(args.model or DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
     ends, counts = [], []

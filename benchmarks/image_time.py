@@ -67,7 +67,9 @@ def build_folder(folder: str) -> None:
 def _ours(folder: str, latents_file: str, steps: int, out_prefix: str) -> dict:
     """Child process (OMP_NUM_THREADS already set): our three variants."""
     sys.path.insert(0, ROOT)
-    import sd3_core.runtime  # noqa: F401
+    from sd3_core import runtime
+
+    runtime.configure()
 
     import time
 

@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def measure(method: str, layers: int, rank: int, dtype: str) -> dict:
     """In this process: build the model and adapter, then bake with ``method``; memory in MiB."""
     sys.path.insert(0, ROOT)
-    import sd3_core.runtime  # noqa: F401
+    from sd3_core import runtime
+
+    runtime.configure()
 
     import paddle
 

@@ -84,7 +84,9 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before paddle loads, here and in the ranks
     sys.path.insert(0, ROOT)
 
-    import sd3_core.runtime  # noqa: F401
+    from sd3_core import runtime
+
+    runtime.configure()
 
     import ray
 

@@ -68,7 +68,9 @@ print(json.dumps({"seconds": results, "torch": torch.__version__, "threads": tor
 def _ours(folder: str, inputs_file: str, repeats: int, out_prefix: str) -> dict:
     """Child process (OMP_NUM_THREADS already set): time our three variants, save their outputs."""
     sys.path.insert(0, ROOT)
-    import sd3_core.runtime  # noqa: F401
+    from sd3_core import runtime
+
+    runtime.configure()
 
     import time
 
@@ -127,7 +129,9 @@ def main() -> None:
     thread_counts = args.threads or sorted({1, cores})
 
     sys.path.insert(0, ROOT)
-    import sd3_core.runtime  # noqa: F401
+    from sd3_core import runtime
+
+    runtime.configure()
 
     import numpy as np
     import paddle

@@ -94,14 +94,14 @@ def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str 
             tolerance: float | None, out: str) -> dict:  # fmt: skip
     """In this process: build the VAE, decode one image (tiled when ``tile``), save it to ``out``."""
     sys.path.insert(0, ROOT)
-    import sd3_core.runtime  # noqa: F401
+    from sd3_core import runtime
 
+    runtime.configure(threads=threads)
     import paddle
 
     from sd3_core import vae_tiling
     from sd3_core.vae import AutoencoderKL
 
-    paddle.base.core.set_num_threads(threads)
     paddle.seed(0)
     if tolerance is not None:
         vae_tiling.TOLERANCE = tolerance

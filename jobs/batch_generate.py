@@ -13,8 +13,6 @@ s3fs, and a map task that still fails with one is retried by Ray Data (`retried_
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import logging
 import sys
 import time
@@ -25,6 +23,7 @@ import pyarrow as pa
 from actors.pool_placement import PoolPlacementGroups
 from jobs import manifest
 from jobs.benchmark_report import BenchmarkTally
+from jobs.contact_sheet import write_contact_sheet
 from jobs.job_config import JobConfig, JobFailed, JobResult
 from jobs.job_graph import build_graph
 from jobs.job_preflight import check_cluster, lora_record, plan_job
@@ -153,8 +152,6 @@ def run_job(config: JobConfig) -> JobResult:
 
 def _write_contact_sheet(output: str, options: StorageOptions, n: int) -> str | None:
     """`{out}/contact_sheet.png` of the first `n` ok images with their prompts (None when there are none)."""
-    from jobs.contact_sheet import write_contact_sheet
-
     if n < 1:
         return None
     merged = manifest.read_manifest(output, options)

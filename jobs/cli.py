@@ -6,7 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jobs import submit
+from jobs.batch_generate import run_job
+from jobs.benchmark_report import format_report
+from jobs.job_config import DEFAULT_MODEL, JobConfig, JobFailed
+from jobs.prompt_table import JobDefaults
+from jobs.submit import SUBMITTABLE
+from sd3_core import runtime
 from sd3_core.generation_fields import GENERATION_FIELDS
+from sd3_core.storage import StorageOptions
 
 
 def _positive_int(text: str) -> int:
@@ -126,11 +134,6 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jobs.batch_generate import run_job
-    from jobs.job_config import DEFAULT_MODEL, JobConfig, JobFailed
-    from jobs.prompt_table import JobDefaults
-    from sd3_core.storage import StorageOptions
-
     defaults = JobDefaults(
         **{f.name: getattr(args, f.name) for f in GENERATION_FIELDS if f.flags}, job_seed=args.seed
     )
@@ -175,8 +178,6 @@ def _generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if result.benchmark is not None:
-        from jobs.benchmark_report import format_report
-
         print(format_report(result.benchmark), file=sys.stderr)
     if result.rows_failed:
         examples = "; ".join(e["error"] for e in c.get("error_examples", [])[:3])
@@ -191,8 +192,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _add_submit_parser(commands: argparse._SubParsersAction) -> None:
     """`sd3 submit [options] COMMAND ARGS...`: run an `sd3` command as a Ray job (owner: ray-jobs)."""
-    from jobs.submit import SUBMITTABLE
-
     sub = commands.add_parser(
         "submit",
         help="run a command as a Ray job on a cluster (Ray Jobs)",
@@ -226,8 +225,6 @@ def _add_submit_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from jobs import submit
-
     # Check the job's arguments here with the command's own parser, so a typo fails now, not on the
     # cluster (argparse exits with its usage message, as `sd3 COMMAND` itself would).
     parsed = build_parser().parse_args([args.job, *args.job_args])
@@ -261,6 +258,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     """`sd3 train`, `sd3 schedule`, `sd3 nightly` (jobs/train_cli.py; owner: train-job)."""
+    # pipelines.training is imported on building the parser, not on importing jobs.cli.
     from jobs import train_cli
 
     train_cli.add_train_parser(commands)
@@ -269,7 +267,7 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _training_command(args: argparse.Namespace) -> int:
-    from jobs import train_cli
+    from jobs import train_cli  # as in _add_training_parsers
 
     run = {"train": train_cli.run_train, "schedule": train_cli.run_schedule, "nightly": train_cli.run_nightly}
     return run[args.command](args)
@@ -300,7 +298,7 @@ def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from sd3_core import single_file_convert
+    from sd3_core import single_file_convert  # loads Paddle, which the other commands' drivers never need
 
     if args.to == "single-file":
         if args.config is not None:
@@ -318,6 +316,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sd3` console script."""
+    runtime.configure()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

@@ -31,7 +31,7 @@ from jobs.prompt_table import (
 from sd3_core.folder_defaults import folder_guidance_scale, folder_max_sequence_length
 from sd3_core.hub import is_hub_id
 from sd3_core.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora
-from sd3_core.model_cache import hub_model_path
+from sd3_core.model_cache import hub_model_path, model_identity
 from sd3_core.storage import StorageOptions, get_fs, join_url, normalize_url, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -114,15 +114,12 @@ def model_defaults(model: str, options: StorageOptions) -> ModelDefaults:
 def pin_job_lora(ref: str, model: str, options: StorageOptions) -> PinnedLoRA:
     """The adapter `ref` names now, pinned (version, sha256) and checked against `model`'s
     transformer, so a missing, unreadable or mismatched adapter fails before any row runs."""
-    from sd3_core.lora import LoRAError
-    from sd3_core.safetensors_io import WeightsFileError
-
     try:
         pinned = pin_lora(ref, options)
         _check_lora_fits(fetch_lora(pinned, options), model, options, pinned.pinned_ref)
     except LoRARefError as e:
         raise JobError(f"--lora {ref}: {e.reason}") from None
-    except (LoRAError, WeightsFileError, ValueError) as e:
+    except ValueError as e:  # LoRAError, WeightsFileError and bad files are ValueErrors
         raise JobError(f"--lora {ref}: {e}") from None
     except Exception as e:  # storage errors: botocore's text says which (no access, no bucket, ...)
         raise JobError(f"--lora {ref}: cannot read it ({type(e).__name__}: {e})") from None
@@ -132,7 +129,7 @@ def pin_job_lora(ref: str, model: str, options: StorageOptions) -> PinnedLoRA:
 def _check_lora_fits(path: str, model: str, options: StorageOptions, source: str) -> None:
     """LoRAError unless the LoRA file at `path` fits `model`'s transformer (built from its config
     without weights: shapes only)."""
-    import paddle
+    import paddle  # only a job with --lora needs Paddle in its driver
 
     from sd3_core.lora_file import check_lora_fits, read_lora_file
     from sd3_core.transformer import SD3Transformer2DModel
@@ -227,8 +224,6 @@ def known_outcomes(output: str, options: StorageOptions) -> Outcomes:
 def check_same_model(output: str, models: Counter, model: str, configs: str, options: StorageOptions) -> None:
     """JobError when `output` holds images another model (URL or configs, Hub id and commit)
     rendered: a resume must not mix two models' images in one manifest."""
-    from sd3_core.model_cache import model_identity
-
     if not models:  # a new output: nothing to compare, so no listing of the model
         return
     fs, path = get_fs(configs, options)

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from jobs import submit
 from sd3_core.storage import StorageOptions, join_url, read_bytes
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -169,8 +170,6 @@ def trigger(
     """Submit the run of ``date`` (default today, UTC) unless a job with its id exists already.
 
     Returns ``{"submission_id", "submitted": bool, "status"}``."""
-    from jobs import submit
-
     date = run_date(date)
     sid = submission_id(spec, date)
     client = client or submit.connect(address or spec.ray.get("address"))

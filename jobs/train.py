@@ -3,8 +3,6 @@ on a node with the device asked for. The training itself is pipelines.training."
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import os
 from collections.abc import Callable
 from typing import Any

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 
+from jobs import nightly, submit
 from pipelines.training.config import TrainConfig
-from sd3_core.storage import StorageOptions
+from pipelines.training.devices import apply_npu_flags, select_device
+from sd3_core.storage import StorageOptions, normalize_url
 
 # Flags the reference scripts have that change nothing here (accepted so commands keep working).
 _IGNORED = ("revision", "variant", "cache_dir", "dataloader_num_workers", "local_rank", "hub_token",
@@ -182,11 +185,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipelines.training.devices import apply_npu_flags, select_device
-
     if args.local and args.device == "npu":
         apply_npu_flags()  # before jobs.train imports paddle
-    from jobs.train import run_on_ray, train
+    from jobs.train import run_on_ray, train  # loads Paddle: after the NPU flags, and only to train
 
     config = config_from_args(args)
     if args.local:
@@ -227,18 +228,13 @@ def add_schedule_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_schedule(args: argparse.Namespace) -> int:
-    import os
-
-    from jobs.nightly import load_spec, schedule_text
-    from sd3_core.storage import normalize_url
-
     spec_url = normalize_url(args.spec)
-    spec = load_spec(spec_url)
+    spec = nightly.load_spec(spec_url)
     sd3 = args.sd3
     if sd3 == "sd3":
         candidate = os.path.join(os.path.dirname(sys.executable), "sd3")
         sd3 = candidate if os.path.exists(candidate) else "sd3"
-    print(schedule_text(spec, spec_url, sd3))
+    print(nightly.schedule_text(spec, spec_url, sd3))
     return 0
 
 
@@ -257,8 +253,6 @@ def add_nightly_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_nightly(args: argparse.Namespace) -> int:
-    from jobs import nightly, submit
-
     spec = (
         nightly.parse_spec(args.spec_json, "--spec-json") if args.spec_json else nightly.load_spec(args.spec)
     )

@@ -1,6 +1,5 @@
 """User-facing pipelines built on sd3_core: text-to-image, and training (`pipelines.training`)."""
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
 
 __all__ = ["StableDiffusion3Pipeline", "StableDiffusion3PipelineOutput"]
 

@@ -22,6 +22,7 @@ from pipelines.pipeline_loading import PipelineLoadingMixin
 from pipelines.pipeline_output import StableDiffusion3PipelineOutput
 from pipelines.prompt_encoding import PromptEncodingMixin, check_prompt_inputs
 from pipelines.stage_timer import StageTimer
+from sd3_core import runtime
 from sd3_core.folder_defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_T5_LENGTH, MAX_T5_LENGTH
 from sd3_core.inference_program import TransformerProgram, program_precision
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
@@ -55,6 +56,7 @@ class StableDiffusion3Pipeline(PipelineLoadingMixin, PromptEncodingMixin, SD3Lor
         text_encoder_3: Any = None,
         tokenizer_3: Any = None,
     ) -> None:
+        runtime.configure()
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("text_encoder_3 and tokenizer_3 must both be given or both be None (T5 dropped)")
         self.transformer = transformer

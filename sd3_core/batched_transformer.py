@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import paddle
 import paddle.nn.functional as F
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import LoRALinear
 from sd3_core.modeling import compute_dtype

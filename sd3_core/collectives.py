@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
-
 __all__ = [
     "CollectiveCounter",
     "Collectives",

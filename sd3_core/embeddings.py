@@ -13,7 +13,6 @@ import paddle
 import paddle.nn.functional as F
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.modeling import Conv2D, Linear
 
 __all__ = [

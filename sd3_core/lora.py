@@ -17,7 +17,6 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.modeling import Linear, _numpy_to_tensor
 
 __all__ = [

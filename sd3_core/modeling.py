@@ -21,10 +21,9 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import paddle  # sd3_core/__init__ has already applied runtime
+import paddle
 import paddle.nn.functional as F
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.hub import LoadOptions, model_folder, weights_patterns
 from sd3_core.safetensors_io import FLOAT8_DTYPES, WeightsIndex, open_weights, write_safetensors
 

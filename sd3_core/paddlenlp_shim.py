@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (must run before paddle is imported)
-
 __all__ = ["build_paddlenlp_model", "paddlenlp_modules"]
 
 _Model = TypeVar("_Model", bound=paddle.nn.Layer)

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.hub import LoadOptions, model_folder
 from sd3_core.modeling import DIFFUSERS_VERSION, Config
 

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (must run before paddle is imported)
 from sd3_core.modeling import Config, load_torch_state, torch_state_from
 from sd3_core.paddlenlp_shim import build_paddlenlp_model, paddlenlp_modules
 from sd3_core.safetensors_io import WeightsIndex

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.collectives import Collectives, SingleRank
 from sd3_core.lora_file import LoRAFile
 from sd3_core.modeling import _default_dtype, load_torch_state, resolve_dtype

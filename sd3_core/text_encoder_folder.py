@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import numpy as np
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (must run before paddle is imported)
 from sd3_core.hub import weights_patterns
 from sd3_core.modeling import compute_dtype, read_json_object, resolve_dtype
 from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 
 __all__ = [

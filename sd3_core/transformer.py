@@ -21,7 +21,6 @@ import paddle
 import paddle.nn.functional as F
 
 from sd3_core import (
-    runtime,  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
     single_file,
 )
 from sd3_core.attention import Attention, attention

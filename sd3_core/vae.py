@@ -28,7 +28,6 @@ import paddle.nn.functional as F
 
 from sd3_core import (
     modeling,
-    runtime,  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
     single_file,
     vae_tiling,
 )

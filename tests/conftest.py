@@ -6,7 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from sd3_core import runtime
 from tests.s3_server import aws_env, moto_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The test process is an entry point: it computes with sd3-ray's process settings."""
+    runtime.configure()
 
 
 @pytest.fixture(scope="session")

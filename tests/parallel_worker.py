@@ -14,8 +14,6 @@ prompt embeddings) and ``$callback`` (a name in :data:`CALLBACKS`).
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (must precede paddle's import)
-
 import contextlib
 import json
 import sys
@@ -28,6 +26,7 @@ import paddle
 from pipelines.pipeline_loading import TEXT_COMPONENTS
 from pipelines.rank_pipeline import RankPipeline
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
+from sd3_core import runtime
 from sd3_core.collectives import init_world, leave_world, replica_groups
 from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
@@ -88,6 +87,7 @@ def run_shape(groups, spec: dict, prefix: str, arrays: dict, report: dict) -> No
 
 
 def main(spec: dict) -> None:
+    runtime.configure()
     rank = spec["rank"]
     world = init_world(rank, spec["endpoints"], "cpu")
     arrays: dict[str, np.ndarray] = {}

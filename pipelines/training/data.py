@@ -31,7 +31,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipelines.training.config import TrainConfig
-from sd3_core.storage import StorageOptions, join_url, list_files, read_bytes, split_url
+from sd3_core.storage import (
+    StorageOptions,
+    join_url,
+    list_files,
+    pyarrow_fs,
+    read_bytes,
+    split_url,
+    write_bytes_atomic,
+)
 
 if TYPE_CHECKING:  # a type only: importing the pipeline loads Paddle
     from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
@@ -106,8 +114,6 @@ def read_parquet_table(
 ) -> list[tuple[Image.Image, str, str]]:
     """``(image, caption, source)`` per row of a Parquet file or dataset folder."""
     import pyarrow.parquet as pq
-
-    from sd3_core.storage import pyarrow_fs
 
     fs, path = pyarrow_fs(url, options)
     try:
@@ -233,8 +239,6 @@ def fingerprint(entries: list[Entry]) -> str:
 
 
 def save_image(url: str, image: Image.Image, options: StorageOptions | None = None) -> None:
-    from sd3_core.storage import write_bytes_atomic
-
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     write_bytes_atomic(url, buf.getvalue(), options)

@@ -3,8 +3,6 @@ VAE latents (a posterior sample, shifted and scaled), each cached when the confi
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import numpy as np
 import paddle
 

@@ -9,8 +9,6 @@ inputs whatever the batch split and whether the run was resumed.
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import numpy as np
 import paddle
 

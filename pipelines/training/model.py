@@ -3,8 +3,6 @@ layers injected into it), the frozen rest, and the trained weights' files."""
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import contextlib
 import logging
 from dataclasses import dataclass

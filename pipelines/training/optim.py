@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from sd3_core import runtime  # noqa: F401  (paddle settings; sd3_core/__init__ already ran it)
-
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 

@@ -20,15 +20,12 @@ one optimizer update per step, and prior preservation splits the loss weighting 
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import dataclasses
 import logging
 import math
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +39,12 @@ from pipelines.training.model import load_models
 from pipelines.training.optim import AdamW, LossScaler, LRSchedule, clip_coefficient, global_grad_norm
 from pipelines.training.outputs import publish_weights, published_already, save_weights, validate
 from pipelines.training.tracking import Tracker
+from sd3_core import runtime
 from sd3_core.model_cache import local_model_path
 from sd3_core.storage import check_writable, normalize_url, split_url
 from sd3_core.training import FlowMatchingLoss
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", message="No ccache found")
 
 _LOG_EVERY = 25  # steps between progress lines (logger pipelines.training.trainer, INFO)
 
@@ -81,6 +78,7 @@ class Trainer:
     """One training run. ``Trainer(config).run()``; tests also use :meth:`evaluation_loss`."""
 
     def __init__(self, config: TrainConfig, on_step_end: Callable[[int], None] | None = None) -> None:
+        runtime.configure()
         config.check()
         self.config = config
         self.on_step_end = on_step_end

@@ -20,8 +20,6 @@ interrupted run still leaves a usable VAE.
 
 from __future__ import annotations
 
-import sd3_core.runtime  # noqa: F401  (thread/MKL settings must precede paddle's import)
-
 import argparse
 import json
 import time
@@ -29,6 +27,7 @@ import time
 import numpy as np
 import paddle
 
+from sd3_core import runtime
 from sd3_core.vae import AutoencoderKL
 
 CONFIG = {
@@ -203,6 +202,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.configure()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="shapes Parquet table (tools/default_model/shapes_data.py)")
     p.add_argument("--out", required=True, help="folder for the VAE (diffusers layout)")
