@@ -275,39 +275,34 @@ def _wait_for_parts(output: str, n: int, storage=None, timeout: float = 120, ali
         time.sleep(0.05)
 
 
-def test_killed_model_actor_is_replaced_and_its_batch_retried(ray_address, tmp_path):
+def _kill_mid_job(ray_address: str, tmp_path, class_name: str, actors: int, **job) -> tuple[list, set]:
+    """Run a 60-row job, SIGKILL the last of its `actors` live `class_name` actors once the first
+    manifest part is written; after the job ends, every image is there exactly once. Returns the
+    actors seen and the manifest's replica names."""
     expected = simple_table(tmp_path / "t.parquet", 60)
     output = str(tmp_path / "out")
-    thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), batch_size=2))
+    thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), batch_size=2, **job))
     _wait_for_parts(output, 1, alive=thread.is_alive)
-    actors = _generate_stage_actors(ray_address, ray.get_runtime_context().get_job_id())
-    assert len(actors) == 1
-    os.kill(actors[0].pid, signal.SIGKILL)
+    seen = _generate_stage_actors(ray_address, ray.get_runtime_context().get_job_id(), class_name)
+    assert len(seen) == actors
+    os.kill(seen[-1].pid, signal.SIGKILL)
     killed_at = len(manifest.done_keys(output))
     thread.join(timeout=300)
     assert "error" not in box, box.get("error")
     merged = check_complete(output, expected)
     assert killed_at < len(expected)
-    replicas = {r["replica"] for r in merged.to_pylist()}
-    assert len(replicas) == 2 and any(r.endswith(f":{actors[0].pid}") for r in replicas)
+    return seen, {r["replica"] for r in merged.to_pylist()}
+
+
+def test_killed_model_actor_is_replaced_and_its_batch_retried(ray_address, tmp_path):
+    killed, replicas = _kill_mid_job(ray_address, tmp_path, "GenerateStage", actors=1)
+    assert len(replicas) == 2 and any(r.endswith(f":{killed[0].pid}") for r in replicas)
 
 
 def test_killed_rank_of_a_cfg_parallel_group_is_replaced_and_its_batch_retried(ray_address, tmp_path):
     """A rank of the pool actor's 2 x 1 group dies: the group breaks, the pool actor ends
     (`ReplicaLost`), Ray restarts it with a new group and reruns the batch; every image once."""
-    expected = simple_table(tmp_path / "t.parquet", 60)
-    output = str(tmp_path / "out")
-    thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), batch_size=2, cfg_parallel=True))
-    _wait_for_parts(output, 1, alive=thread.is_alive)
-    ranks = _generate_stage_actors(ray_address, ray.get_runtime_context().get_job_id(), "ShardWorker")
-    assert len(ranks) == 2
-    os.kill(ranks[1].pid, signal.SIGKILL)
-    killed_at = len(manifest.done_keys(output))
-    thread.join(timeout=300)
-    assert "error" not in box, box.get("error")
-    merged = check_complete(output, expected)
-    assert killed_at < len(expected)
-    replicas = {r["replica"] for r in merged.to_pylist()}
+    _, replicas = _kill_mid_job(ray_address, tmp_path, "ShardWorker", actors=2, cfg_parallel=True)
     assert len(replicas) == 2 and all("/cfg2xmp1@" in r for r in replicas), replicas
 
 

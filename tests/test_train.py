@@ -27,7 +27,7 @@ from pipelines.training.data import SampleOrder, build_entries, read_parquet_tab
 from pipelines.training.loss import sample_prompts
 from pipelines.training.model import enable_gradient_checkpointing
 from pipelines.training.optim import LossScaler, LRSchedule
-from pipelines.training.trainer import Trainer, TrainingInterrupted
+from pipelines.training.trainer import Trainer
 from sd3_core import lora, lora_file
 from sd3_core.storage import StorageOptions, get_fs, list_files
 from sd3_core.transformer import SD3Transformer2DModel
@@ -206,6 +206,10 @@ def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights
     print(f"LoRA resume: max |w_resumed - w_uninterrupted| = {diff:.3g}")
     assert diff <= 1e-5
     assert resumed.optimizer.step_count == uninterrupted.optimizer.step_count == 8
+
+
+class TrainingInterrupted(RuntimeError):
+    """What the tests raise from ``on_step_end`` to stop a run as a crash would."""
 
 
 def test_full_finetune_resumed_from_a_named_checkpoint_matches(instance_dir, tmp_path):
@@ -414,7 +418,7 @@ def test_parquet_table_of_bytes_and_uris_with_captions(instance_dir, tmp_path):
 
 
 def test_wandb_offline_run_holds_metrics_and_validation_images(instance_dir, tmp_path, monkeypatch):
-    from pipelines.training.tracking import read_offline_history
+    from tests.wandb_offline import read_offline_history
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     result = train(config(instance_dir, tmp_path, max_train_steps=4, train_batch_size=2, report_to="wandb",

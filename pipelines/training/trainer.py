@@ -70,12 +70,8 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
-class TrainingInterrupted(RuntimeError):
-    pass
-
-
 class Trainer:
-    """One training run. ``Trainer(config).run()``; tests also use :meth:`evaluation_loss`."""
+    """One training run: ``Trainer(config).run()``; :meth:`evaluation_loss` measures learning."""
 
     def __init__(self, config: TrainConfig, on_step_end: Callable[[int], None] | None = None) -> None:
         runtime.configure()
