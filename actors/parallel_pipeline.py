@@ -36,7 +36,7 @@ from pipelines.stable_diffusion_3 import (
     StableDiffusion3PipelineOutput,
     generator_seeds,
 )
-from sd3_core.modeling import dtype_argument
+from sd3_core.dtypes import dtype_argument
 
 __all__ = ["GroupReplica", "ParallelStableDiffusion3Pipeline"]
 

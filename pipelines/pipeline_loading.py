@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from sd3_core import single_file
 from sd3_core.clip_text_encoder import clip_text_encoder_from_weights, load_clip_text_encoder
+from sd3_core.dtypes import dtype_argument
 from sd3_core.folder_defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_T5_LENGTH,
@@ -26,7 +27,7 @@ from sd3_core.folder_defaults import (
 )
 from sd3_core.folder_layout import LIBRARY_CLASSES, pipeline_files
 from sd3_core.hub import LoadOptions, model_folder
-from sd3_core.modeling import dtype_argument, read_json_object
+from sd3_core.model_config import read_json_object
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.t5_encoder import load_t5_encoder, t5_encoder_from_weights
 from sd3_core.tokenizer_loading import load_clip_tokenizer, load_t5_tokenizer

@@ -14,7 +14,7 @@ import paddle
 import paddle.nn.functional as F
 
 from sd3_core import runtime
-from sd3_core.modeling import Linear, PartialSumLinear
+from sd3_core.layers import Linear, PartialSumLinear
 
 __all__ = ["Attention", "RMSNorm", "attention", "split_heads_norm"]
 

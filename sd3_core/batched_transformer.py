@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import paddle
 import paddle.nn.functional as F
 
+from sd3_core.dtypes import compute_dtype
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import LoRALinear
-from sd3_core.modeling import compute_dtype
 from sd3_core.transformer import Modulation, SD3Transformer2DModel
 
 __all__ = ["ATTENTION_LAYOUTS", "BatchedSD3Transformer"]

@@ -12,10 +12,11 @@ from typing import Any
 
 import paddle
 
-from sd3_core.modeling import Config, load_torch_state, torch_state_from
+from sd3_core.model_config import Config
 from sd3_core.paddlenlp_shim import build_paddlenlp_model, paddlenlp_modules
 from sd3_core.safetensors_io import WeightsIndex
 from sd3_core.text_encoder_folder import load_encoder_folder, run_dtype, save_encoder_folder
+from sd3_core.torch_state import load_torch_state, torch_state_from
 
 __all__ = ["ClipTextEncoder", "clip_text_encoder_from_weights", "load_clip_text_encoder"]
 

@@ -13,7 +13,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
-from sd3_core.modeling import Conv2D, Linear
+from sd3_core.layers import Conv2D, Linear
 
 __all__ = [
     "CombinedTimestepTextProjEmbeddings",

@@ -38,9 +38,10 @@ from paddle.static import InputSpec
 
 from sd3_core import runtime
 from sd3_core.batched_transformer import BatchedSD3Transformer
+from sd3_core.dtypes import compute_dtype, resolve_dtype
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import lora_layers
-from sd3_core.modeling import _tensor_to_numpy, compute_dtype, resolve_dtype
+from sd3_core.torch_state import tensor_to_numpy
 from sd3_core.transformer import SD3Transformer2DModel
 
 __all__ = [
@@ -194,7 +195,7 @@ class TransformerProgram:
         digest = hashlib.sha256(json.dumps(dict(self.model.config), sort_keys=True).encode())
         for name, param in sorted(batched.state_dict().items()):
             digest.update(name.encode())
-            digest.update(np.ascontiguousarray(_tensor_to_numpy(param)).tobytes())
+            digest.update(np.ascontiguousarray(tensor_to_numpy(param)).tobytes())
         return digest.hexdigest()
 
     def _entry_key(self, weights: str, shape: _Shape) -> tuple[str, dict]:

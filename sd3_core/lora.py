@@ -17,7 +17,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from sd3_core.modeling import Linear, _numpy_to_tensor
+from sd3_core.layers import Linear
+from sd3_core.torch_state import numpy_to_tensor
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -402,4 +403,4 @@ def random_lora_weights(model: paddle.nn.Layer, adapter_name: str, seed: int, st
         with paddle.no_grad():
             for d, arr in ((layer.lora_A, a), (layer.lora_B, b)):
                 w = d[adapter_name].weight
-                w.set_value(_numpy_to_tensor(np.ascontiguousarray(arr.T), w.dtype))
+                w.set_value(numpy_to_tensor(np.ascontiguousarray(arr.T), w.dtype))

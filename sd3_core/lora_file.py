@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from sd3_core.dtypes import NUMPY_DTYPES, resolve_dtype
 from sd3_core.lora import LoRAError, adapter_names, lora_layers, wrap_linear
-from sd3_core.modeling import _NUMPY_DTYPE, _tensor_to_numpy, resolve_dtype
 from sd3_core.safetensors_io import SafetensorsFile, WeightsFileError, write_safetensors
+from sd3_core.torch_state import tensor_to_numpy
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -295,12 +296,12 @@ def lora_state_dict(
             "the whole transformer (StableDiffusion3Pipeline)"
         )
     tensors, alphas, ranks = {}, {}, {}
-    target = _NUMPY_DTYPE[resolve_dtype(dtype)]
+    target = NUMPY_DTYPES[resolve_dtype(dtype)]
     for module, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
         for kind, d in (("A", layer.lora_A), ("B", layer.lora_B)):
-            arr = _tensor_to_numpy(d[adapter_name].weight).T.astype(target)
+            arr = tensor_to_numpy(d[adapter_name].weight).T.astype(target)
             tensors[f"{PREFIX}.{module}.lora_{kind}.weight"] = np.ascontiguousarray(arr)
         alphas[module] = layer.alpha[adapter_name]
         ranks[module] = layer.rank(adapter_name)

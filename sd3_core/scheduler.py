@@ -19,7 +19,8 @@ import numpy as np
 import paddle
 
 from sd3_core.hub import LoadOptions, model_folder
-from sd3_core.modeling import DIFFUSERS_VERSION, Config
+from sd3_core.model_config import Config
+from sd3_core.modeling import DIFFUSERS_VERSION
 
 DIFFUSERS_CLASS_NAME = "FlowMatchEulerDiscreteScheduler"
 

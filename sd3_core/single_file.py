@@ -28,7 +28,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sd3_core.modeling import WeightLoadError, read_json_object, resolve_dtype
+from sd3_core.dtypes import resolve_dtype
+from sd3_core.model_config import read_json_object
 from sd3_core.safetensors_io import SafetensorsFile, WeightsFileError
 from sd3_core.single_file_keys import (
     COMPONENT_PREFIXES,
@@ -40,6 +41,7 @@ from sd3_core.single_file_keys import (
     transformer_refs,
     vae_refs,
 )
+from sd3_core.torch_state import WeightLoadError
 
 __all__ = [
     "TEXT_ENCODERS",

@@ -14,7 +14,8 @@ import numpy as np
 
 from sd3_core.folder_defaults import GUIDANCE_SCALE_KEY, MAX_SEQUENCE_LENGTH_KEY
 from sd3_core.folder_layout import LIBRARY_CLASSES
-from sd3_core.modeling import DIFFUSERS_VERSION, WeightLoadError, read_json_object
+from sd3_core.model_config import read_json_object
+from sd3_core.modeling import DIFFUSERS_VERSION
 from sd3_core.safetensors_io import FLOAT8_DTYPES, open_weights, write_safetensors
 from sd3_core.single_file import (
     METADATA_CONFIG,
@@ -34,6 +35,7 @@ from sd3_core.single_file_keys import (
     transformer_refs,
     vae_original_refs,
 )
+from sd3_core.torch_state import WeightLoadError
 
 __all__ = ["write_diffusers_folder", "write_single_file"]
 

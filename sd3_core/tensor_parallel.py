@@ -28,9 +28,10 @@ import numpy as np
 import paddle
 
 from sd3_core.collectives import Collectives, SingleRank
+from sd3_core.dtypes import default_dtype, resolve_dtype
 from sd3_core.lora_file import LoRAFile
-from sd3_core.modeling import _default_dtype, load_torch_state, resolve_dtype
 from sd3_core.safetensors_io import WeightsIndex, open_weights
+from sd3_core.torch_state import load_torch_state
 from sd3_core.transformer import SD3Transformer2DModel
 
 __all__ = [
@@ -197,7 +198,7 @@ def load_transformer_shard(
         return SD3Transformer2DModel.from_pretrained(folder, dtype=dtype)
     name = resolve_dtype(dtype)
     index = open_weights(folder, SD3Transformer2DModel.weights_name)
-    with _default_dtype(name), paddle.LazyGuard():
+    with default_dtype(name), paddle.LazyGuard():
         model = TensorParallelSD3Transformer._build(config, comm)
     try:
         load_torch_state(

@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 import numpy as np
 import paddle
 
+from sd3_core.dtypes import compute_dtype, resolve_dtype
 from sd3_core.hub import weights_patterns
-from sd3_core.modeling import compute_dtype, read_json_object, resolve_dtype
+from sd3_core.model_config import read_json_object
 from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors
 
 __all__ = [
@@ -60,7 +61,7 @@ def load_encoder_folder(
 
 def run_dtype(dtype: str | paddle.dtype) -> str:
     """The dtype weights are held and run in: the request, or float32 where the device lacks
-    half-precision kernels (Paddle's CPU build; see modeling.compute_dtype)."""
+    half-precision kernels (Paddle's CPU build; see dtypes.compute_dtype)."""
     name = resolve_dtype(dtype)
     return resolve_dtype(compute_dtype(getattr(paddle, name)))
 

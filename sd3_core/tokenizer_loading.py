@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sd3_core.modeling import read_json_object
+from sd3_core.model_config import read_json_object
 from sd3_core.paddlenlp_shim import paddlenlp_modules
 from sd3_core.prompt_tokenizer import PaddleNLPBackend, PromptTokenizer, TokenizersBackend
 from sd3_core.text_encoder_folder import existing_folder

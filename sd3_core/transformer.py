@@ -24,8 +24,11 @@ from sd3_core import (
     single_file,
 )
 from sd3_core.attention import Attention, attention
+from sd3_core.dtypes import compute_dtype
 from sd3_core.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
-from sd3_core.modeling import Linear, ModelMixin, PartialSumLinear, compute_dtype
+from sd3_core.layers import Linear, PartialSumLinear
+from sd3_core.model_config import register_to_config
+from sd3_core.modeling import ModelMixin
 
 __all__ = [
     "FeedForward",
@@ -308,6 +311,7 @@ def joint_attention(
 class SD3Transformer2DModel(ModelMixin):
     """MM-DiT denoiser; ``forward(latents, text tokens, pooled text, timestep) -> velocity``."""
 
+    @register_to_config
     def __init__(
         self,
         sample_size: int = 128,

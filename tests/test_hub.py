@@ -25,9 +25,9 @@ from PIL import Image
 
 from jobs.cli import main
 from pipelines import StableDiffusion3Pipeline
+from sd3_core.dtypes import dtype_argument
 from sd3_core.hub import hub_commit, is_hub_id, model_folder
 from sd3_core.model_cache import local_model_path, model_identity
-from sd3_core.modeling import dtype_argument
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL

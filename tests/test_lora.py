@@ -17,8 +17,8 @@ import pytest
 
 from pipelines import StableDiffusion3Pipeline
 from sd3_core import lora, lora_file
+from sd3_core.layers import Linear
 from sd3_core.lora import LoRAError, LoRALinear
-from sd3_core.modeling import Linear
 from sd3_core.safetensors_io import SafetensorsFile, write_safetensors
 from sd3_core.transformer import SD3Transformer2DModel
 from tests.lora_recipe import OUR_LORAS, build_our_lora, write_our_lora

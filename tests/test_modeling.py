@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 
@@ -10,22 +11,18 @@ import numpy as np
 import paddle
 import pytest
 
-from sd3_core.modeling import (
-    Config,
-    Conv2D,
-    Linear,
-    ModelMixin,
-    WeightLoadError,
-    load_torch_state,
-    resolve_dtype,
-    torch_state_from,
-)
+from sd3_core.dtypes import resolve_dtype
+from sd3_core.layers import Conv2D, Linear
+from sd3_core.model_config import Config, register_to_config
+from sd3_core.modeling import ModelMixin
 from sd3_core.safetensors_io import SafetensorsFile, open_weights, write_safetensors
+from sd3_core.torch_state import WeightLoadError, load_torch_state, torch_state_from
 
 
 class Toy(ModelMixin):
     """Every layout case: square and non-square Linear, conv, norm, embedding, buffer."""
 
+    @register_to_config
     def __init__(self, width: int = 4, vocab: int = 5, extra: tuple[int, ...] = ()):
         super().__init__()
         self.square = Linear(width, width)
@@ -68,6 +65,27 @@ def test_config_is_a_dict_with_attribute_access():
     assert c.a == 1 and c["b"] == 2
     with pytest.raises(AttributeError, match="'zzz'"):
         _ = c.zzz
+
+
+def test_the_outermost_decorated_init_records_the_config_with_defaults_filled_in():
+    class Wider(Toy):
+        @register_to_config
+        def __init__(self, scale: int = 2, vocab: int = 7):
+            super().__init__(width=4 * scale, vocab=vocab)
+
+    assert dict(Toy(width=3).config) == {"width": 3, "vocab": 5, "extra": ()}
+    assert dict(Wider(vocab=9).config) == {"scale": 2, "vocab": 9}  # not Toy's arguments
+    assert Wider.__init__.__name__ == "__init__" and "scale" in str(inspect.signature(Wider.__init__))
+
+
+def test_a_model_whose_init_is_not_decorated_names_the_missing_decorator():
+    class Plain(ModelMixin):
+        def __init__(self, width: int = 2):
+            super().__init__()
+            self.proj = Linear(width, width)
+
+    with pytest.raises(AttributeError, match="Plain has no config: decorate its __init__ with @.*register_to_config"):
+        _ = Plain().config
 
 
 @pytest.mark.parametrize("good", ["float32", "float16", "bfloat16", paddle.bfloat16, paddle.float16])

@@ -20,8 +20,8 @@ import pytest
 from pipelines import StableDiffusion3Pipeline
 from sd3_core import lora, lora_file
 from sd3_core.collectives import CollectiveCounter, Collectives, SingleRank
+from sd3_core.dtypes import default_dtype
 from sd3_core.folder_defaults import MAX_SEQUENCE_LENGTH_KEY
-from sd3_core.modeling import _default_dtype
 from sd3_core.tensor_parallel import (
     TensorParallelSD3Transformer,
     check_tensor_parallel,
@@ -338,7 +338,7 @@ def test_shards_split_heads_hidden_units_and_adaln_outputs():
 
 def test_a_shard_keeps_its_slices_of_a_lora_file_and_cannot_save_one(tiny_pipelines):
     comm = Collectives(1, 2)  # rank 1 of 2; building a shard sends nothing
-    with _default_dtype("float32"):
+    with default_dtype("float32"):
         shard = TensorParallelSD3Transformer._build(tiny_config(), comm)
     whole = lora_file.read_lora_file(tiny_pipelines["sd3"] / "lora")
     local = shard.local_lora(whole).modules
@@ -364,7 +364,7 @@ def test_sd3_medium_shard_bytes_for_mp2():
     def state_numel(model):
         return sum(int(np.prod(t.shape)) for t in model.state_dict().values())
 
-    with _default_dtype("float32"), paddle.LazyGuard():
+    with default_dtype("float32"), paddle.LazyGuard():
         full = state_numel(SD3Transformer2DModel(**config))
         shard = state_numel(TensorParallelSD3Transformer._build(config, Collectives(0, 2)))
     print(f"SD3-medium: full {full / 1e9:.3f} G values, mp=2 shard {shard / full:.3f} of it")

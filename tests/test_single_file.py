@@ -14,12 +14,12 @@ import pytest
 from jobs import cli
 from pipelines import StableDiffusion3Pipeline
 from sd3_core import single_file
-from sd3_core.modeling import WeightLoadError
 from sd3_core.safetensors_io import SafetensorsFile, WeightsFileError, open_weights, write_safetensors
 from sd3_core.single_file import SingleFileError
 from sd3_core.single_file_convert import write_single_file
 from sd3_core.single_file_keys import transformer_refs, vae_original_refs
 from sd3_core.t5_encoder import load_t5_encoder
+from sd3_core.torch_state import WeightLoadError
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
 from tests.reference_cases import FIXTURES, arrays, cases, fixture_path

@@ -19,11 +19,11 @@ import pytest
 
 from sd3_core import text_encoder_folder
 from sd3_core.clip_text_encoder import load_clip_text_encoder
-from sd3_core.modeling import WeightLoadError
 from sd3_core.prompt_tokenizer import PromptTokenizer
 from sd3_core.safetensors_io import WeightsFileError, open_weights
 from sd3_core.t5_encoder import load_t5_encoder
 from sd3_core.tokenizer_loading import load_clip_tokenizer, load_t5_tokenizer
+from sd3_core.torch_state import WeightLoadError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = FIXTURES / "references"
@@ -241,7 +241,7 @@ def test_encoder_config_is_the_transformers_config():
 
 
 def test_float16_checkpoints_run_in_float32_on_cpu():
-    # Paddle's CPU build has no half-precision matmul/layer_norm kernels (see modeling.compute_dtype).
+    # Paddle's CPU build has no half-precision matmul/layer_norm kernels (see dtypes.compute_dtype).
     if not paddle.get_device().startswith("cpu"):
         pytest.skip("CPU-only behaviour")
     encoder = load_clip_text_encoder(FIXTURES / "sd3-tiny" / "text_encoder", dtype="float16")

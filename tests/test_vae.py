@@ -14,9 +14,10 @@ import paddle
 import pytest
 
 from sd3_core import vae as vae_module
-from sd3_core.modeling import torch_state_from
 from sd3_core.safetensors_io import open_weights
-from sd3_core.vae import AutoencoderKL, DiagonalGaussian, GroupNorm, chunked_attention
+from sd3_core.torch_state import torch_state_from
+from sd3_core.vae import AutoencoderKL, DiagonalGaussian, GroupNorm
+from sd3_core.vae_blocks import chunked_attention
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = FIXTURES / "references"
