@@ -13,9 +13,10 @@ import json
 import os
 import sys
 import warnings
+from typing import Any
 
 from jobs import nightly, submit
-from pipelines.training.config import TrainConfig
+from pipelines.training.config import RUN_GROUP, TrainConfig, config_flags
 from pipelines.training.devices import apply_npu_flags, select_device
 from sd3_core.storage import StorageOptions, normalize_url
 
@@ -43,109 +44,31 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per TrainConfig field that is one (types from its annotations), then those that are none."""
+    groups: dict[str | None, argparse._ActionsContainer] = {None: p}
+    for spec in config_flags():
+        if spec.flag.group not in groups:
+            groups[spec.flag.group] = p.add_argument_group(spec.flag.group)
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.flag.help}
+        if spec.flag_type is bool:
+            kwargs["action"] = "store_true"
+        elif spec.flag_type in (int, float):
+            kwargs["type"] = spec.flag_type
+        elif spec.flag_type is not str:
+            raise TypeError(
+                f"TrainConfig.{spec.name}: a {spec.flag_type.__name__} is no flag; declare it not_a_flag"
+            )
+        if spec.flag.choices:
+            kwargs["choices"] = spec.flag.choices
+        if spec.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        groups[spec.flag.group].add_argument(*spec.option_strings, **kwargs)
+    # Not fields: the spellings of not_a_flag fields, reference flags refused or ignored, where it runs.
     a = p.add_argument
-    a(
-        "--pretrained_model_name_or_path",
-        required=True,
-        help="diffusers SD3 folder, s3:// prefix or Hugging Face Hub id (org/name)",
-    )
-    a("--instance_data_dir", help="folder or s3:// prefix of instance images")
-    a(
-        "--dataset",
-        "--dataset_name",
-        dest="dataset",
-        help="Parquet table (file/folder URL) of images + captions",
-    )
-    a("--image_column")
-    a("--caption_column")
-    a("--repeats", type=int)
-    a("--instance_prompt")
-    a("--class_data_dir")
-    a("--class_prompt")
-    a("--with_prior_preservation", action="store_true")
-    a("--prior_loss_weight", type=float)
-    a("--num_class_images", type=int)
-    a("--sample_batch_size", type=int)
-    a("--class_inference_steps", type=int, help="denoising steps for generated class images")
-    a("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"],
-      help="accepted for compatibility; class images are rendered in the --mixed_precision dtype")  # fmt: skip
-    a(
-        "--max_sequence_length",
-        type=int,
-        help="T5 tokens in training (default: the model folder's _max_sequence_length, else 256)",
-    )
-    a(
-        "--caption_dropout",
-        type=float,
-        help="probability of replacing a caption by the empty prompt (trains the unconditional branch of CFG)",
-    )
-    a(
-        "--output_dir",
-        required=True,
-        help="folder or s3:// prefix for checkpoints, outputs and validation images",
-    )
-    a("--seed", type=int)
-    a("--resolution", type=int)
-    a("--center_crop", action="store_true")
-    a("--random_flip", action="store_true")
-    a("--train_batch_size", type=int)
-    a("--num_train_epochs", type=int)
-    a("--max_train_steps", type=int)
-    a("--checkpointing_steps", type=int)
-    a("--checkpoints_total_limit", type=int)
-    a("--resume_from_checkpoint", help='"latest", "checkpoint-N" or a checkpoint URL')
-    a("--gradient_accumulation_steps", type=int)
-    a("--gradient_checkpointing", action="store_true")
-    a("--learning_rate", type=float)
-    a("--scale_lr", action="store_true")
-    a("--lr_scheduler")
-    a("--lr_warmup_steps", type=int)
-    a("--lr_num_cycles", type=int)
-    a("--lr_power", type=float)
-    a(
-        "--weighting_scheme",
-        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
-    )
-    a("--logit_mean", type=float)
-    a("--logit_std", type=float)
-    a("--mode_scale", type=float)
-    a("--precondition_outputs", type=int, help="1: train the preconditioned x0 estimate")
-    a("--optimizer")
-    a("--use_8bit_adam", action="store_true")
-    a("--adam_beta1", type=float)
-    a("--adam_beta2", type=float)
-    a("--adam_weight_decay", type=float)
-    a("--adam_epsilon", type=float)
-    a("--max_grad_norm", type=float)
-    a("--mixed_precision", choices=["no", "fp16", "bf16"])
-    a("--cache_latents", action="store_true")
     a("--no_cache_text_embeddings", action="store_true", help="re-encode prompts every step")
+    a("--use_8bit_adam", action="store_true")
     a("--train_text_encoder", action="store_true")
-    a("--rank", type=int)
-    a("--lora_alpha", type=float, help="default: the rank")
-    a(
-        "--lora_layers",
-        help="comma-separated module suffixes (default: the attention projections)",
-    )
-    a("--lora_blocks", help="comma-separated transformer block indices (default: all)")
-    a("--validation_prompt")
-    a("--num_validation_images", type=int)
-    a("--validation_epochs", type=int)
-    a("--validation_inference_steps", type=int)
-    a("--not_validation_final", action="store_true")
-    a("--report_to", choices=["wandb", "none", "tensorboard", "all"])
-    a("--logging_dir")
-    a("--tracker_project_name")
-    a("--publish_to", help="LoRA registry to publish the adapter in (nightly runs)")
-    a("--publish_version")
-    run = p.add_argument_group("where it runs")
-    run.add_argument(
-        "--device",
-        default="gpu",
-        choices=["gpu", "npu", "cpu"],
-        help="device of the training actor (default gpu)",
-    )
-    run.add_argument("--num_cpus", type=float, help="CPUs of the training actor")
+    run = groups[RUN_GROUP]
     run.add_argument(
         "--ray_address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray)"
     )
@@ -165,7 +88,8 @@ def _config_defaults() -> dict:
     }
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a parsed `sd3 train` command line (not yet checked)."""
     if args.train_text_encoder:
         raise ValueError("--train_text_encoder is not supported: only the transformer is trained")
     if args.use_8bit_adam:
@@ -175,10 +99,12 @@ def config_from_args(args: argparse.Namespace):
             warnings.warn(f"--{name} has no effect here; ignored", stacklevel=2)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {name: value for name, value in vars(args).items() if name in names}
+    for spec in config_flags():
+        if spec.flag_type is not spec.type:  # spelled in another type (precondition_outputs: 0/1)
+            values[spec.name] = spec.type(values[spec.name])
     values.update(
         mode="lora" if args.train_kind == "dreambooth-lora" else "full",
         cache_text_embeddings=not args.no_cache_text_embeddings,
-        precondition_outputs=bool(args.precondition_outputs),
         storage=StorageOptions.from_env(endpoint_url=args.s3_endpoint_url),
     )
     return TrainConfig(**values)

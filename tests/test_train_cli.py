@@ -5,16 +5,23 @@
 
     PYTHONPATH=$PWD .venv/bin/python -m tests.test_train_cli tests/fixtures/cli/train_flags.json
 
-Do not regenerate it from the derived parser: it is the record of the flags users had.
+Do not regenerate it from the derived parser: it is the record of the flags users had. A field
+added to TrainConfig since adds its flag; every recorded flag stays as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from pipelines.training.config import WEIGHTING_SCHEMES, TrainConfig, config_flags
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cli" / "train_flags.json"
 MINIMAL = ["--pretrained_model_name_or_path=m", "--output_dir=o"]
@@ -80,10 +87,78 @@ def test_train_parser_has_the_flags_of_the_hand_written_one():
     for kind in expected:
         want, got = _by_dest(expected[kind]["actions"]), _by_dest(actual[kind]["actions"])
         assert len(got) == len(actual[kind]["actions"])  # one action per dest
-        assert sorted(got) == sorted(want)
+        # Only a field declared after the record may add a flag (and its namespace entry).
+        added = {spec.name for spec in config_flags()} - set(want)
+        assert sorted(got) == sorted([*want, *added])
         for dest in want:
             assert got[dest] == want[dest], dest
-        assert actual[kind]["namespace"] == expected[kind]["namespace"]
+        namespace = {k: v for k, v in actual[kind]["namespace"].items() if k not in added}
+        assert namespace == expected[kind]["namespace"]
+
+
+def _other_value(spec, default: Any) -> str | None:
+    """A command-line value for ``spec`` other than ``default`` (None: a store_true flag)."""
+    if spec.flag.choices:
+        return next(c for c in spec.flag.choices if c != default)
+    if spec.flag_type is bool:
+        return None
+    if spec.flag_type is int:
+        return "1" if default in (0, False) else str((default or 0) + 16)
+    if spec.flag_type is float:
+        return "0.25"
+    return f"{spec.name}-value"
+
+
+def test_every_flag_reaches_its_config_field():
+    from jobs.cli import build_parser
+    from jobs.train_cli import config_from_args
+
+    defaults = build_parser().parse_args(["train", "dreambooth", *MINIMAL])
+    argv = ["train", "dreambooth"]
+    for spec in config_flags():
+        value = _other_value(spec, getattr(defaults, spec.name))
+        argv += [spec.option_strings[-1]] + ([] if value is None else [value])
+    cfg, default_cfg = (config_from_args(build_parser().parse_args(argv)), config_from_args(defaults))
+    for spec in config_flags():
+        got = getattr(cfg, spec.name)
+        assert type(got) is spec.type and got != getattr(default_cfg, spec.name), spec.name
+    assert cfg.precondition_outputs is True  # the 0/1 flag is a bool in the config
+    assert cfg.dataset == "dataset-value"  # given as --dataset_name
+    # Fields that are no flag of their own come from the sub-command and the other flags.
+    assert (cfg.mode, cfg.cache_text_embeddings, cfg.validation_guidance_scale) == ("full", True, 7.0)
+
+
+def test_check_refuses_a_value_outside_the_declared_choices():
+    base = TrainConfig(pretrained_model_name_or_path="m", output_dir="o", dataset="t.parquet")
+    base.check()
+    with_choices = [spec for spec in config_flags() if spec.flag.choices]
+    assert sorted(s.name for s in with_choices) == [
+        "device", "mixed_precision", "prior_generation_precision", "report_to", "weighting_scheme",
+    ]  # fmt: skip
+    for spec in with_choices:
+        for choice in spec.flag.choices:
+            dataclasses.replace(base, **{spec.name: choice}).check()
+        bad = dataclasses.replace(base, **{spec.name: "bogus"})
+        choices = ", ".join(spec.flag.choices)
+        with pytest.raises(ValueError, match=re.escape(f"--{spec.name}='bogus' must be one of {choices}")):
+            bad.check()
+        none = dataclasses.replace(base, **{spec.name: None})
+        if spec.nullable:
+            none.check()
+        else:
+            with pytest.raises(ValueError, match=f"--{spec.name}=None must be one of"):
+                none.check()
+    with pytest.raises(ValueError, match=re.escape("--mixed_precision='fp32' must be one of no, fp16, bf16")):
+        dataclasses.replace(base, mixed_precision="fp32").check()
+
+
+def test_weighting_scheme_choices_are_the_training_losss_schemes():
+    from sd3_core.training import split_scheme
+
+    for name in WEIGHTING_SCHEMES:
+        split_scheme(name)
+    with pytest.raises(ValueError, match=re.escape(f"is not one of {sorted(WEIGHTING_SCHEMES)}")):
+        split_scheme("bogus")
 
 
 if __name__ == "__main__":
