@@ -14,6 +14,7 @@ import paddle
 import pytest
 
 from sd3_core import vae as vae_module
+from sd3_core import vae_blocks
 from sd3_core.safetensors_io import open_weights
 from sd3_core.torch_state import torch_state_from
 from sd3_core.vae import AutoencoderKL, DiagonalGaussian, GroupNorm
@@ -290,7 +291,7 @@ def test_attention_in_query_blocks_equals_full_attention(monkeypatch):
     vae = _vae("sd3-tiny")
     x = paddle.to_tensor(ref["in_image"][:1])
     full = vae.encode(x).mean.numpy()
-    monkeypatch.setattr(vae_module, "_ATTENTION_CHUNK_ELEMENTS", 20)  # 64 tokens -> blocks of 1 query
+    monkeypatch.setattr(vae_blocks, "_ATTENTION_CHUNK_ELEMENTS", 20)  # 64 tokens -> blocks of 1 query
     np.testing.assert_allclose(vae.encode(x).mean.numpy(), full, atol=1e-6)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 5, 3)).astype(np.float32) for _ in range(3))
@@ -308,13 +309,13 @@ def test_convolution_in_row_bands_equals_one_call(monkeypatch):
     vae = _vae("sd3-tiny")
     z = paddle.to_tensor(ref["in_z"])
     whole = vae.decode(z).numpy()
-    monkeypatch.setattr(vae_module, "_IM2COL_ELEMENTS", 5000)  # bands of 1-2 rows (some uneven)
+    monkeypatch.setattr(vae_blocks, "_IM2COL_ELEMENTS", 5000)  # bands of 1-2 rows (some uneven)
     banded = vae.decode(z)
     np.testing.assert_allclose(banded.numpy(), whole, atol=1e-5)
     assert _max_diff(banded, ref["out_sample"]) < TOLERANCE
     image = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (1, 3, 40, 24)).astype(np.float32))
     banded_mean = vae.encode(image).mean.numpy()  # stride-2 (0, 1, 0, 1)-padded convs too
-    monkeypatch.setattr(vae_module, "_IM2COL_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(vae_blocks, "_IM2COL_ELEMENTS", 1 << 30)
     np.testing.assert_allclose(banded_mean, vae.encode(image).mean.numpy(), atol=1e-5)
 
 
