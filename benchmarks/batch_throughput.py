@@ -82,7 +82,7 @@ def batch_job(
     from jobs import manifest
     from jobs.batch_generate import run_job
     from jobs.job_config import DEFAULT_MODEL, JobConfig
-    from jobs.prompt_table import JobDefaults
+    from jobs.work_rows import JobDefaults
 
     config = JobConfig(
         output=out,
@@ -135,7 +135,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.prompt_table import row_seed
+    from jobs.work_rows import row_seed
 
     n = 2 * args.images
     ids = [f"img{i:04d}" for i in range(n)]

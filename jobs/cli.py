@@ -10,8 +10,8 @@ from jobs import submit
 from jobs.batch_generate import run_job
 from jobs.benchmark_report import format_report
 from jobs.job_config import DEFAULT_MODEL, JobConfig, JobFailed
-from jobs.prompt_table import JobDefaults
 from jobs.submit import SUBMITTABLE
+from jobs.work_rows import JobDefaults
 from sd3_core import runtime
 from sd3_core.generation_fields import GENERATION_FIELDS
 from sd3_core.storage import StorageOptions

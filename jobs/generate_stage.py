@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from actors.replica import LocalReplica, RenderRequest, Replica, ReplicaSpec
-from jobs.prompt_table import WORK_ROW_SCHEMA
+from jobs.work_rows import WORK_ROW_SCHEMA
 from sd3_core.generation_fields import image_fields, rendered_value, shared_fields
 
 logger = logging.getLogger(__name__)
 
 
 def _item_schema() -> pa.Schema:
-    """A work row (jobs.prompt_table.WORK_ROW_SCHEMA) expanded to one image: plus `k`, a `status`
+    """A work row (jobs.work_rows.WORK_ROW_SCHEMA) expanded to one image: plus `k`, a `status`
     ("todo": render; "error": a bad row, `error` says why; "skip": done by an earlier run) and
     `row_items` (items emitted for this row in this run; progress counts rows). `seed` is the seed
     of this image (row seed + k, modulo 2**63)."""

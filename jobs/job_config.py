@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from actors.replica import DEVICES, DTYPES
-from jobs.prompt_table import JOB_LIMITS, JobDefaults
+from jobs.work_rows import JOB_LIMITS, JobDefaults
 from sd3_core.generation_fields import GENERATION_FIELDS, MAX_SEED
 from sd3_core.storage import StorageOptions
 

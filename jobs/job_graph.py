@@ -24,7 +24,8 @@ from jobs import manifest
 from jobs.generate_stage import GROUP_COLUMNS, ITEM_SCHEMA, RESULT_SCHEMA, GenerateStage
 from jobs.job_config import IMAGE_FORMATS, JobConfig
 from jobs.job_preflight import JobPlan
-from jobs.prompt_table import WORK_ROW_SCHEMA, JobDefaults, ReadUnit, WorkRow, read_unit, resolve_rows
+from jobs.prompt_table import ReadUnit, read_unit
+from jobs.work_rows import WORK_ROW_SCHEMA, JobDefaults, WorkRow, resolve_rows
 from sd3_core.folder_defaults import DEFAULT_T5_LENGTH
 from sd3_core.generation_fields import MAX_SEED
 from sd3_core.storage import StorageOptions, write_bytes_atomic

@@ -21,13 +21,13 @@ from jobs.generate_stage import RESULT_SCHEMA
 from jobs.job_config import JobConfig, JobError, check_config
 from jobs.prompt_table import (
     KNOWN_COLUMNS,
-    JobDefaults,
     PromptTableError,
     ReadUnit,
     check_unique_ids,
     plan_table,
     prompts_table,
 )
+from jobs.work_rows import JobDefaults
 from sd3_core.folder_defaults import folder_guidance_scale, folder_max_sequence_length
 from sd3_core.hub import is_hub_id
 from sd3_core.lora_registry import LoRARefError, PinnedLoRA, fetch_lora, pin_lora

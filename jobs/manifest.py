@@ -28,7 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.prompt_table import KNOWN_COLUMNS, WorkRow
+from jobs.prompt_table import KNOWN_COLUMNS
+from jobs.work_rows import WorkRow
 from sd3_core.generation_fields import MAX_SEED, image_fields
 from sd3_core.storage import StorageOptions, get_fs, join_url, list_files, normalize_url, write_bytes_atomic
 

@@ -30,7 +30,7 @@ from jobs import manifest
 from jobs.batch_generate import run_job
 from jobs.cli import main
 from jobs.job_config import DEFAULT_MODEL, JobConfig, JobError, JobFailed
-from jobs.prompt_table import JobDefaults
+from jobs.work_rows import JobDefaults
 from sd3_core.lora_registry import publish
 from sd3_core.storage import StorageOptions, get_fs, read_bytes
 from tests.reference_cases import fixture_path

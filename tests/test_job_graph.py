@@ -12,7 +12,8 @@ from jobs.generate_stage import ITEM_SCHEMA, RESULT_SCHEMA
 from jobs.job_config import JobConfig, JobError
 from jobs.job_graph import SUMMARY_COLUMNS, graph_stages, read_stage
 from jobs.job_preflight import plan_job
-from jobs.prompt_table import JobDefaults, ReadUnit
+from jobs.prompt_table import ReadUnit
+from jobs.work_rows import JobDefaults
 from tests.reference_cases import fixture_path
 
 MODEL = fixture_path("sd3-tiny")

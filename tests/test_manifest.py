@@ -24,7 +24,8 @@ from jobs.manifest import (
     write_job_json,
     write_part,
 )
-from jobs.prompt_table import JobDefaults, WorkRow, prompts_table, resolve_rows
+from jobs.prompt_table import prompts_table
+from jobs.work_rows import JobDefaults, WorkRow, resolve_rows
 from sd3_core.storage import read_bytes
 from tests.s3_server import make_bucket, s3_client, storage_options
 

@@ -12,24 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.prompt_table import (
-    MAX_SEED,
-    JobDefaults,
     PromptTableError,
     ReadUnit,
-    WorkRow,
     check_unique_ids,
-    iter_work_rows,
     plan_read_units,
     plan_table,
-    position_id,
     prompts_table,
     read_unit,
+)
+from jobs.work_rows import (
+    JobDefaults,
+    WorkRow,
+    iter_work_rows,
+    position_id,
     resolve_rows,
     row_seed,
     safe_key,
     work_rows_from_batch,
     work_rows_to_table,
 )
+from sd3_core.generation_fields import MAX_SEED
 from tests.s3_server import make_bucket, storage_options
 
 SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
