@@ -27,6 +27,7 @@ from jobs.contact_sheet import write_contact_sheet
 from jobs.job_config import JobConfig, JobFailed, JobResult
 from jobs.job_graph import build_graph
 from jobs.job_preflight import check_cluster, lora_record, plan_job
+from jobs.job_record import write_job_json
 from jobs.ray_session import connect_ray
 from sd3_core.storage import StorageOptions, normalize_url
 
@@ -122,7 +123,7 @@ def run_job(config: JobConfig) -> JobResult:
     bench = None if tally is None else tally.report(config.replicas, time.perf_counter() - graph_started)
     counts = manifest.finalize(output, storage)
     _write_contact_sheet(output, storage, config.contact_sheet_images)
-    manifest.write_job_json(
+    write_job_json(
         output,
         config.public_dict(),
         counts,

@@ -19,6 +19,7 @@ from actors.replica import ReplicaSpec
 from jobs import manifest
 from jobs.generate_stage import RESULT_SCHEMA
 from jobs.job_config import JobConfig, JobError, check_config
+from jobs.job_record import read_job_json
 from jobs.prompt_table import (
     KNOWN_COLUMNS,
     PromptTableError,
@@ -258,16 +259,6 @@ def check_cluster(spec: ReplicaSpec, replicas: int) -> None:
                 "the replicas need %g %s but the cluster has %g now; they start when it has them",
                 need[name], name, have.get(name, 0),
             )  # fmt: skip
-
-
-def read_job_json(output: str, options: StorageOptions) -> dict | None:
-    """The job.json of an earlier finished run, or None (absent or unreadable: `check_output` then
-    says what is wrong with the output)."""
-    try:
-        doc = json.loads(read_bytes(join_url(output, manifest.JOB_JSON_NAME), options))
-    except Exception:
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ Layout under the output URL `out`:
   manifest.parquet                        `finalize`: one row per (key, k), ok beats error, latest wins
 
 Columns: `MANIFEST_SCHEMA`, then the input's pass-through columns (those the job does not use) with
-their names and Arrow types (`manifest_schema`).
-  job.json                                configuration, versions, counts, start/end times
+their names and Arrow types (`manifest_schema`). The job's `job.json` beside them is `jobs.job_record`.
 
 Resume: `done_keys` is the set of (key, k) with an "ok" row in some part; the job skips those. A
 part is only written after all of its images exist, so an "ok" row always names a complete image.
@@ -17,9 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import json
 import logging
-import platform
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,7 +36,6 @@ _PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 PARTS_DIR = "manifest/parts"
 MANIFEST_NAME = "manifest.parquet"
-JOB_JSON_NAME = "job.json"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -353,65 +349,6 @@ def read_manifest(out: str, options: StorageOptions | None = None) -> pa.Table:
     fs, path = get_fs(url, options)
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
-
-
-# --------------------------------------------------------------------------- job.json
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the software that made the images (from package metadata: no heavy imports)."""
-    from importlib import metadata
-
-    def version(*names: str) -> str | None:
-        for name in names:
-            try:
-                return metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    return {
-        "sd3-ray": version("sd3-ray"),
-        "paddle": version("paddlepaddle", "paddlepaddle-gpu"),
-        "ray": version("ray"),
-        "pyarrow": version("pyarrow"),
-        "python": platform.python_version(),
-    }
-
-
-def _iso(t: _dt.datetime | float | None) -> str | None:
-    if t is None:
-        return None
-    if isinstance(t, int | float):
-        t = _dt.datetime.fromtimestamp(t, _dt.timezone.utc)
-    return t.isoformat()
-
-
-def write_job_json(
-    out: str,
-    config: Mapping[str, Any],
-    counts: Mapping[str, Any] | None = None,
-    *,
-    started: _dt.datetime | float | None = None,
-    finished: _dt.datetime | float | None = None,
-    options: StorageOptions | None = None,
-    **more: Any,
-) -> str:
-    """Write `{out}/job.json` atomically (configuration, versions, counts, start/end); returns its URL.
-
-    Never put credentials in `config` (use `StorageOptions.public_dict()`)."""
-    doc = {
-        "config": dict(config),
-        "versions": versions(),
-        "counts": dict(counts or {}),
-        "started": _iso(started),
-        "finished": _iso(finished),
-        **more,
-    }
-    url = join_url(normalize_url(out), JOB_JSON_NAME)
-    data = json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
-    write_bytes_atomic(url, data, options)
-    return url
 
 
 def iter_ok_images(merged: pa.Table, limit: int | None = None) -> Iterable[tuple[str, str]]:

@@ -1,9 +1,8 @@
-"""jobs.manifest: parts, done_keys, finalize (dedupe, ok beats error, latest wins), job.json."""
+"""jobs.manifest: parts, done_keys, finalize (dedupe, ok beats error, latest wins), ok images."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import time
 
@@ -21,12 +20,10 @@ from jobs.manifest import (
     manifest_row,
     new_part_id,
     read_manifest,
-    write_job_json,
     write_part,
 )
 from jobs.prompt_table import prompts_table
 from jobs.work_rows import JobDefaults, WorkRow, resolve_rows
-from sd3_core.storage import read_bytes
 from tests.s3_server import make_bucket, s3_client, storage_options
 
 
@@ -257,20 +254,6 @@ def test_parts_and_finalize_on_s3(s3_endpoint):
     m = read_manifest(out, opts)
     assert m.num_rows == 3 and m["image"].to_pylist()[0] == f"{out}/images/{rows[0].key}_0.png"
     assert "Uploads" not in s3_client(s3_endpoint).list_multipart_uploads(Bucket=bucket)
-
-
-def test_job_json(tmp_path):
-    url = write_job_json(
-        str(tmp_path), {"prompts": "in.parquet", "replicas": 2}, {"images_ok": 3}, started=0.0, finished=10.5
-    )
-    doc = json.loads(read_bytes(url))
-    assert doc["config"] == {"prompts": "in.parquet", "replicas": 2}
-    assert doc["counts"] == {"images_ok": 3}
-    assert doc["started"] == "1970-01-01T00:00:00+00:00" and doc["finished"].startswith(
-        "1970-01-01T00:00:10.5"
-    )
-    assert set(doc["versions"]) >= {"sd3-ray", "paddle", "ray", "python"}
-    assert doc["versions"]["sd3-ray"] and doc["versions"]["ray"] and doc["versions"]["python"]
 
 
 def test_iter_ok_images(tmp_path):
