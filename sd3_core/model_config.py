@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "json_ready", "read_json_object", "register_to_config"]
+__all__ = ["Config", "json_ready", "missing_config", "read_json_object", "register_to_config"]
 
 
 def read_json_object(file: str | os.PathLike) -> dict[str, Any]:
@@ -40,16 +40,27 @@ class Config(dict):
         self[name] = value
 
 
+def missing_config(cls: type) -> str:
+    """The error for a model class whose own ``__init__`` is not decorated (so it has no config)."""
+    return (
+        f"{cls.__name__} has no config: decorate its __init__ with @sd3_core.model_config.register_to_config"
+    )
+
+
 def register_to_config(init: Callable[..., None]) -> Callable[..., None]:
     """Decorate a model's ``__init__``: its bound arguments (defaults filled in) become
     ``self.config``. Only the outermost decorated ``__init__`` records (a subclass calling its
-    parent's ``__init__`` keeps its own arguments)."""
+    parent's ``__init__`` keeps its own arguments). A subclass that defines an ``__init__`` must
+    decorate it too: built through an undecorated one it is refused (TypeError), since the
+    parent's arguments are not its config."""
     signature = inspect.signature(init)
 
     @functools.wraps(init)
     def recording_init(self, *args: Any, **kwargs: Any) -> None:
         outermost = "_config_recording" not in self.__dict__
         if outermost:
+            if type(self).__init__ is not recording_init:  # an undecorated subclass __init__ called us
+                raise TypeError(missing_config(type(self)))
             object.__setattr__(self, "_config_recording", True)
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()

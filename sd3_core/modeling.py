@@ -21,7 +21,7 @@ import paddle
 from sd3_core import runtime
 from sd3_core.dtypes import default_dtype, dtype_argument, resolve_dtype
 from sd3_core.hub import LoadOptions, model_folder, weights_patterns
-from sd3_core.model_config import Config, json_ready, read_json_object
+from sd3_core.model_config import Config, json_ready, missing_config, read_json_object
 from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors
 from sd3_core.torch_state import load_torch_state, torch_state_from
 
@@ -51,10 +51,7 @@ class ModelMixin(paddle.nn.Layer):
         try:
             return self.__dict__["_config"]
         except KeyError:
-            raise AttributeError(
-                f"{type(self).__name__} has no config: decorate its __init__ with "
-                "@sd3_core.model_config.register_to_config"
-            ) from None
+            raise AttributeError(missing_config(type(self))) from None
 
     @property
     def dtype(self) -> paddle.dtype:

@@ -88,6 +88,22 @@ def test_a_model_whose_init_is_not_decorated_names_the_missing_decorator():
         _ = Plain().config
 
 
+def test_a_subclass_whose_own_init_is_not_decorated_is_refused_not_given_its_parents_config():
+    class Narrow(Toy):  # its own arguments, undecorated: Toy's would be recorded as its config
+        def __init__(self, size: int = 2):
+            super().__init__(width=size, vocab=3)
+
+    with pytest.raises(
+        TypeError, match="Narrow has no config: decorate its __init__ with @.*register_to_config"
+    ):
+        Narrow()
+
+    class Same(Toy):  # no __init__ of its own: it is built by Toy's and has Toy's config
+        pass
+
+    assert dict(Same(width=3).config) == {"width": 3, "vocab": 5, "extra": ()}
+
+
 @pytest.mark.parametrize("good", ["float32", "float16", "bfloat16", paddle.bfloat16, paddle.float16])
 def test_resolve_dtype_accepts_the_three_float_types(good):
     assert resolve_dtype(good) in {"float32", "float16", "bfloat16"}
