@@ -129,9 +129,6 @@ def safe_key(value: str) -> str:
     return f"{stem}--{digest}"
 
 
-safe_id = safe_key  # the name used by the old single-process path
-
-
 def row_seed(job_seed: int, row_id: str) -> int:
     """A stable 63-bit seed derived from (job seed, id), so a rerun makes the same image."""
     digest = hashlib.sha256(f"{job_seed}:{row_id}".encode("utf-8", "surrogatepass")).digest()
@@ -246,7 +243,6 @@ __all__ = [
     "position_id",
     "resolve_rows",
     "row_seed",
-    "safe_id",
     "safe_key",
     "work_rows_from_batch",
     "work_rows_to_table",
