@@ -22,7 +22,8 @@ import paddle.nn.functional as F
 from sd3_core.dtypes import compute_dtype
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import LoRALinear
-from sd3_core.transformer import Modulation, SD3Transformer2DModel
+from sd3_core.transformer import SD3Transformer2DModel
+from sd3_core.transformer_blocks import Modulation
 
 __all__ = ["ATTENTION_LAYOUTS", "BatchedSD3Transformer"]
 

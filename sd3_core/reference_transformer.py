@@ -15,7 +15,8 @@ import paddle.nn.functional as F
 
 from sd3_core.embeddings import MLPEmbedder, timestep_sinusoid
 from sd3_core.lora import LoRALinear
-from sd3_core.transformer import FeedForward, JointTransformerBlock, SD3Transformer2DModel
+from sd3_core.transformer import SD3Transformer2DModel
+from sd3_core.transformer_blocks import FeedForward, JointTransformerBlock
 
 __all__ = ["reference_forward", "reference_joint_block"]
 

@@ -14,7 +14,8 @@ import pytest
 from sd3_core.attention import attention
 from sd3_core.safetensors_io import WeightsFileError, open_weights, write_safetensors
 from sd3_core.torch_state import WeightLoadError, torch_state_from
-from sd3_core.transformer import SD3Transformer2DModel, modulate, modulated_norm
+from sd3_core.transformer import SD3Transformer2DModel
+from sd3_core.transformer_blocks import modulate, modulated_norm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = FIXTURES / "references"
