@@ -29,7 +29,7 @@ from jobs.job_graph import build_graph
 from jobs.job_preflight import check_cluster, lora_record, plan_job
 from jobs.job_record import write_job_json
 from jobs.ray_session import connect_ray
-from sd3_core.storage import StorageOptions, normalize_url
+from sd3_core.storage import StorageOptions, normalize_url, remove_abandoned_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,10 @@ def run_job(config: JobConfig) -> JobResult:
         if started_ray:
             ray.shutdown()
 
+    swept = remove_abandoned_temporaries(manifest.images_url(output), started, storage)
+    if swept:
+        logger.info("removed %d temporary file(s) an interrupted earlier run left in %s",
+                    swept, manifest.images_url(output))  # fmt: skip
     # Merge the parts, job.json, contact sheet (skipped when this run had nothing to do).
     n_parts = len(manifest.part_urls(output, storage))
     if progress.images == 0 and plan.previous is not None and plan.previous.get("parts") == n_parts:

@@ -71,9 +71,14 @@ def manifest_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
     return pa.schema([*MANIFEST_SCHEMA, *(passthrough or [])])
 
 
+def images_url(out: str) -> str:
+    """The folder of a job's images: `{out}/images`."""
+    return join_url(out, "images")
+
+
 def image_url(out: str, key: str, k: int, ext: str = "png") -> str:
     """Where image k of the row with `key` goes: `{out}/images/{key}_{k}.{ext}`."""
-    return join_url(out, "images", f"{key}_{k}.{ext}")
+    return join_url(images_url(out), f"{key}_{k}.{ext}")
 
 
 def parts_url(out: str) -> str:

@@ -170,6 +170,10 @@ def join_url(base: str, *parts: str) -> str:
     return out
 
 
+# The temporary name of a local atomic write: hidden (readers skip ".x" names), then renamed.
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
 def write_bytes_atomic(url: str, data: bytes, options: StorageOptions | None = None) -> str:
     """Write `data` to `url` so the name only ever holds a complete object; returns `url`."""
     fs, path = get_fs(url, options)
@@ -190,6 +194,23 @@ def write_bytes_atomic(url: str, data: bytes, options: StorageOptions | None = N
     # One PutObject for anything below s3fs's chunk size: S3 makes it visible only when complete.
     fs.pipe_file(path, bytes(data))
     return url
+
+
+def remove_abandoned_temporaries(folder_url: str, before: float, options: StorageOptions | None = None) -> int:
+    """Delete the temporaries of `write_bytes_atomic` in `folder_url` last modified before `before`
+    (a POSIX time); returns how many. A writer killed between its write and its rename (a killed
+    driver's workers, a lost node) leaves one behind; one older than the start of the job that
+    sweeps is no write of that job's. Object stores have none: their writes are single PUTs."""
+    fs, path = get_fs(folder_url, options)
+    if not _is_local(fs) or not os.path.isdir(path):
+        return 0
+    removed = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if _TEMPORARY.match(entry.name) and entry.is_file() and entry.stat().st_mtime < before:
+                _remove_quietly(entry.path)
+                removed += 1
+    return removed
 
 
 def check_writable(url: str, options: StorageOptions | None = None) -> None:

@@ -328,6 +328,11 @@ def test_killed_driver_then_rerun_recomputes_only_in_flight_rows(ray_address, tm
     in_flight = {f for f in on_disk if not f.startswith(".")} - {f"{k}_{i}.png" for k, i in done_before}
     assert 0 < len(done_before) < len(expected)
     parts_before = set(manifest.part_urls(output))
+    # What a writer killed between its write and its rename leaves (whether or not this kill did):
+    # the rerun removes it, so the images folder ends as exactly the manifest's images.
+    abandoned = os.path.join(output, "images", ".p000_0.png.tmp-0123456789ab")
+    with open(abandoned, "wb") as f:
+        f.write(b"half a png")
 
     result = run_job(_job(output, str(tmp_path / "t.parquet"), batch_size=2))
     merged = check_complete(output, expected)

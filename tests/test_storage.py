@@ -161,6 +161,25 @@ def test_failed_local_write_leaves_nothing_under_the_final_name(tmp_path, monkey
     assert os.listdir(tmp_path / "out") == ["img.png"]
 
 
+def test_abandoned_temporaries_older_than_the_sweep_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    left = []  # a writer killed between write and rename: its temporary stays, under its real name
+    monkeypatch.setattr(os, "replace", lambda src, dst: left.append(src))
+    storage.write_bytes_atomic(str(folder / "a_0.png"), b"half")
+    storage.write_bytes_atomic(str(folder / "b_0.png"), b"in flight")
+    monkeypatch.undo()
+    old, live = left
+    os.utime(old, (time.time() - 600, time.time() - 600))
+    for name in ("c_0.png", ".c_0.png.tmp-notahexname", "x.tmp-0123456789ab"):
+        (folder / name).write_bytes(b"kept")
+    assert storage.remove_abandoned_temporaries(str(folder), time.time() - 60) == 1
+    assert sorted(os.listdir(folder)) == sorted(
+        [os.path.basename(live), "c_0.png", ".c_0.png.tmp-notahexname", "x.tmp-0123456789ab"]
+    )  # a temporary newer than the sweep's start may be a live write: kept
+    assert storage.remove_abandoned_temporaries(f"file://{folder}", time.time() + 1) == 1
+    assert storage.remove_abandoned_temporaries(str(tmp_path / "missing"), time.time()) == 0
+
+
 def test_unwritable_local_output_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
