@@ -309,3 +309,32 @@ def test_unsupported_architecture_is_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"text_encoder: hidden_act='silu' is not supported"):
         load_clip_text_encoder(folder)
+
+
+_PADDLENLP_PROBE = """
+import sys{first}
+from sd3_core.paddlenlp_shim import paddlenlp_modules
+import paddle.nn.functional as F
+paddlenlp_modules()
+loaded = [m for m in ("paddlenlp.taskflow", "paddlenlp.dataaug", "datasets", "sklearn") if m in sys.modules]
+print(loaded, hasattr(F, "quick_gelu"))
+import paddlenlp
+from paddlenlp import Taskflow
+print("paddlenlp.taskflow" in sys.modules, Taskflow.__module__, paddlenlp.SimpleServer.__name__)
+"""
+
+
+@pytest.mark.parametrize("first", ["", "\nimport paddlenlp"], ids=["shim-first", "paddlenlp-first"])
+def test_the_encoders_load_only_paddlenlp_transformers_and_the_package_stays_whole(first):
+    """The encoders' import skips paddlenlp's toolkit (taskflow, datasets, scikit-learn); the
+    first use of anything else of the package runs its real __init__, so other code sees it whole.
+    Imported before, paddlenlp is used as it is."""
+    import subprocess
+    import sys
+
+    probe = _PADDLENLP_PROBE.format(first=first)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    expected_loaded = "[]" if not first else "['paddlenlp.taskflow', 'paddlenlp.dataaug', 'datasets', 'sklearn']"
+    assert lines == [f"{expected_loaded} True", "True paddlenlp.taskflow.taskflow SimpleServer"], out.stdout
