@@ -22,6 +22,7 @@ demo: $(STAMP)
 # The whole test suite (what CI runs).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q
 

@@ -1,6 +1,5 @@
 """Ray actors: model replicas, tensor-parallel shard workers, the Ray-driven parallel pipeline."""
 
-
 __all__ = ["ParallelStableDiffusion3Pipeline"]
 
 

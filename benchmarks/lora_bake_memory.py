@@ -41,7 +41,9 @@ def measure(method: str, layers: int, rank: int, dtype: str) -> dict:
     model.to(dtype=dtype)
     lora.inject_lora(model, "job", rank=rank)
     lora.random_lora_weights(model, "job", seed=0, std=0.02)
-    targeted = sum(layer.weight.numel().item() * layer.weight.element_size() for _, layer in lora.lora_layers(model))
+    targeted = sum(
+        layer.weight.numel().item() * layer.weight.element_size() for _, layer in lora.lora_layers(model)
+    )
 
     def status(key: str) -> float:  # MiB, from the kB figures in /proc/self/status
         with open("/proc/self/status") as f:

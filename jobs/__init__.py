@@ -1,2 +1,1 @@
 """What users run: batch generation, fine-tuning, schedules, and the `sd3` command line."""
-

@@ -1,6 +1,5 @@
 """User-facing pipelines built on sd3_core: text-to-image, and training (`pipelines.training`)."""
 
-
 __all__ = ["StableDiffusion3Pipeline", "StableDiffusion3PipelineOutput"]
 
 

@@ -196,7 +196,9 @@ def write_bytes_atomic(url: str, data: bytes, options: StorageOptions | None = N
     return url
 
 
-def remove_abandoned_temporaries(folder_url: str, before: float, options: StorageOptions | None = None) -> int:
+def remove_abandoned_temporaries(
+    folder_url: str, before: float, options: StorageOptions | None = None
+) -> int:
     """Delete the temporaries of `write_bytes_atomic` in `folder_url` last modified before `before`
     (a POSIX time); returns how many. A writer killed between its write and its rename (a killed
     driver's workers, a lost node) leaves one behind; one older than the start of the job that

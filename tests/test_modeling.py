@@ -84,7 +84,9 @@ def test_a_model_whose_init_is_not_decorated_names_the_missing_decorator():
             super().__init__()
             self.proj = Linear(width, width)
 
-    with pytest.raises(AttributeError, match="Plain has no config: decorate its __init__ with @.*register_to_config"):
+    with pytest.raises(
+        AttributeError, match="Plain has no config: decorate its __init__ with @.*register_to_config"
+    ):
         _ = Plain().config
 
 

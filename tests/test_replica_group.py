@@ -206,7 +206,9 @@ def test_the_lora_methods_are_the_single_pipelines_each_forwarded_to_every_rank(
             calls.append((name, args, kwargs))
             return name
 
-    public = {n for n, v in vars(ParallelStableDiffusion3Pipeline).items() if callable(v) and not n.startswith("_")}
+    public = {
+        n for n, v in vars(ParallelStableDiffusion3Pipeline).items() if callable(v) and not n.startswith("_")
+    }
     assert public - {"from_pretrained", "close"} == set(LORA_METHODS)
     assert "save_lora_weights" not in LORA_METHODS  # a rank holds slices, not the whole adapter
     pipe = ParallelStableDiffusion3Pipeline(group=Group())

@@ -15,7 +15,12 @@ PACKAGES = ("sd3_core", "pipelines", "actors", "jobs")
 def _run(code: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")}
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -61,7 +66,13 @@ print(json.dumps({"n": n, "omp": os.environ["OMP_NUM_THREADS"], "mkl": os.enviro
 """
     seen = _run(code)
     cores = len(os.sched_getaffinity(0))
-    assert seen == {"n": cores, "omp": str(cores), "mkl": "5" if _is_amd() else None, "again": cores, "threads": cores}
+    assert seen == {
+        "n": cores,
+        "omp": str(cores),
+        "mkl": "5" if _is_amd() else None,
+        "again": cores,
+        "threads": cores,
+    }
 
 
 def test_configure_keeps_the_users_settings_and_an_explicit_count_wins():

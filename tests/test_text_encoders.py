@@ -57,9 +57,7 @@ def _tokenizer(folder: Path) -> PromptTokenizer:
 
 @functools.cache
 def _encoder(folder: Path):
-    return (
-        load_t5_encoder(folder) if folder.name == "text_encoder_3" else load_clip_text_encoder(folder)
-    )
+    return load_t5_encoder(folder) if folder.name == "text_encoder_3" else load_clip_text_encoder(folder)
 
 
 def _run(encoder, input_ids: np.ndarray):
@@ -336,5 +334,7 @@ def test_the_encoders_load_only_paddlenlp_transformers_and_the_package_stays_who
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    expected_loaded = "[]" if not first else "['paddlenlp.taskflow', 'paddlenlp.dataaug', 'datasets', 'sklearn']"
+    expected_loaded = (
+        "[]" if not first else "['paddlenlp.taskflow', 'paddlenlp.dataaug', 'datasets', 'sklearn']"
+    )
     assert lines == [f"{expected_loaded} True", "True paddlenlp.taskflow.taskflow SimpleServer"], out.stdout

@@ -63,13 +63,17 @@ def check_round_trip(built: StableDiffusion3Pipeline, loaded: StableDiffusion3Pi
             continue
         sa, sb = a.state_dict(), b.state_dict()
         if sa.keys() != sb.keys():
-            raise RuntimeError(f"{folder}/{name}: keys differ after reload: {sorted(sa.keys() ^ sb.keys())[:10]}")
+            raise RuntimeError(
+                f"{folder}/{name}: keys differ after reload: {sorted(sa.keys() ^ sb.keys())[:10]}"
+            )
         bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
         if bad:
             raise RuntimeError(f"{folder}/{name}: values differ after reload: {bad[:10]}")
 
 
-def check_tokenizer_forms(published: StableDiffusion3Pipeline, json_only: StableDiffusion3Pipeline) -> list[str]:
+def check_tokenizer_forms(
+    published: StableDiffusion3Pipeline, json_only: StableDiffusion3Pipeline
+) -> list[str]:
     """Published files and tokenizer.json-only must give identical ids; returns notes."""
     import sentencepiece as spm
 
@@ -115,9 +119,15 @@ def write_references(out: Path, dirs: dict[str, Path]) -> list[dict]:
     ref_dir.mkdir(parents=True)
     pipes = {name: load_pipeline(path) for name, path in dirs.items()}
     generators = [
-        rc.tokenizer_cases(pipes), rc.text_encoder_cases(pipes), rc.encode_prompt_cases(pipes),
-        rc.scheduler_cases(dirs), rc.transformer_cases(pipes), rc.vae_cases(pipes),
-        rc.pipeline_cases(pipes), rc.single_file_cases(dirs), rc.float8_cases(),
+        rc.tokenizer_cases(pipes),
+        rc.text_encoder_cases(pipes),
+        rc.encode_prompt_cases(pipes),
+        rc.scheduler_cases(dirs),
+        rc.transformer_cases(pipes),
+        rc.vae_cases(pipes),
+        rc.pipeline_cases(pipes),
+        rc.single_file_cases(dirs),
+        rc.float8_cases(),
     ]
     index = []
     for gen in generators:
@@ -128,13 +138,22 @@ def write_references(out: Path, dirs: dict[str, Path]) -> list[dict]:
                 if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                     raise RuntimeError(f"case {case.name}: {key} has non-finite values")
             np.savez(ref_dir / f"{case.name}.npz", **case.arrays)
-            index.append({
-                "name": case.name, "kind": case.kind, "fixture": case.fixture,
-                "file": f"{case.name}.npz", "args": case.args,
-                "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in case.arrays.items()},
-            })
+            index.append(
+                {
+                    "name": case.name,
+                    "kind": case.kind,
+                    "fixture": case.fixture,
+                    "file": f"{case.name}.npz",
+                    "args": case.args,
+                    "arrays": {
+                        k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in case.arrays.items()
+                    },
+                }
+            )
             log.info("case %s", case.name)
-    (ref_dir / "cases.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ref_dir / "cases.json").write_text(
+        json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return index
 
 
@@ -144,22 +163,41 @@ def _versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "sentencepiece": sentencepiece.__version__, "numpy": np.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "sentencepiece": sentencepiece.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("tests/fixtures"),
-                        help="fixture root: pipelines + references/ + README.md")
-    parser.add_argument("--only-model", type=Path, default=None,
-                        help="write just one sd3-tiny-config pipeline folder here (published tokenizer files)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tests/fixtures"),
+        help="fixture root: pipelines + references/ + README.md",
+    )
+    parser.add_argument(
+        "--only-model",
+        type=Path,
+        default=None,
+        help="write just one sd3-tiny-config pipeline folder here (published tokenizer files)",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_MODEL_SEED, help="weight seed for --only-model")
     parser.add_argument("--no-references", action="store_true", help="pipelines only")
-    parser.add_argument("--verify", action="store_true",
-                        help="after writing, replay every case from cases.json alone and compare exactly")
-    parser.add_argument("--verify-only", action="store_true", help="only replay the existing references in --out")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, replay every case from cases.json alone and compare exactly",
+    )
+    parser.add_argument(
+        "--verify-only", action="store_true", help="only replay the existing references in --out"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet()
@@ -175,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         tm.save_pipeline(pipe, args.only_model, tm.SD3_TINY, toks, shard=False)
         check_round_trip(pipe, load_pipeline(args.only_model), args.only_model)
         size = sum(tm.pipeline_files(args.only_model).values())
-        log.info("wrote %s (%d bytes, seed %d) in %.1fs", args.only_model, size, args.seed, time.time() - start)
+        log.info(
+            "wrote %s (%d bytes, seed %d) in %.1fs", args.only_model, size, args.seed, time.time() - start
+        )
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -184,10 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         log.warning(note)
     index = [] if args.no_references else write_references(args.out, dirs)
-    facts = {"clip_vocab": len(toks.vocab), "merges": len(toks.merges), "bos": toks.vocab[tm.tt.BOS],
-             "eos": toks.vocab[tm.tt.EOS], "t5_vocab": toks.t5_vocab_size,
-             "spiece": tm.tt.spiece_size(toks.spiece),
-             "t5_tokens": tm.tt.spiece_size(toks.spiece) + tm.tt.T5_EXTRA_IDS}
+    facts = {
+        "clip_vocab": len(toks.vocab),
+        "merges": len(toks.merges),
+        "bos": toks.vocab[tm.tt.BOS],
+        "eos": toks.vocab[tm.tt.EOS],
+        "t5_vocab": toks.t5_vocab_size,
+        "spiece": tm.tt.spiece_size(toks.spiece),
+        "t5_tokens": tm.tt.spiece_size(toks.spiece) + tm.tt.T5_EXTRA_IDS,
+    }
     readme.write(args.out, dirs, index, _versions(), FIXTURE_SEEDS, DEFAULT_MODEL_SEED, facts, notes)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     log.info("wrote %s: %d cases, %.1f MB in %.1fs", args.out, len(index), total / 1e6, time.time() - start)
@@ -196,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _verify(out: Path, start: float) -> int:
     n = replay.verify(out, load_pipeline)
-    log.info("replayed %d cases from %s/references/cases.json: all identical (%.1fs)", n, out, time.time() - start)
+    log.info(
+        "replayed %d cases from %s/references/cases.json: all identical (%.1fs)", n, out, time.time() - start
+    )
     return 0
 
 

@@ -142,10 +142,19 @@ Kinds:
 """
 
 
-def write(out: Path, dirs: dict[str, Path], index: list[dict], versions: dict[str, str],
-          seeds: dict[str, int], default_seed: int, facts: dict[str, int], notes: list[str]) -> None:
-    text = _INTRO.format(default_seed=default_seed, seed_sd3=seeds["sd3-tiny"],
-                         seed_sd35=seeds["sd35-tiny"], **facts)
+def write(
+    out: Path,
+    dirs: dict[str, Path],
+    index: list[dict],
+    versions: dict[str, str],
+    seeds: dict[str, int],
+    default_seed: int,
+    facts: dict[str, int],
+    notes: list[str],
+) -> None:
+    text = _INTRO.format(
+        default_seed=default_seed, seed_sd3=seeds["sd3-tiny"], seed_sd35=seeds["sd35-tiny"], **facts
+    )
     lines = [text, "## Contents", ""]
     for name, path in dirs.items():
         files = sorted(p for p in path.rglob("*") if p.is_file())

@@ -89,14 +89,24 @@ def tokenizer_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case
         plan = [("tokenizer", pipe.tokenizer, 77), ("tokenizer_2", pipe.tokenizer_2, 77)]
         plan += [("tokenizer_3", pipe.tokenizer_3, n) for n in (8, 32, 77, 256)]
         for sub, tok, max_length in plan:
-            ids = tok(texts, padding="max_length", max_length=max_length, truncation=True,
-                      add_special_tokens=True).input_ids
+            ids = tok(
+                texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True
+            ).input_ids
             yield Case(
-                f"tokenizer_{fixture}_{sub}_len{max_length}", "tokenizer", fixture,
-                {"subfolder": sub, "texts": texts, "max_length": max_length, "padding": "max_length",
-                 "truncation": True},
-                {"out_input_ids": np.asarray(ids, dtype=np.int64),
-                 "out_removed": np.asarray([_removed(tok, t, max_length) for t in texts])},
+                f"tokenizer_{fixture}_{sub}_len{max_length}",
+                "tokenizer",
+                fixture,
+                {
+                    "subfolder": sub,
+                    "texts": texts,
+                    "max_length": max_length,
+                    "padding": "max_length",
+                    "truncation": True,
+                },
+                {
+                    "out_input_ids": np.asarray(ids, dtype=np.int64),
+                    "out_removed": np.asarray([_removed(tok, t, max_length) for t in texts]),
+                },
             )
 
 
@@ -108,28 +118,42 @@ def text_encoder_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[C
     prompts = ["A photo of a CAT", "", LONG_PROMPT + " café naïve 😀 1234"]
     for fixture in ("sd3-tiny", "sd35-tiny"):
         pipe = pipes[fixture]
-        for sub, tok, enc in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
-                              ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids = tok(prompts, padding="max_length", max_length=77, truncation=True,
-                      return_tensors="pt").input_ids
+        for sub, tok, enc in (
+            ("text_encoder", pipe.tokenizer, pipe.text_encoder),
+            ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2),
+        ):
+            ids = tok(
+                prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
             out = enc(ids, output_hidden_states=True)
             yield Case(
-                f"text_encoder_{fixture}_{sub}", "text_encoder", fixture,
-                {"subfolder": sub, "prompts": prompts,
-                 "note": "out_hidden_states stacks HF hidden_states: [embeddings, layer 1, ..., layer N]"},
-                {"in_input_ids": _np(ids), "out_text_embeds": _np(out.text_embeds),
-                 "out_hidden_states": _np(torch.stack(out.hidden_states)),
-                 "out_last_hidden_state": _np(out.last_hidden_state)},
+                f"text_encoder_{fixture}_{sub}",
+                "text_encoder",
+                fixture,
+                {
+                    "subfolder": sub,
+                    "prompts": prompts,
+                    "note": "out_hidden_states stacks HF hidden_states: [embeddings, layer 1, ..., layer N]",
+                },
+                {
+                    "in_input_ids": _np(ids),
+                    "out_text_embeds": _np(out.text_embeds),
+                    "out_hidden_states": _np(torch.stack(out.hidden_states)),
+                    "out_last_hidden_state": _np(out.last_hidden_state),
+                },
             )
         t5 = pipe.text_encoder_3
-        ids = pipe.tokenizer_3(prompts, padding="max_length", max_length=32, truncation=True,
-                               return_tensors="pt").input_ids
+        ids = pipe.tokenizer_3(
+            prompts, padding="max_length", max_length=32, truncation=True, return_tensors="pt"
+        ).input_ids
         # Also ids no tokenizer produces: sentinels and the padded rows above the tokenizer size.
         rng = _rng(f"t5_{fixture}")
         random_ids = torch.from_numpy(rng.integers(0, t5.config.vocab_size, size=(2, 40)))
         for suffix, inp in (("tokenized", ids), ("random_ids", random_ids)):
             yield Case(
-                f"text_encoder_{fixture}_text_encoder_3_{suffix}", "text_encoder", fixture,
+                f"text_encoder_{fixture}_text_encoder_3_{suffix}",
+                "text_encoder",
+                fixture,
                 {"subfolder": "text_encoder_3", "prompts": prompts if suffix == "tokenized" else None},
                 {"in_input_ids": _np(inp), "out_last_hidden_state": _np(t5(inp).last_hidden_state)},
             )
@@ -139,31 +163,75 @@ def text_encoder_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[C
 
 
 ENCODE_PROMPT_PLAN = [
-    ("encode_prompt_sd3_batch2_neg_prompt23", "sd3-tiny", dict(
-        prompt=["A photo of a CAT", "an old lighthouse at sunset"],
-        prompt_2=["a cat, digital art", "lighthouse, oil painting"],
-        prompt_3=["a T5 caption about a cat", "a T5 caption about a lighthouse"],
-        negative_prompt=["blurry", "low quality, watermark"],
-        do_classifier_free_guidance=True, max_sequence_length=32)),
-    ("encode_prompt_sd3_long_clipskip1_nipp2", "sd3-tiny", dict(
-        prompt=LONG_PROMPT, do_classifier_free_guidance=True, clip_skip=1,
-        num_images_per_prompt=2, max_sequence_length=32)),
-    ("encode_prompt_sd3_default_msl256", "sd3-tiny", dict(
-        prompt="a red fox in the snow", do_classifier_free_guidance=True)),
-    ("encode_prompt_sd35_batch2_neg23", "sd35-tiny", dict(
-        prompt=["two cats on a rooftop", "a robot in the desert"],
-        negative_prompt=["ugly", "dark"], negative_prompt_2=["ugly, clip-g", "dark, clip-g"],
-        negative_prompt_3=["ugly, t5", "dark, t5"], do_classifier_free_guidance=True,
-        max_sequence_length=32)),
-    ("encode_prompt_sd35_long_msl256", "sd35-tiny", dict(
-        prompt=LONG_PROMPT + ", " + LONG_PROMPT + ", " + LONG_PROMPT,
-        negative_prompt="blurry", do_classifier_free_guidance=True)),
-    ("encode_prompt_sd35_not5", "sd35-tiny-not5", dict(
-        prompt=["a bowl of ramen", "a teddy bear"], negative_prompt=["bad", "worse"],
-        do_classifier_free_guidance=True, max_sequence_length=32)),
-    ("encode_prompt_sd35_nocfg_nipp2", "sd35-tiny", dict(
-        prompt="a glass bottle on a beach", do_classifier_free_guidance=False,
-        num_images_per_prompt=2, max_sequence_length=48)),
+    (
+        "encode_prompt_sd3_batch2_neg_prompt23",
+        "sd3-tiny",
+        dict(
+            prompt=["A photo of a CAT", "an old lighthouse at sunset"],
+            prompt_2=["a cat, digital art", "lighthouse, oil painting"],
+            prompt_3=["a T5 caption about a cat", "a T5 caption about a lighthouse"],
+            negative_prompt=["blurry", "low quality, watermark"],
+            do_classifier_free_guidance=True,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "encode_prompt_sd3_long_clipskip1_nipp2",
+        "sd3-tiny",
+        dict(
+            prompt=LONG_PROMPT,
+            do_classifier_free_guidance=True,
+            clip_skip=1,
+            num_images_per_prompt=2,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "encode_prompt_sd3_default_msl256",
+        "sd3-tiny",
+        dict(prompt="a red fox in the snow", do_classifier_free_guidance=True),
+    ),
+    (
+        "encode_prompt_sd35_batch2_neg23",
+        "sd35-tiny",
+        dict(
+            prompt=["two cats on a rooftop", "a robot in the desert"],
+            negative_prompt=["ugly", "dark"],
+            negative_prompt_2=["ugly, clip-g", "dark, clip-g"],
+            negative_prompt_3=["ugly, t5", "dark, t5"],
+            do_classifier_free_guidance=True,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "encode_prompt_sd35_long_msl256",
+        "sd35-tiny",
+        dict(
+            prompt=LONG_PROMPT + ", " + LONG_PROMPT + ", " + LONG_PROMPT,
+            negative_prompt="blurry",
+            do_classifier_free_guidance=True,
+        ),
+    ),
+    (
+        "encode_prompt_sd35_not5",
+        "sd35-tiny-not5",
+        dict(
+            prompt=["a bowl of ramen", "a teddy bear"],
+            negative_prompt=["bad", "worse"],
+            do_classifier_free_guidance=True,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "encode_prompt_sd35_nocfg_nipp2",
+        "sd35-tiny",
+        dict(
+            prompt="a glass bottle on a beach",
+            do_classifier_free_guidance=False,
+            num_images_per_prompt=2,
+            max_sequence_length=48,
+        ),
+    ),
 ]
 
 
@@ -175,10 +243,14 @@ def encode_prompt_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[
         pe, npe, ppe, nppe = pipe.encode_prompt(device=torch.device("cpu"), **call)
         arrays = {"out_prompt_embeds": _np(pe), "out_pooled_prompt_embeds": _np(ppe)}
         if npe is not None:
-            arrays |= {"out_negative_prompt_embeds": _np(npe),
-                       "out_negative_pooled_prompt_embeds": _np(nppe)}
-        args = {"num_images_per_prompt": 1, "max_sequence_length": 256, "clip_skip": None,
-                **call, "drop_t5": pipe.text_encoder_3 is None}
+            arrays |= {"out_negative_prompt_embeds": _np(npe), "out_negative_pooled_prompt_embeds": _np(nppe)}
+        args = {
+            "num_images_per_prompt": 1,
+            "max_sequence_length": 256,
+            "clip_skip": None,
+            **call,
+            "drop_t5": pipe.text_encoder_3 is None,
+        }
         yield Case(name, "encode_prompt", fixture, args, arrays)
 
 
@@ -190,16 +262,30 @@ def scheduler_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
         for n in (1, 2, 4, 28):
             s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
             s.set_timesteps(n)
-            yield Case(f"scheduler_set_timesteps_n{n}_shift{shift:g}", "scheduler", None,
-                       {"op": "set_timesteps", "config": {"num_train_timesteps": 1000, "shift": shift},
-                        "num_inference_steps": n},
-                       {"out_sigmas": _np(s.sigmas), "out_timesteps": _np(s.timesteps)})
+            yield Case(
+                f"scheduler_set_timesteps_n{n}_shift{shift:g}",
+                "scheduler",
+                None,
+                {
+                    "op": "set_timesteps",
+                    "config": {"num_train_timesteps": 1000, "shift": shift},
+                    "num_inference_steps": n,
+                },
+                {"out_sigmas": _np(s.sigmas), "out_timesteps": _np(s.timesteps)},
+            )
     s = FlowMatchEulerDiscreteScheduler.from_pretrained(fixture_dirs["sd3-tiny"], subfolder="scheduler")
     s.set_timesteps(5)
-    yield Case("scheduler_set_timesteps_fixture_config_n5", "scheduler", "sd3-tiny",
-               {"op": "set_timesteps", "config": "from_pretrained(fixture, subfolder='scheduler')",
-                "num_inference_steps": 5},
-               {"out_sigmas": _np(s.sigmas), "out_timesteps": _np(s.timesteps)})
+    yield Case(
+        "scheduler_set_timesteps_fixture_config_n5",
+        "scheduler",
+        "sd3-tiny",
+        {
+            "op": "set_timesteps",
+            "config": "from_pretrained(fixture, subfolder='scheduler')",
+            "num_inference_steps": 5,
+        },
+        {"out_sigmas": _np(s.sigmas), "out_timesteps": _np(s.timesteps)},
+    )
 
     name = "scheduler_step_n4_shift3"
     rng = _rng(name)
@@ -211,14 +297,28 @@ def scheduler_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
     for k, i in enumerate(indices):
         s._step_index = None  # a fresh lookup from the timestep, as a pure step() does
         t = s.timesteps[i]
-        outs.append(s.step(torch.from_numpy(arrays["in_model_output"][k]), t,
-                           torch.from_numpy(arrays["in_sample"][k]), return_dict=False)[0])
+        outs.append(
+            s.step(
+                torch.from_numpy(arrays["in_model_output"][k]),
+                t,
+                torch.from_numpy(arrays["in_sample"][k]),
+                return_dict=False,
+            )[0]
+        )
     arrays |= {"in_timesteps": _np(s.timesteps[indices]), "out_prev_sample": _np(torch.stack(outs))}
-    yield Case(name, "scheduler",
-               None, {"op": "step", "config": {"num_train_timesteps": 1000, "shift": 3.0},
-                      "num_inference_steps": 4, "step_indices": indices,
-                      "note": "row k: step(in_model_output[k], in_timesteps[k], in_sample[k])"},
-               arrays)
+    yield Case(
+        name,
+        "scheduler",
+        None,
+        {
+            "op": "step",
+            "config": {"num_train_timesteps": 1000, "shift": 3.0},
+            "num_inference_steps": 4,
+            "step_indices": indices,
+            "note": "row k: step(in_model_output[k], in_timesteps[k], in_sample[k])",
+        },
+        arrays,
+    )
 
     name = "scheduler_scale_noise_n4_shift3"
     rng = _rng(name)
@@ -227,10 +327,17 @@ def scheduler_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
     sample, noise = _randn(rng, 3, 16, 8, 8), _randn(rng, 3, 16, 8, 8)
     t = s.timesteps[[0, 2, 3]]
     out = s.scale_noise(torch.from_numpy(sample), t, torch.from_numpy(noise))
-    yield Case(name, "scheduler", None,
-               {"op": "scale_noise", "config": {"num_train_timesteps": 1000, "shift": 3.0},
-                "num_inference_steps": 4},
-               {"in_sample": sample, "in_noise": noise, "in_timesteps": _np(t), "out_sample": _np(out)})
+    yield Case(
+        name,
+        "scheduler",
+        None,
+        {
+            "op": "scale_noise",
+            "config": {"num_train_timesteps": 1000, "shift": 3.0},
+            "num_inference_steps": 4,
+        },
+        {"in_sample": sample, "in_noise": noise, "in_timesteps": _np(t), "out_sample": _np(out)},
+    )
 
     name = "scheduler_training_lookup"
     rng = _rng(name)
@@ -247,16 +354,32 @@ def scheduler_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
     x0, noise = _randn(rng, 16, 4, 4, 4), _randn(rng, 16, 4, 4, 4)
     sig4 = sigmas.view(-1, 1, 1, 1)
     noisy = (1.0 - sig4) * torch.from_numpy(x0) + sig4 * torch.from_numpy(noise)
-    yield Case(name, "scheduler", None,
-               {"op": "training", "config": {"num_train_timesteps": 1000, "shift": 3.0},
-                "mode_scale": mode_scale,
-                "note": "out_init_* are a fresh scheduler's timesteps/sigmas (1000 + 1000 entries)"},
-               {"in_u": u, "in_x0": x0, "in_noise": noise,
-                "out_init_timesteps": _np(s.timesteps), "out_init_sigmas": _np(s.sigmas),
-                "out_indices": _np(indices), "out_timesteps": _np(timesteps), "out_sigmas": _np(sigmas),
-                "out_mode_u": _np(mode_u), "out_noisy": _np(noisy), "out_target": _np(torch.from_numpy(noise - x0)),
-                "out_weight_sigma_sqrt": _np(compute_loss_weighting_for_sd3("sigma_sqrt", sigmas)),
-                "out_weight_cosmap": _np(compute_loss_weighting_for_sd3("cosmap", sigmas))})
+    yield Case(
+        name,
+        "scheduler",
+        None,
+        {
+            "op": "training",
+            "config": {"num_train_timesteps": 1000, "shift": 3.0},
+            "mode_scale": mode_scale,
+            "note": "out_init_* are a fresh scheduler's timesteps/sigmas (1000 + 1000 entries)",
+        },
+        {
+            "in_u": u,
+            "in_x0": x0,
+            "in_noise": noise,
+            "out_init_timesteps": _np(s.timesteps),
+            "out_init_sigmas": _np(s.sigmas),
+            "out_indices": _np(indices),
+            "out_timesteps": _np(timesteps),
+            "out_sigmas": _np(sigmas),
+            "out_mode_u": _np(mode_u),
+            "out_noisy": _np(noisy),
+            "out_target": _np(torch.from_numpy(noise - x0)),
+            "out_weight_sigma_sqrt": _np(compute_loss_weighting_for_sd3("sigma_sqrt", sigmas)),
+            "out_weight_cosmap": _np(compute_loss_weighting_for_sd3("cosmap", sigmas)),
+        },
+    )
 
 
 # ---------------------------------------------------------------- transformer / vae
@@ -288,11 +411,14 @@ def transformer_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Ca
                 "in_pooled_projections": _randn(rng, b, cfg.pooled_projection_dim),
                 "in_timestep": sigmas * np.float32(1000.0),
             }
-            out = model(hidden_states=torch.from_numpy(arrays["in_hidden_states"]),
-                        encoder_hidden_states=torch.from_numpy(arrays["in_encoder_hidden_states"]),
-                        pooled_projections=torch.from_numpy(arrays["in_pooled_projections"]),
-                        timestep=torch.from_numpy(arrays["in_timestep"]),
-                        skip_layers=skip, return_dict=False)[0]
+            out = model(
+                hidden_states=torch.from_numpy(arrays["in_hidden_states"]),
+                encoder_hidden_states=torch.from_numpy(arrays["in_encoder_hidden_states"]),
+                pooled_projections=torch.from_numpy(arrays["in_pooled_projections"]),
+                timestep=torch.from_numpy(arrays["in_timestep"]),
+                skip_layers=skip,
+                return_dict=False,
+            )[0]
             arrays["out_sample"] = _np(out)
             yield Case(name, "transformer", fixture, {"skip_layers": skip}, arrays)
 
@@ -306,16 +432,30 @@ def vae_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case]:
             rng = _rng(name)
             z = _randn(rng, 2, 16, h // 8, w // 8)
             out = vae.decode(torch.from_numpy(z), return_dict=False)[0]
-            yield Case(name, "vae", fixture, {"op": "decode", "note": "in_z is already unscaled"},
-                       {"in_z": z, "out_sample": _np(out)})
+            yield Case(
+                name,
+                "vae",
+                fixture,
+                {"op": "decode", "note": "in_z is already unscaled"},
+                {"in_z": z, "out_sample": _np(out)},
+            )
         for h, w in ((64, 64), (96, 64)):
             name = f"vae_{fixture}_encode_h{h}w{w}"
             rng = _rng(name)
             x = rng.uniform(-1.0, 1.0, size=(2, 3, h, w)).astype(np.float32)
             dist = vae.encode(torch.from_numpy(x)).latent_dist
-            yield Case(name, "vae", fixture, {"op": "encode"},
-                       {"in_image": x, "out_mean": _np(dist.mean), "out_logvar": _np(dist.logvar),
-                        "out_std": _np(dist.std)})
+            yield Case(
+                name,
+                "vae",
+                fixture,
+                {"op": "encode"},
+                {
+                    "in_image": x,
+                    "out_mean": _np(dist.mean),
+                    "out_logvar": _np(dist.logvar),
+                    "out_std": _np(dist.std),
+                },
+            )
     yield from tiled_vae_cases(pipes["sd3-tiny"].vae)
 
 
@@ -349,10 +489,16 @@ def tiled_vae_cases(vae) -> Iterator[Case]:
     for op, b, h, w, tile, overlap in TILED_VAE_PLAN:
         name = f"vae_sd3-tiny_tiled_{op}_b{b}h{h}w{w}_tile{tile}_overlap{overlap:g}"
         rng = _rng(name)
-        tiling = {"tile_sample_min_size": tile, "tile_latent_min_size": tile // scale,
-                  "tile_overlap_factor": overlap}
-        args = {"op": op, "tiling": tiling,
-                "note": "vae.enable_tiling(), then these attributes set; diffusers' tiled path"}
+        tiling = {
+            "tile_sample_min_size": tile,
+            "tile_latent_min_size": tile // scale,
+            "tile_overlap_factor": overlap,
+        }
+        args = {
+            "op": op,
+            "tiling": tiling,
+            "note": "vae.enable_tiling(), then these attributes set; diffusers' tiled path",
+        }
         with tiled_vae(vae, tiling):
             if op == "decode":
                 z = _randn(rng, b, 16, h // scale, w // scale)
@@ -361,9 +507,18 @@ def tiled_vae_cases(vae) -> Iterator[Case]:
             else:
                 x = rng.uniform(-1.0, 1.0, size=(b, 3, h, w)).astype(np.float32)
                 dist = vae.encode(torch.from_numpy(x)).latent_dist
-                yield Case(name, "vae", "sd3-tiny", args,
-                           {"in_image": x, "out_mean": _np(dist.mean), "out_logvar": _np(dist.logvar),
-                            "out_std": _np(dist.std)})
+                yield Case(
+                    name,
+                    "vae",
+                    "sd3-tiny",
+                    args,
+                    {
+                        "in_image": x,
+                        "out_mean": _np(dist.mean),
+                        "out_logvar": _np(dist.logvar),
+                        "out_std": _np(dist.std),
+                    },
+                )
 
 
 # ---------------------------------------------------------------- single files and fp8
@@ -375,11 +530,17 @@ SINGLE_FILE_DIR = "single-file"
 
 def load_single_file(root: Path, args: dict):
     """diffusers' from_single_file of a fixture single file, offline, config from the fixture folder."""
-    cls = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
-           "pipeline": StableDiffusion3Pipeline}[args["component"]]
+    cls = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "pipeline": StableDiffusion3Pipeline}[
+        args["component"]
+    ]
     extra = {"subfolder": args["subfolder"]} if args["subfolder"] else {}
-    return cls.from_single_file(str(root / args["file"]), config=str(root / args["config"]),
-                                local_files_only=True, torch_dtype=torch.float32, **extra)
+    return cls.from_single_file(
+        str(root / args["file"]),
+        config=str(root / args["config"]),
+        local_files_only=True,
+        torch_dtype=torch.float32,
+        **extra,
+    )
 
 
 @torch.no_grad()
@@ -389,10 +550,17 @@ def single_file_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
         file = f"{SINGLE_FILE_DIR}/{fixture}.safetensors"
         if not (root / file).is_file():
             import logging
-            logging.getLogger(__name__).warning("no %s (write it with `sd3 convert`): single_file cases skipped", file)
+
+            logging.getLogger(__name__).warning(
+                "no %s (write it with `sd3 convert`): single_file cases skipped", file
+            )
             return
-        base = {"file": file, "config": fixture, "loader": "<Class>.from_single_file(file, config=config, "
-                "subfolder=subfolder, local_files_only=True, torch_dtype=torch.float32)"}
+        base = {
+            "file": file,
+            "config": fixture,
+            "loader": "<Class>.from_single_file(file, config=config, "
+            "subfolder=subfolder, local_files_only=True, torch_dtype=torch.float32)",
+        }
         args = {**base, "component": "transformer", "subfolder": "transformer"}
         model = load_single_file(root, args)
         name = f"single_file_{fixture}_transformer"
@@ -403,35 +571,54 @@ def single_file_cases(fixture_dirs: dict[str, Path]) -> Iterator[Case]:
             "in_pooled_projections": _randn(rng, 2, model.config.pooled_projection_dim),
             "in_timestep": np.array([1000.0, 250.0], dtype=np.float32),
         }
-        out = model(hidden_states=torch.from_numpy(arrays["in_hidden_states"]),
-                    encoder_hidden_states=torch.from_numpy(arrays["in_encoder_hidden_states"]),
-                    pooled_projections=torch.from_numpy(arrays["in_pooled_projections"]),
-                    timestep=torch.from_numpy(arrays["in_timestep"]), return_dict=False)[0]
+        out = model(
+            hidden_states=torch.from_numpy(arrays["in_hidden_states"]),
+            encoder_hidden_states=torch.from_numpy(arrays["in_encoder_hidden_states"]),
+            pooled_projections=torch.from_numpy(arrays["in_pooled_projections"]),
+            timestep=torch.from_numpy(arrays["in_timestep"]),
+            return_dict=False,
+        )[0]
         yield Case(name, "single_file", fixture, args, {**arrays, "out_sample": _np(out)})
         args = {**base, "component": "vae", "subfolder": "vae", "op": "decode"}
         vae = load_single_file(root, args)
         name = f"single_file_{fixture}_vae_decode"
         z = _randn(_rng(name), 1, 16, 8, 12)
-        yield Case(name, "single_file", fixture, args,
-                   {"in_z": z, "out_sample": _np(vae.decode(torch.from_numpy(z), return_dict=False)[0])})
+        yield Case(
+            name,
+            "single_file",
+            fixture,
+            args,
+            {"in_z": z, "out_sample": _np(vae.decode(torch.from_numpy(z), return_dict=False)[0])},
+        )
         if fixture == "sd3-tiny":  # the file with CLIP-L/G and an fp8 T5 (like *_incl_clips_t5xxlfp8)
             args = {**base, "component": "pipeline", "subfolder": None, **SINGLE_FILE_PROMPT}
-            yield Case(f"single_file_{fixture}_encode_prompt", "single_file", fixture, args,
-                       single_file_prompt_arrays(load_single_file(root, args)))
+            yield Case(
+                f"single_file_{fixture}_encode_prompt",
+                "single_file",
+                fixture,
+                args,
+                single_file_prompt_arrays(load_single_file(root, args)),
+            )
 
 
 SINGLE_FILE_PROMPT = {
-    "prompt": ["A photo of a CAT", "an old lighthouse at sunset, oil painting"], "max_sequence_length": 32,
+    "prompt": ["A photo of a CAT", "an old lighthouse at sunset, oil painting"],
+    "max_sequence_length": 32,
     "note": "encode_prompt(prompt, max_sequence_length, do_classifier_free_guidance=False). diffusers "
-            "replaces the file's CLIP-L text_projection by the identity, so only the CLIP-G half of the "
-            "pooled embedding is recorded (out_pooled_clip_g = pooled[:, clip_l projection_dim:])",
+    "replaces the file's CLIP-L text_projection by the identity, so only the CLIP-G half of the "
+    "pooled embedding is recorded (out_pooled_clip_g = pooled[:, clip_l projection_dim:])",
 }
 
 
 def single_file_prompt_arrays(pipe) -> dict[str, np.ndarray]:
-    pe, _, pooled, _ = pipe.encode_prompt(prompt=SINGLE_FILE_PROMPT["prompt"], prompt_2=None, prompt_3=None,
-                                          max_sequence_length=SINGLE_FILE_PROMPT["max_sequence_length"],
-                                          do_classifier_free_guidance=False, device=torch.device("cpu"))
+    pe, _, pooled, _ = pipe.encode_prompt(
+        prompt=SINGLE_FILE_PROMPT["prompt"],
+        prompt_2=None,
+        prompt_3=None,
+        max_sequence_length=SINGLE_FILE_PROMPT["max_sequence_length"],
+        do_classifier_free_guidance=False,
+        device=torch.device("cpu"),
+    )
     clip_l = pipe.text_encoder.config.projection_dim
     return {"out_prompt_embeds": _np(pe), "out_pooled_clip_g": _np(pooled[:, clip_l:])}
 
@@ -441,43 +628,127 @@ def float8_cases() -> Iterator[Case]:
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     for dtype in ("float8_e4m3fn", "float8_e5m2"):
         values = codes.view(getattr(torch, dtype)).to(torch.float32)
-        yield Case(f"float8_{dtype}_table", "float8", None,
-                   {"dtype": dtype, "note": "out_float32_bits[b] = float32 bits of byte b read as torch." + dtype},
-                   {"in_bytes": codes.to(torch.int64).numpy(),
-                    "out_float32_bits": values.numpy().view(np.uint32).astype(np.int64)})
+        yield Case(
+            f"float8_{dtype}_table",
+            "float8",
+            None,
+            {"dtype": dtype, "note": "out_float32_bits[b] = float32 bits of byte b read as torch." + dtype},
+            {
+                "in_bytes": codes.to(torch.int64).numpy(),
+                "out_float32_bits": values.numpy().view(np.uint32).astype(np.int64),
+            },
+        )
 
 
 # ---------------------------------------------------------------- full pipeline
 
 
 PIPELINE_PLAN = [
-    ("pipeline_sd3_square_cfg5", "sd3-tiny", dict(
-        prompt="a red fox on a beach at sunset", negative_prompt="blurry",
-        height=64, width=64, num_inference_steps=3, guidance_scale=5.0)),
-    ("pipeline_sd3_h64w96_nocfg", "sd3-tiny", dict(
-        prompt="an old lighthouse, oil painting", height=64, width=96,
-        num_inference_steps=2, guidance_scale=1.0, max_sequence_length=32)),
-    ("pipeline_sd3_batch2_neg_h96w64", "sd3-tiny", dict(
-        prompt=["two cats in the rain", "a robot on the moon"],
-        negative_prompt=["ugly", "dark, low quality"], height=96, width=64,
-        num_inference_steps=2, guidance_scale=4.0, max_sequence_length=32)),
-    ("pipeline_sd3_long_nipp2_clipskip1", "sd3-tiny", dict(
-        prompt=LONG_PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
-        num_images_per_prompt=2, clip_skip=1, max_sequence_length=32)),
-    ("pipeline_sd35_square_cfg5", "sd35-tiny", dict(
-        prompt="a castle under the stars", prompt_3="a castle under the stars, for T5",
-        negative_prompt="blurry", height=64, width=64, num_inference_steps=3, guidance_scale=5.0)),
-    ("pipeline_sd35_skip_layer_guidance", "sd35-tiny", dict(
-        prompt="a golden retriever in a field of sunflowers", height=64, width=64,
-        num_inference_steps=4, guidance_scale=5.0, skip_guidance_layers=[1],
-        skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.1,
-        skip_layer_guidance_stop=0.6, max_sequence_length=32)),
-    ("pipeline_sd35_h96w64_nocfg", "sd35-tiny", dict(
-        prompt="a snowy forest", height=96, width=64, num_inference_steps=2,
-        guidance_scale=1.0, max_sequence_length=32)),
-    ("pipeline_sd35_not5_cfg", "sd35-tiny-not5", dict(
-        prompt=["a bowl of ramen", "a teddy bear"], negative_prompt=["bad", "worse"],
-        height=64, width=64, num_inference_steps=2, guidance_scale=3.0, max_sequence_length=32)),
+    (
+        "pipeline_sd3_square_cfg5",
+        "sd3-tiny",
+        dict(
+            prompt="a red fox on a beach at sunset",
+            negative_prompt="blurry",
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+        ),
+    ),
+    (
+        "pipeline_sd3_h64w96_nocfg",
+        "sd3-tiny",
+        dict(
+            prompt="an old lighthouse, oil painting",
+            height=64,
+            width=96,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "pipeline_sd3_batch2_neg_h96w64",
+        "sd3-tiny",
+        dict(
+            prompt=["two cats in the rain", "a robot on the moon"],
+            negative_prompt=["ugly", "dark, low quality"],
+            height=96,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "pipeline_sd3_long_nipp2_clipskip1",
+        "sd3-tiny",
+        dict(
+            prompt=LONG_PROMPT,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=3.0,
+            num_images_per_prompt=2,
+            clip_skip=1,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "pipeline_sd35_square_cfg5",
+        "sd35-tiny",
+        dict(
+            prompt="a castle under the stars",
+            prompt_3="a castle under the stars, for T5",
+            negative_prompt="blurry",
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+        ),
+    ),
+    (
+        "pipeline_sd35_skip_layer_guidance",
+        "sd35-tiny",
+        dict(
+            prompt="a golden retriever in a field of sunflowers",
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            skip_guidance_layers=[1],
+            skip_layer_guidance_scale=2.8,
+            skip_layer_guidance_start=0.1,
+            skip_layer_guidance_stop=0.6,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "pipeline_sd35_h96w64_nocfg",
+        "sd35-tiny",
+        dict(
+            prompt="a snowy forest",
+            height=96,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "pipeline_sd35_not5_cfg",
+        "sd35-tiny-not5",
+        dict(
+            prompt=["a bowl of ramen", "a teddy bear"],
+            negative_prompt=["bad", "worse"],
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=3.0,
+            max_sequence_length=32,
+        ),
+    ),
 ]
 
 
@@ -491,10 +762,23 @@ def pipeline_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case]
         latents = _randn(rng, batch, 16, kwargs["height"] // 8, kwargs["width"] // 8)
         images = pipe(**kwargs, latents=torch.from_numpy(latents), output_type="np").images
         final = pipe(**kwargs, latents=torch.from_numpy(latents), output_type="latent").images
-        args = {"num_images_per_prompt": 1, "max_sequence_length": 256, "clip_skip": None,
-                **kwargs, "drop_t5": pipe.text_encoder_3 is None,
-                "note": "out_latents = final latents before the VAE (output_type='latent'); "
-                        "out_images = output_type='np' (NHWC in [0, 1])"}
-        yield Case(name, "pipeline", fixture, args,
-                   {"in_latents": latents, "out_latents": _np(final),
-                    "out_images": np.asarray(images, dtype=np.float32)})
+        args = {
+            "num_images_per_prompt": 1,
+            "max_sequence_length": 256,
+            "clip_skip": None,
+            **kwargs,
+            "drop_t5": pipe.text_encoder_3 is None,
+            "note": "out_latents = final latents before the VAE (output_type='latent'); "
+            "out_images = output_type='np' (NHWC in [0, 1])",
+        }
+        yield Case(
+            name,
+            "pipeline",
+            fixture,
+            args,
+            {
+                "in_latents": latents,
+                "out_latents": _np(final),
+                "out_images": np.asarray(images, dtype=np.float32),
+            },
+        )

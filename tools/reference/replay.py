@@ -36,28 +36,37 @@ def _scheduler(case: dict, fixtures: Path) -> FlowMatchEulerDiscreteScheduler:
 
 
 @torch.no_grad()
-def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pipeline | None,
-            fixtures: Path) -> dict[str, np.ndarray]:
+def _replay(
+    case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pipeline | None, fixtures: Path
+) -> dict[str, np.ndarray]:
     kind, args = case["kind"], case["args"]
     if kind == "tokenizer":
         tok = getattr(pipe, args["subfolder"])
-        ids = tok(args["texts"], padding=args["padding"], max_length=args["max_length"],
-                  truncation=args["truncation"]).input_ids
+        ids = tok(
+            args["texts"],
+            padding=args["padding"],
+            max_length=args["max_length"],
+            truncation=args["truncation"],
+        ).input_ids
         return {"out_input_ids": np.asarray(ids, dtype=np.int64)}
     if kind == "text_encoder":
         enc = getattr(pipe, args["subfolder"])
         out = enc(_t(arrays["in_input_ids"]), output_hidden_states=args["subfolder"] != "text_encoder_3")
         res = {"out_last_hidden_state": out.last_hidden_state.numpy()}
         if "out_text_embeds" in arrays:
-            res |= {"out_text_embeds": out.text_embeds.numpy(),
-                    "out_hidden_states": torch.stack(out.hidden_states).numpy()}
+            res |= {
+                "out_text_embeds": out.text_embeds.numpy(),
+                "out_hidden_states": torch.stack(out.hidden_states).numpy(),
+            }
         return res
     if kind == "encode_prompt":
         pe, npe, ppe, nppe = pipe.encode_prompt(**_call_args(args))
         res = {"out_prompt_embeds": pe.numpy(), "out_pooled_prompt_embeds": ppe.numpy()}
         if npe is not None:
-            res |= {"out_negative_prompt_embeds": npe.numpy(),
-                    "out_negative_pooled_prompt_embeds": nppe.numpy()}
+            res |= {
+                "out_negative_prompt_embeds": npe.numpy(),
+                "out_negative_pooled_prompt_embeds": nppe.numpy(),
+            }
         return res
     if kind == "scheduler":
         s = _scheduler(case, fixtures)
@@ -69,8 +78,14 @@ def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pip
             outs = []
             for k, t in enumerate(arrays["in_timesteps"]):
                 s._step_index = None
-                outs.append(s.step(_t(arrays["in_model_output"][k]), torch.tensor(t),
-                                   _t(arrays["in_sample"][k]), return_dict=False)[0])
+                outs.append(
+                    s.step(
+                        _t(arrays["in_model_output"][k]),
+                        torch.tensor(t),
+                        _t(arrays["in_sample"][k]),
+                        return_dict=False,
+                    )[0]
+                )
             return {"out_prev_sample": torch.stack(outs).numpy()}
         if args["op"] == "scale_noise":
             s.set_timesteps(args["num_inference_steps"])
@@ -79,13 +94,20 @@ def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pip
         indices = (_t(arrays["in_u"]) * s.config.num_train_timesteps).long()
         timesteps = s.timesteps[indices]
         sigmas = s.sigmas[[int((s.timesteps == t).nonzero().item()) for t in timesteps]]
-        return {"out_indices": indices.numpy(), "out_timesteps": timesteps.numpy(), "out_sigmas": sigmas.numpy()}
+        return {
+            "out_indices": indices.numpy(),
+            "out_timesteps": timesteps.numpy(),
+            "out_sigmas": sigmas.numpy(),
+        }
     if kind == "transformer":
-        out = pipe.transformer(hidden_states=_t(arrays["in_hidden_states"]),
-                               encoder_hidden_states=_t(arrays["in_encoder_hidden_states"]),
-                               pooled_projections=_t(arrays["in_pooled_projections"]),
-                               timestep=_t(arrays["in_timestep"]), skip_layers=args["skip_layers"],
-                               return_dict=False)[0]
+        out = pipe.transformer(
+            hidden_states=_t(arrays["in_hidden_states"]),
+            encoder_hidden_states=_t(arrays["in_encoder_hidden_states"]),
+            pooled_projections=_t(arrays["in_pooled_projections"]),
+            timestep=_t(arrays["in_timestep"]),
+            skip_layers=args["skip_layers"],
+            return_dict=False,
+        )[0]
         return {"out_sample": out.numpy()}
     if kind == "vae":
         with tiled_vae(pipe.vae, args["tiling"]) if "tiling" in args else nullcontext():
@@ -104,10 +126,13 @@ def _replay(case: dict, arrays: dict[str, np.ndarray], pipe: StableDiffusion3Pip
             return rc.single_file_prompt_arrays(model)
         if args["component"] == "vae":
             return {"out_sample": model.decode(_t(arrays["in_z"]), return_dict=False)[0].numpy()}
-        out = model(hidden_states=_t(arrays["in_hidden_states"]),
-                    encoder_hidden_states=_t(arrays["in_encoder_hidden_states"]),
-                    pooled_projections=_t(arrays["in_pooled_projections"]),
-                    timestep=_t(arrays["in_timestep"]), return_dict=False)[0]
+        out = model(
+            hidden_states=_t(arrays["in_hidden_states"]),
+            encoder_hidden_states=_t(arrays["in_encoder_hidden_states"]),
+            pooled_projections=_t(arrays["in_pooled_projections"]),
+            timestep=_t(arrays["in_timestep"]),
+            return_dict=False,
+        )[0]
         return {"out_sample": out.numpy()}
     if kind == "float8":
         values = _t(arrays["in_bytes"]).to(torch.uint8).view(getattr(torch, args["dtype"])).to(torch.float32)
@@ -128,6 +153,10 @@ def verify(fixtures: Path, load: Callable[[Path], StableDiffusion3Pipeline]) -> 
         got = _replay(case, arrays, pipes.get(fixture), fixtures)
         for key, value in got.items():
             if not np.array_equal(value, arrays[key]):
-                err = np.abs(value.astype(np.float64) - arrays[key]).max() if value.shape == arrays[key].shape else "shape"
+                err = (
+                    np.abs(value.astype(np.float64) - arrays[key]).max()
+                    if value.shape == arrays[key].shape
+                    else "shape"
+                )
                 raise RuntimeError(f"replay of case {case['name']}: {key} differs (max abs err {err})")
     return len(cases)

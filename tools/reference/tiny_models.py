@@ -91,41 +91,79 @@ def load_tokenizers(folder: Path) -> tuple[CLIPTokenizer, CLIPTokenizer, T5Token
 
 def transformer_config(v: Variant) -> dict:
     return dict(
-        sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=32,
-        pooled_projection_dim=80, out_channels=16, pos_embed_max_size=12,
-        dual_attention_layers=v.dual_attention_layers, qk_norm=v.qk_norm,
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=128,
+        caption_projection_dim=32,
+        pooled_projection_dim=80,
+        out_channels=16,
+        pos_embed_max_size=12,
+        dual_attention_layers=v.dual_attention_layers,
+        qk_norm=v.qk_norm,
     )
 
 
 def vae_config() -> dict:
     return dict(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16), layers_per_block=2, act_fn="silu",
-        latent_channels=16, norm_num_groups=4, sample_size=64,
-        scaling_factor=1.5305, shift_factor=0.0609,
-        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
     )
 
 
 def clip_config(toks: Tokenizers, hidden: int, act: str, pad_id: int, legacy_eos: bool) -> CLIPTextConfig:
     eos = toks.vocab[tt.EOS]
     return CLIPTextConfig(
-        vocab_size=len(toks.vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-        projection_dim=hidden, num_hidden_layers=3, num_attention_heads=hidden // 16,
-        max_position_embeddings=tt.CLIP_MAX_LENGTH, hidden_act=act, layer_norm_eps=1e-5,
-        bos_token_id=toks.vocab[tt.BOS], eos_token_id=2 if legacy_eos else eos, pad_token_id=pad_id,
+        vocab_size=len(toks.vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=hidden,
+        num_hidden_layers=3,
+        num_attention_heads=hidden // 16,
+        max_position_embeddings=tt.CLIP_MAX_LENGTH,
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        bos_token_id=toks.vocab[tt.BOS],
+        eos_token_id=2 if legacy_eos else eos,
+        pad_token_id=pad_id,
     )
 
 
 def t5_config(toks: Tokenizers) -> T5Config:
     return T5Config(
-        vocab_size=toks.t5_vocab_size, d_model=128, d_kv=16, d_ff=128, num_layers=2,
-        num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
-        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, tie_word_embeddings=False,
+        vocab_size=toks.t5_vocab_size,
+        d_model=128,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
     )
 
 
@@ -174,7 +212,9 @@ def build_pipeline(v: Variant, toks: Tokenizers, seed: int, with_t5: bool = True
     """Builds the tiny pipeline in memory with randomised weights (tokenizers from the trained files)."""
     transformer = SD3Transformer2DModel(**transformer_config(v))
     vae = AutoencoderKL(**vae_config())
-    clip_l = CLIPTextModelWithProjection(clip_config(toks, 32, "quick_gelu", toks.vocab[tt.EOS], v.clip_legacy_eos))
+    clip_l = CLIPTextModelWithProjection(
+        clip_config(toks, 32, "quick_gelu", toks.vocab[tt.EOS], v.clip_legacy_eos)
+    )
     clip_g = CLIPTextModelWithProjection(clip_config(toks, 48, "gelu", toks.vocab["!"], v.clip_legacy_eos))
     t5 = T5EncoderModel(t5_config(toks)) if with_t5 else None
     for offset, model in enumerate((transformer, vae, clip_l, clip_g, t5)):
@@ -186,14 +226,21 @@ def build_pipeline(v: Variant, toks: Tokenizers, seed: int, with_t5: bool = True
         write_published_tokenizers(Path(tmp), toks)
         tok_l, tok_g, tok_t5 = load_tokenizers(Path(tmp))
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler(), vae=vae,
-        text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g,
-        text_encoder_3=t5, tokenizer_3=tok_t5 if with_t5 else None,
+        transformer=transformer,
+        scheduler=scheduler(),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=tok_l,
+        text_encoder_2=clip_g,
+        tokenizer_2=tok_g,
+        text_encoder_3=t5,
+        tokenizer_3=tok_t5 if with_t5 else None,
     )
 
 
-def save_pipeline(pipe: StableDiffusion3Pipeline, folder: Path, v: Variant, toks: Tokenizers,
-                  shard: bool) -> None:
+def save_pipeline(
+    pipe: StableDiffusion3Pipeline, folder: Path, v: Variant, toks: Tokenizers, shard: bool
+) -> None:
     """Saves with diffusers' save_pretrained (replacing folder); optionally shards transformer and T5."""
     if folder.exists() and any(folder.iterdir()) and not (folder / "model_index.json").exists():
         raise FileExistsError(f"{folder} is not empty and is not a pipeline folder; refusing to replace it")
@@ -204,8 +251,10 @@ def save_pipeline(pipe: StableDiffusion3Pipeline, folder: Path, v: Variant, toks
         if pipe.tokenizer_3 is None:
             shutil.rmtree(folder / "tokenizer_3")
     if shard:
-        for sub, model, size in (("transformer", pipe.transformer, "150KB"),
-                                 ("text_encoder_3", pipe.text_encoder_3, "300KB")):
+        for sub, model, size in (
+            ("transformer", pipe.transformer, "150KB"),
+            ("text_encoder_3", pipe.text_encoder_3, "300KB"),
+        ):
             if model is None:
                 continue
             shutil.rmtree(folder / sub)

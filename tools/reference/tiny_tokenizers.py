@@ -27,18 +27,50 @@ T5_EXTRA_IDS = 100
 _CLIP_WORD = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 _SUBJECTS = [
-    "a red fox", "an old lighthouse", "a small wooden boat", "two cats", "a golden retriever",
-    "a bowl of ramen", "a castle", "an astronaut", "a vintage car", "a cup of coffee",
-    "a mountain lake", "a robot", "a field of sunflowers", "a city street", "a snowy forest",
-    "a teddy bear", "a glass bottle", "an owl", "a bicycle", "a painting of a woman",
+    "a red fox",
+    "an old lighthouse",
+    "a small wooden boat",
+    "two cats",
+    "a golden retriever",
+    "a bowl of ramen",
+    "a castle",
+    "an astronaut",
+    "a vintage car",
+    "a cup of coffee",
+    "a mountain lake",
+    "a robot",
+    "a field of sunflowers",
+    "a city street",
+    "a snowy forest",
+    "a teddy bear",
+    "a glass bottle",
+    "an owl",
+    "a bicycle",
+    "a painting of a woman",
 ]
 _PLACES = [
-    "on a beach", "in the rain", "at sunset", "under the stars", "in a busy market",
-    "on the moon", "in a quiet library", "near a river", "in the desert", "on a rooftop",
+    "on a beach",
+    "in the rain",
+    "at sunset",
+    "under the stars",
+    "in a busy market",
+    "on the moon",
+    "in a quiet library",
+    "near a river",
+    "in the desert",
+    "on a rooftop",
 ]
 _STYLES = [
-    "photograph", "oil painting", "watercolor", "digital art", "35mm film", "studio lighting",
-    "highly detailed", "cinematic", "pencil sketch", "8k, sharp focus",
+    "photograph",
+    "oil painting",
+    "watercolor",
+    "digital art",
+    "35mm film",
+    "studio lighting",
+    "highly detailed",
+    "cinematic",
+    "pencil sketch",
+    "8k, sharp focus",
 ]
 _EXTRA = [
     "The quick brown fox jumps over the lazy dog.",
@@ -145,12 +177,19 @@ def train_clip_bpe(corpus: list[str], num_merges: int) -> tuple[dict[str, int], 
 
 
 def _clip_added_token(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False,
-            "single_word": False, "special": True}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
-def write_clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]],
-                         pad_token: str) -> None:
+def write_clip_tokenizer(
+    folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str
+) -> None:
     """Writes the published CLIP tokenizer files (vocab.json, merges.txt, configs) into folder.
 
     SD3's ``tokenizer`` pads with ``<|endoftext|>``, its ``tokenizer_2`` pads with ``!``.
@@ -233,8 +272,12 @@ def write_t5_tokenizer(folder: Path, model_bytes: bytes) -> None:
         "tokenizer_class": "T5Tokenizer",
         "unk_token": "<unk>",
     }
-    special = {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>",
-               "unk_token": "<unk>"}
+    special = {
+        "additional_special_tokens": extra,
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
