@@ -276,10 +276,10 @@ def _wait_for_parts(output: str, n: int, storage=None, timeout: float = 120, ali
 
 
 def _kill_mid_job(ray_address: str, tmp_path, class_name: str, actors: int, **job) -> tuple[list, set]:
-    """Run a 60-row job, SIGKILL the last of its `actors` live `class_name` actors once the first
+    """Run a 30-row job, SIGKILL the last of its `actors` live `class_name` actors once the first
     manifest part is written; after the job ends, every image is there exactly once. Returns the
     actors seen and the manifest's replica names."""
-    expected = simple_table(tmp_path / "t.parquet", 60)
+    expected = simple_table(tmp_path / "t.parquet", 30)
     output = str(tmp_path / "out")
     thread, box = _run_in_thread(_job(output, str(tmp_path / "t.parquet"), batch_size=2, **job))
     _wait_for_parts(output, 1, alive=thread.is_alive)
@@ -307,7 +307,7 @@ def test_killed_rank_of_a_cfg_parallel_group_is_replaced_and_its_batch_retried(r
 
 
 def test_killed_driver_then_rerun_recomputes_only_in_flight_rows(ray_address, tmp_path):
-    expected = simple_table(tmp_path / "t.parquet", 60)
+    expected = simple_table(tmp_path / "t.parquet", 30)
     reference = _job(str(tmp_path / "ref"), str(tmp_path / "t.parquet"), batch_size=2)
     run_job(reference)
 
