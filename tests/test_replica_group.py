@@ -1,9 +1,9 @@
 """Replica groups on a real local Ray: cfg x mp shard-worker actors, real gloo collectives, and
 the same images as the single-process pipeline.
 
-One Ray start for the module (4 logical GPUs: the GPU-kind bundles' actors compute on the CPU)
-and four group launches that cover cfg in {1, 2} x mp in {1, 2, 4}; two of them run side by side,
-each with its own placement group and collective world. Every group renders every case of
+One Ray start for the module (8 logical GPUs: the GPU-kind bundles' actors compute on the CPU)
+and three group launches that cover cfg in {1, 2} x mp in {1, 2, 4}; the groups of a launch start
+and run side by side, each with its own placement group and collective world. Every group renders every case of
 ``tests.test_parallel`` with both tiny 4-head checkpoints (SD3 and SD3.5-style), loading the
 second into the same ranks.
 """
@@ -38,9 +38,8 @@ ray = pytest.importorskip("ray")
 # Launched one after another; the groups of one launch run side by side. (device kind, cfg, mp)
 LAUNCHES = [
     [("gpu", 1, 2), ("gpu", 2, 1), ("cpu", 1, 1)],
-    [("gpu", 1, 4)],
-    [("gpu", 2, 2)],
-    [("cpu", 2, 4)],  # 8 ranks: more than the 4 logical GPUs, so CPU-kind bundles
+    [("gpu", 1, 4), ("gpu", 2, 2)],  # all 8 logical GPUs
+    [("cpu", 2, 4)],  # 8 ranks, CPU-kind bundles
 ]
 SHAPES = [(cfg, mp) for launch in LAUNCHES for _, cfg, mp in launch]
 
@@ -50,7 +49,7 @@ def ray_cluster():
     import ray.data  # noqa: F401  (its log handler binds stderr now, not a test's captured stream)
 
     programs = tempfile.mkdtemp(prefix="sd3-programs-")  # inference_optimize's cache, for the ranks
-    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=8, num_gpus=8, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {PROGRAM_CACHE_ENV: programs}})  # fmt: skip
     yield programs
     ray.shutdown()
@@ -87,11 +86,15 @@ def runs(ray_cluster, tiny_pipelines) -> dict[tuple[int, int], dict]:
     for launch in LAUNCHES:
         pipes = []
         try:
-            for device, cfg, mp in launch:
-                pipe = ParallelStableDiffusion3Pipeline.from_pretrained(
-                    first, cfg=cfg, mp=mp, device=device, compute_device="cpu"
-                )
-                pipes.append(pipe)
+            with ThreadPoolExecutor(len(launch)) as pool:  # the launch's groups start concurrently
+                starts = [
+                    pool.submit(ParallelStableDiffusion3Pipeline.from_pretrained, first, cfg=cfg, mp=mp,
+                                device=device, compute_device="cpu")
+                    for device, cfg, mp in launch
+                ]  # fmt: skip
+            pipes = [f.result() for f in starts if f.exception() is None]  # closed below, whatever fails
+            for f in starts:
+                f.result()
             if launch is LAUNCHES[0]:
                 results["bad_argument"] = _error_of(pipes[0], height=70)  # before the renders below
             with ThreadPoolExecutor(len(pipes)) as pool:  # the launch's groups render concurrently
