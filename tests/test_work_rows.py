@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import re
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.prompt_table import plan_table
 from jobs.work_rows import (
-    JobDefaults,
-    WorkRow,
-    iter_work_rows,
     resolve_rows,
     row_seed,
     safe_key,
@@ -22,20 +16,7 @@ from jobs.work_rows import (
     work_rows_to_table,
 )
 from sd3_core.generation_fields import MAX_SEED
-
-SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-D = JobDefaults(height=64, width=64, num_inference_steps=2)
-
-
-def write(path, data: dict, **kwargs) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.table(data), path, **kwargs)
-    return str(path)
-
-
-def rows_of(url, defaults=D, options=None) -> list[WorkRow]:
-    return list(iter_work_rows(url, defaults, options))
-
+from tests.test_prompt_table import SAFE, D, rows_of, write  # the tables these tests read
 
 # ------------------------------------------------------------------ safe keys, seeds
 
