@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from sd3_core import runtime
+from tests.ray_head import Head, running_head
 from tests.s3_server import aws_env, moto_server
 
 
@@ -22,3 +23,10 @@ def s3_endpoint() -> Iterator[str]:
     `tests.s3_server.make_bucket(s3_endpoint)` for a fresh bucket per test."""
     with moto_server() as endpoint, aws_env(endpoint):
         yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Head]:
+    """A real local Ray head with the Jobs API (`ray start --head` subprocess) for the whole session."""
+    with running_head() as head:
+        yield head

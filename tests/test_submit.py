@@ -1,28 +1,17 @@
 """`sd3 submit`: jobs through Ray Jobs on a real local Ray head (`ray start --head`, dashboard on).
 
-The head runs as a `ray start --block` subprocess with its own temp dir, ports, auth token and
-loopback-only node address, so it never meets another test's (or another user's) Ray; the CLI
-runs as a subprocess too, exactly as a user runs it.
+The head (tests/ray_head.py, one for the session) runs as a `ray start --block` subprocess with its
+own temp dir, ports, auth token and loopback-only node address; the CLI runs as a subprocess too,
+exactly as a user runs it.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import shlex
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -30,132 +19,10 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.submit import Submission, build_entrypoint, build_runtime_env, relative_path_warnings
+from tests.ray_head import BIN, Head, free_port, run
 from tests.reference_cases import fixture_path
 
-BIN = Path(sys.executable).parent
 TINY = ["--model", fixture_path("sd3-tiny"), "--steps", "1", "--height", "64", "--width", "64"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Head:
-    address: str
-    env: dict[str, str]  # what a user's shell has: the token, but no RAY_AUTH_MODE
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop this head and everything it started, as `ray stop` would but only this head's processes:
-    its process tree and its session (it was started with start_new_session, so sid == its pid)."""
-    procs = {}
-    try:
-        procs = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
-        procs[proc.pid] = psutil.Process(proc.pid)
-    except psutil.NoSuchProcess:
-        pass
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                procs.setdefault(p.pid, p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    # SIGTERM to all at once, then SIGKILL what is left after a few seconds: `ray start --block`
-    # on its own stops its processes one by one with long grace periods (~30 s after a job ran).
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[Head]:
-    # A short root: Ray's unix socket paths under it must fit in 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="sd3rj-", dir="/tmp"))
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `sd3` is this venv's
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_TOKEN_PATH=str(token),  # never the user's ~/.ray/auth_token
-        # Node address 127.0.0.1 (Ray otherwise picks the machine's routable address).
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-    )
-    dashboard = _free_port()
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true",
-        f"--port={_free_port()}",
-        f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        "--object-store-memory=200000000",
-        f"--temp-dir={root}",
-        "--disable-usage-stats",
-    ]
-    log = open(root / "ray-start.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=root,
-        env={**env, "RAY_AUTH_MODE": "token"},
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 90
-        request = urllib.request.Request(
-            f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token.read_text()}"}
-        )
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited {proc.returncode}:\n{(root / 'ray-start.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(request, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Ray dashboard did not come up in 90 s")
-            time.sleep(0.5)
-        yield Head(address, env)
-    finally:
-        _stop(proc)
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _run(head: Head, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / args[0]), *args[1:]], env=head.env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_submit_generate_succeeds_and_writes_images(ray_head: Head, tmp_path: Path) -> None:
@@ -164,7 +31,7 @@ def test_submit_generate_succeeds_and_writes_images(ray_head: Head, tmp_path: Pa
     # Spaces, a quote and a `$` in the path: the job's shell must see it as one literal argument.
     out = tmp_path / "out dir's $HOME"
     sid = f"sd3-test-{secrets.token_hex(4)}"
-    submitted = _run(
+    submitted = run(
         ray_head,
         "sd3",
         "submit",
@@ -214,20 +81,20 @@ def test_failing_job_reports_failed(ray_head: Head, tmp_path: Path) -> None:
     missing = tmp_path / "missing.parquet"
     common = ["sd3", "submit", "--address", ray_head.address, "--submission-id", sid]
     job = ["generate", "--prompts", str(missing), "--output", str(tmp_path / "out"), *TINY]
-    followed = _run(ray_head, *common, "--follow", *job)
+    followed = run(ray_head, *common, "--follow", *job)
     assert followed.returncode == 1, followed.stdout + followed.stderr
     assert f"Ray job {sid} FAILED" in followed.stderr
     assert str(missing) in followed.stdout  # the job's own error, streamed from its logs
     assert not (tmp_path / "out" / "images").exists() or not any((tmp_path / "out" / "images").iterdir())
 
     # The same submission id again: Ray refuses, and the CLI says so instead of a traceback.
-    again = _run(ray_head, *common, *job)
+    again = run(ray_head, *common, *job)
     assert again.returncode == 2
     assert "Ray refused the job" in again.stderr and sid in again.stderr
 
 
 def test_bad_job_arguments_fail_before_contacting_ray(capsys: pytest.CaptureFixture) -> None:
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SystemExit) as exc:
         main(["submit", "--address", closed, "generate", "--prompt", "x", "--output", "o", "--steps", "0"])
     assert exc.value.code == 2
@@ -240,7 +107,7 @@ def test_unreachable_dashboard_is_a_clear_error(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # keep this process's Ray auth state untouched
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     rc = main(["submit", "--address", closed, "generate", "--prompt", "x", "--output", str(tmp_path)])
     assert rc == 2
     err = capsys.readouterr().err

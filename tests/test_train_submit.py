@@ -11,8 +11,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from tests.ray_head import Head, run
 from tests.reference_cases import fixture_path
-from tests.test_submit import Head, _run, ray_head  # noqa: F401  (the module-scoped head fixture)
 
 
 def _images(folder: Path) -> Path:
@@ -33,7 +33,7 @@ def _jobs(head: Head) -> list[dict]:
         return json.loads(r.read())
 
 
-def test_a_repeated_nightly_trigger_does_not_train_twice(ray_head, tmp_path):  # noqa: F811
+def test_a_repeated_nightly_trigger_does_not_train_twice(ray_head, tmp_path):
     spec = {
         "name": "tiny-dog",
         "schedule": "0 2 * * *",
@@ -67,10 +67,10 @@ def test_a_repeated_nightly_trigger_does_not_train_twice(ray_head, tmp_path):  #
         "--address",
         ray_head.address,
     ]
-    first = _run(ray_head, *trigger, "--follow")
+    first = run(ray_head, *trigger, "--follow")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert (tmp_path / "registry" / "latest").read_text().strip() == "2026-11-26"
-    second = _run(ray_head, *trigger)
+    second = run(ray_head, *trigger)
     assert (
         second.returncode == 0 and "already submitted (status SUCCEEDED); not training twice" in second.stderr
     )
