@@ -103,8 +103,6 @@ def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str 
     from sd3_core.vae import AutoencoderKL
 
     paddle.seed(0)
-    if tolerance is not None:
-        vae_tiling.TOLERANCE = tolerance
     with paddle.no_grad():
         rng = np.random.default_rng(0)
         if vae_path:
@@ -122,6 +120,8 @@ def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str 
         if tile is not None:
             vae.enable_tiling()
             vae.tile_sample_min_size = tile
+            if tolerance is not None:
+                vae.tile_tolerance = tolerance
         latent = size // vae.scale_factor
         before = _rss_mib()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -162,7 +162,7 @@ def main() -> None:
     )
     parser.add_argument("--vae", help="a trained VAE folder (e.g. jobs/default_model/vae) instead of random "
                         "weights; the latent is then a drawn picture's, encoded")  # fmt: skip
-    parser.add_argument("--tolerance", type=float, help="vae_tiling.TOLERANCE for the tiled run "
+    parser.add_argument("--tolerance", type=float, help="vae.tile_tolerance for the tiled run "
                         "(default: the module's; inf: one stitched pass, for memory and time per pass)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the subprocess side: "untiled" or "tiled"
     parser.add_argument("--out", help=argparse.SUPPRESS)

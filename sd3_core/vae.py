@@ -155,6 +155,7 @@ class AutoencoderKL(ModelMixin):
         size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         self._tile_sample_min_size = int(size)
         self._tile_overlap_factor = 0.25
+        self._tile_tolerance = vae_tiling.TOLERANCE
 
     @classmethod
     def from_single_file(
@@ -239,6 +240,19 @@ class AutoencoderKL(ModelMixin):
             raise ValueError(f"AutoencoderKL.tile_overlap_factor={value!r} must be a number in [0, 1)")
         self._tile_overlap_factor = float(value)
 
+    @property
+    def tile_tolerance(self) -> float:
+        """How settled the whole-image GroupNorm statistics must be before a tiled pass's output is
+        returned (``sd3_core.vae_tiling``). ``0`` runs every pass (exact); ``float("inf")`` returns
+        the first stitched pass (two passes over the tiles: fastest, not exact)."""
+        return self._tile_tolerance
+
+    @tile_tolerance.setter
+    def tile_tolerance(self, value: float) -> None:
+        if not isinstance(value, Real) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"AutoencoderKL.tile_tolerance={value!r} must be a number >= 0 (inf allowed)")
+        self._tile_tolerance = float(value)
+
     def _tiled(self, x: paddle.Tensor, coder: Encoder | Decoder) -> paddle.Tensor:
         """``coder.high_res`` over overlapping tiles of ``x`` sharing GroupNorm statistics."""
         plan = vae_tiling.tile_plan(
@@ -251,7 +265,7 @@ class AutoencoderKL(ModelMixin):
         norms = [
             m for layer in coder.tiled_layers() for m in layer.sublayers(True) if isinstance(m, GroupNorm)
         ]
-        return vae_tiling.tiled(x, coder.high_res, plan, norms)
+        return vae_tiling.tiled(x, coder.high_res, plan, norms, self.tile_tolerance)
 
     def _rows(self, x: paddle.Tensor, run: Callable[[paddle.Tensor], paddle.Tensor]) -> paddle.Tensor:
         """``run(x)``, or one batch row at a time when slicing."""

@@ -33,7 +33,7 @@ from sd3_core.group_norm import group_moments
 #: deviations, nor its variance by more than this fraction, from one pass to the next. Measured on
 #: the embedded default model's trained VAE (512 px image, 256 px tiles): 1e-3 stops after 10 of
 #: at most 14 passes, 0.03/255 from untiled; 1e-2 after 7, 0.46/255; 1e-5 after 12, 0.001/255.
-#: Zero runs every pass (exact).
+#: Zero runs every pass (exact). A VAE's own setting: ``AutoencoderKL.tile_tolerance``.
 TOLERANCE = 1e-3
 
 
@@ -136,9 +136,12 @@ def tiled(
     run: Callable[[paddle.Tensor], paddle.Tensor],
     plan: TilePlan,
     norms: Sequence[paddle.nn.Layer],
+    tolerance: float = TOLERANCE,
 ) -> paddle.Tensor:
-    """``run`` over overlapping tiles of ``x``, blended and cropped; the GroupNorms ``norms`` (those
-    ``run`` applies; each with a ``statistics`` slot) use whole-image statistics meanwhile."""
+    """``run`` over overlapping tiles of ``x``, stitched; the GroupNorms ``norms`` (those ``run``
+    applies; each with a ``statistics`` slot) use whole-image statistics meanwhile. The output of
+    the first pass whose statistics moved less than ``tolerance`` is returned (see the module
+    docstring; ``inf``: the first stitched pass, ``0``: the exact last one)."""
     window = _Window(plan)
     height, width = x.shape[2], x.shape[3]
     row_spans, col_spans = _owned(height, plan), _owned(width, plan)
@@ -175,7 +178,7 @@ def tiled(
             s.next_pass()
         for p in range(len(norms)):  # the last of these uses exact statistics
             out = stitched()
-            if max(s.next_pass() for s in stats) < TOLERANCE or p == len(norms) - 1:
+            if max(s.next_pass() for s in stats) < tolerance or p == len(norms) - 1:
                 return out
             del out
     finally:

@@ -13,7 +13,6 @@ import numpy as np
 import paddle
 import pytest
 
-from sd3_core import vae as vae_module
 from sd3_core import vae_blocks
 from sd3_core.safetensors_io import open_weights
 from sd3_core.torch_state import torch_state_from
@@ -100,8 +99,8 @@ def test_tiled_output_equals_untiled_output(op, monkeypatch):
     # than the 8 px (4 latent cells, half the overlap) between a tile's edge and the cells it owns,
     # so with whole-image GroupNorm statistics every owned cell is computed as untiled; diffusers'
     # per-tile statistics and attention differ everywhere.
-    monkeypatch.setattr(vae_module.vae_tiling, "TOLERANCE", 0.0)  # every pass: exact by construction
     vae = _tiny(sample_size=64)  # factor 2; 64 px tiles every 48 px
+    vae.tile_tolerance = 0.0  # every pass: exact by construction
     coder = vae.encoder if op == "encode" else vae.decoder
     calls, run = [], coder.high_res
     monkeypatch.setattr(coder, "high_res", lambda t: calls.append(t.shape) or run(t))
@@ -161,18 +160,23 @@ def test_statistics_passes_stop_once_settled_and_never_exceed_one_per_group_norm
     norms = 2 * 2 + 1  # the second level's two resnets and the output norm
     assert len(calls) % tiles == 0 and 2 * tiles <= len(calls) <= (norms + 1) * tiles
     calls.clear()
-    monkeypatch.setattr(vae_module.vae_tiling, "TOLERANCE", float("inf"))  # settled after the first
-    vae.tiled_decode(z)
+    vae.tile_tolerance = float("inf")  # settled after the first
+    fast = vae.tiled_decode(z).numpy()
     assert len(calls) == 2 * tiles
+    calls.clear()
+    vae.tile_tolerance = 0.0  # every pass
+    exact = vae.tiled_decode(z).numpy()
+    assert len(calls) == (norms + 1) * tiles
+    assert np.abs(fast - exact).max() > 1e-4  # the first stitched pass is not yet exact
 
 
 @paddle.no_grad()
-def test_slicing_gives_the_same_results_as_whole_batches(monkeypatch):
+def test_slicing_gives_the_same_results_as_whole_batches():
     # Same math row by row; only float rounding of batch-size-dependent kernels may differ. Tiled
     # passes stop when the whole batch has settled, so a batch may run more passes than its rows
     # alone: every pass (exact tiling) makes that moot.
-    monkeypatch.setattr(vae_module.vae_tiling, "TOLERANCE", 0.0)
     vae = _vae("sd3-tiny")
+    vae.tile_tolerance = 0.0
     rng = np.random.default_rng(0)
     z = paddle.to_tensor(rng.standard_normal((3, 16, 8, 12)).astype(np.float32))
     x = paddle.to_tensor(rng.uniform(-1, 1, (3, 3, 64, 96)).astype(np.float32))
@@ -219,6 +223,9 @@ def test_tiling_switches_and_sizes_use_diffusers_names():
         ("tile_overlap_factor", -0.1, "tile_overlap_factor=-0.1 must be"),
         ("tile_overlap_factor", float("nan"), "tile_overlap_factor=nan must be"),
         ("tile_overlap_factor", "0.25", "tile_overlap_factor='0.25' must be"),
+        ("tile_tolerance", -1e-3, r"tile_tolerance=-0.001 must be a number >= 0 \(inf allowed\)"),
+        ("tile_tolerance", float("nan"), "tile_tolerance=nan must be"),
+        ("tile_tolerance", None, "tile_tolerance=None must be"),
     ],
 )
 def test_bad_tile_settings_are_refused_naming_the_attribute(key, value, match):
