@@ -46,7 +46,9 @@ SMALL = JobDefaults(height=64, width=64, num_inference_steps=1, guidance_scale=5
 @pytest.fixture(scope="module")
 def ray_address():
     """A local Ray for this module (4 logical CPUs on the shared 2-core machine)."""
-    ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False)
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -469,7 +469,7 @@ def ray_with_devices():
     import ray
 
     os.environ["SD3_TRAIN_PADDLE_DEVICE"] = "cpu"
-    ray.init(num_cpus=2, num_gpus=1, resources={"NPU": 1}, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, num_gpus=1, resources={"NPU": 1}, include_dashboard=False, logging_level="WARNING",
              configure_logging=False)  # fmt: skip
     yield
     ray.shutdown()
