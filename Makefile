@@ -25,7 +25,8 @@ demo: $(STAMP)
 
 # The whole test suite (what CI runs), one pytest-xdist worker per core (at most 4). Whole files go
 # to a worker (--dist loadfile), so a module's fixtures (a Ray cluster, a loaded model) are built
-# once; tests/conftest.py hands out the longest files first.
+# once. xdist hands out the files with the most tests first; the longest files first was no
+# faster (637 s, against 606-621 s for this order in the same hour, 2026-12-08).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

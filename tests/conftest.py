@@ -17,26 +17,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Under pytest-xdist (`make test`) the workers split the cores between them. Measured on 2 cores
     (2026-12-08), 12 default-model images: one 2-thread process alone 6.0 s; two side by side with
-    2 threads each 12.8-15.5 s each, with 1 thread each 7.3-7.5 s each. The whole suite: 532 s with
-    2 workers of 1 thread, 638 s with 2 workers of 2 threads, 773 s in one process."""
+    2 threads each 12.8-15.5 s each, with 1 thread each 7.3-7.5 s each. The whole suite, the same
+    evening: 532 s with 2 workers of 1 thread, 638 s with 2 workers of 2 threads, 773 s in one
+    process."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     runtime.configure(threads=max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None)
-
-
-# The files that take longest, longest first (seconds, one process, 2026-12-07: 141, 135, 108, 80,
-# 68, 45, 33, 32, 29; the other files take 16 s or less). `make test` spreads whole files over
-# pytest-xdist workers in collection order, so these start first and the short files fill in
-# behind them; a long file started last would run alone at the end.
-LONGEST_FILES = (
-    "test_batch_job.py", "test_replica_group.py", "test_default_model.py", "test_parallel.py", "test_cli.py",
-    "test_train.py", "test_submit.py", "test_vae.py", "test_inference_program.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Collect the longest files first; tests keep their order within a file (a stable sort)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
