@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from sd3_core import runtime
+from sd3_core.devices import DEVICE_KINDS, paddle_device
 from sd3_core.generation_fields import image_fields
 from sd3_core.lora_registry import PinnedLoRA, fetch_lora
 from sd3_core.storage import StorageOptions
 
-DEVICES = ("cpu", "gpu", "npu")
 DTYPES = ("float32", "float16", "bfloat16")
 POOL_ACTOR_CPUS = 0.01  # a replica group's pool actor: it only coordinates its ranks
 
@@ -53,8 +53,8 @@ class ReplicaSpec:
     benchmark: bool = False  # warm up once, then time each call's stages (see BENCHMARK_TYPE)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r} must be one of {DEVICES}")
+        if self.device not in DEVICE_KINDS:
+            raise ValueError(f"device={self.device!r} must be one of {DEVICE_KINDS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.cfg not in (1, 2):
@@ -173,14 +173,6 @@ def render_request(pipe: Any, request: RenderRequest) -> list[np.ndarray]:
     return list((images * 255).round().astype(np.uint8))
 
 
-def _paddle_device(device: str) -> str:
-    if device == "gpu":
-        return "gpu:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
-    if device == "npu":
-        return "npu:0"  # Ray sets ASCEND_RT_VISIBLE_DEVICES to the actor's NPU
-    return "cpu"
-
-
 def apply_lora(pipe: Any, lora: PinnedLoRA, scale: float, storage: StorageOptions) -> str:
     """Load exactly the pinned adapter (its sha256 checked) into `pipe` at `scale` and bake it
     into the transformer's weights; returns its identity.
@@ -206,7 +198,8 @@ class LocalReplica:
         from pipelines import StableDiffusion3Pipeline
         from sd3_core.model_cache import local_model_path, model_identity
 
-        paddle.set_device(_paddle_device(spec.device))
+        # Ray exposes exactly the actor's device (CUDA/ASCEND_RT_VISIBLE_DEVICES): it is device 0 here.
+        paddle.set_device(paddle_device(spec.device))
         path = local_model_path(spec.model, spec.storage)
         self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=spec.dtype)
         self.pipe.set_progress_bar_config(disable=True)

@@ -26,16 +26,9 @@ import numpy as np
 
 from actors.replica import apply_lora
 from sd3_core import runtime
+from sd3_core.devices import paddle_device
 
-__all__ = ["ShardWorker", "paddle_device"]
-
-
-def paddle_device(kind: str) -> str:
-    """Paddle's device for a rank holding one device of ``kind`` ("gpu", "npu", "cpu").
-
-    Ray exposes exactly the actor's device (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES), so
-    it is device 0 inside the actor."""
-    return {"gpu": "gpu:0", "npu": "npu:0", "cpu": "cpu"}[kind]
+__all__ = ["ShardWorker"]
 
 
 def _free_port() -> int:
@@ -55,6 +48,7 @@ class ShardWorker:
         import paddle
 
         self.rank, self.cfg, self.mp = rank, cfg, mp
+        # Ray exposes exactly the actor's device (CUDA/ASCEND_RT_VISIBLE_DEVICES): it is device 0 here.
         self.device = paddle_device(compute)
         paddle.set_device(self.device)
         self.groups = None

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from actors.replica import DEVICES, DTYPES
+from actors.replica import DTYPES
 from jobs.work_rows import JOB_LIMITS, JobDefaults
+from sd3_core.devices import DEVICE_KINDS
 from sd3_core.generation_fields import GENERATION_FIELDS, MAX_SEED
 from sd3_core.storage import StorageOptions
 
@@ -94,8 +95,8 @@ def check_config(config: JobConfig) -> None:
         raise JobError(f"--batch-size {config.batch_size!r} must be an integer >= 1")
     if not isinstance(config.mp, int) or config.mp < 1:
         raise JobError(f"--mp {config.mp!r} must be an integer >= 1")
-    if config.device not in DEVICES:
-        raise JobError(f"--device {config.device!r} must be one of {', '.join(DEVICES)}")
+    if config.device not in DEVICE_KINDS:
+        raise JobError(f"--device {config.device!r} must be one of {', '.join(DEVICE_KINDS)}")
     if config.dtype not in DTYPES:
         raise JobError(f"--dtype {config.dtype!r} must be one of {', '.join(DTYPES)}")
     if config.inference_optimize and config.device == "npu":

@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.training.devices import DEVICES
 from pipelines.training.tracking import REPORTERS
+from sd3_core.devices import DEVICE_KINDS
 from sd3_core.storage import StorageOptions
 
 MODES = ("lora", "full")
@@ -167,7 +167,7 @@ class TrainConfig:
     tracker_project_name: str | None = None
     # where it runs
     device: str = flag(
-        "cpu", choices=DEVICES, group=RUN_GROUP, help="device of the training actor (default gpu)"
+        "cpu", choices=DEVICE_KINDS, group=RUN_GROUP, help="device of the training actor (default gpu)"
     )
     num_cpus: float = flag(1.0, group=RUN_GROUP, help="CPUs of the training actor")
     storage: StorageOptions = not_a_flag(default_factory=StorageOptions)  # --s3_endpoint_url, AWS_*

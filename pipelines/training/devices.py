@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-DEVICES = ("cpu", "gpu", "npu")
+from sd3_core.devices import DEVICE_KINDS, paddle_device, require_device
+
 # PaddleMIX's SD3 DreamBooth instructions for Ascend NPUs (ppdiffusers/examples/dreambooth/README_sd3.md).
 NPU_FLAGS = {
     "FLAGS_npu_storage_format": "0",
@@ -27,17 +28,13 @@ def apply_npu_flags() -> None:
 
 def select_device(device: str) -> str:
     """Make Paddle compute on ``device`` (the process's one GPU/NPU); returns the Paddle device name."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} must be one of {DEVICES}")
+    if device not in DEVICE_KINDS:
+        raise ValueError(f"device={device!r} must be one of {DEVICE_KINDS}")
     if device == "npu":
         apply_npu_flags()
     import paddle
 
-    name = os.environ.get(DEVICE_OVERRIDE_ENV) or {"cpu": "cpu", "gpu": "gpu:0", "npu": "npu:0"}[device]
-    if name.startswith("npu") and "npu" not in paddle.device.get_all_custom_device_type():
-        raise RuntimeError(
-            "device npu: this Paddle has no 'npu' custom device; install PaddleCustomDevice's NPU "
-            "plugin (paddle-custom-npu) on the NPU nodes"
-        )
+    name = paddle_device(os.environ.get(DEVICE_OVERRIDE_ENV) or device)
+    require_device(name)
     paddle.set_device(name)
     return name
