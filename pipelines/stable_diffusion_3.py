@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pipelines.latents import generator_seeds, initial_latents
 from pipelines.lora_loading import SD3LoraLoaderMixin
+from pipelines.pipeline_device import PipelineDeviceMixin
 from pipelines.pipeline_loading import PipelineLoadingMixin
 from pipelines.pipeline_output import StableDiffusion3PipelineOutput
 from pipelines.prompt_encoding import PromptEncodingMixin, check_prompt_inputs
@@ -41,7 +42,9 @@ __all__ = [
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
 
-class StableDiffusion3Pipeline(PipelineLoadingMixin, PromptEncodingMixin, SD3LoraLoaderMixin):
+class StableDiffusion3Pipeline(
+    PipelineLoadingMixin, PromptEncodingMixin, SD3LoraLoaderMixin, PipelineDeviceMixin
+):
     """SD3 / SD3.5 text-to-image. Build with `from_pretrained(path)` on a diffusers folder."""
 
     def __init__(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_dtypes
@@ -14,10 +14,12 @@ __all__ = [
     "NUMPY_DTYPES",
     "PADDLE_DTYPES",
     "cast",
+    "cast_layer",
     "compute_dtype",
     "default_dtype",
     "device_has_half_kernels",
     "dtype_argument",
+    "looks_like_dtype",
     "resolve_dtype",
 ]
 
@@ -42,6 +44,17 @@ def resolve_dtype(dtype: str | paddle.dtype | Any, argument: str = "dtype") -> s
         if name in PADDLE_DTYPES:
             return name
     raise ValueError(f"{argument}={dtype!r} is not supported; use 'float32', 'float16' or 'bfloat16'")
+
+
+def looks_like_dtype(value: Any) -> bool:
+    """Whether ``value`` names a dtype (a paddle or torch dtype, or a name such as "float16" or
+    "torch.int8") rather than a device: how ``pipe.to(value)`` tells the two apart."""
+    if isinstance(value, paddle.dtype) or (
+        type(value).__module__.split(".")[0] == "torch" and type(value).__name__ == "dtype"
+    ):
+        return True
+    name = str(value).removeprefix("torch.").removeprefix("paddle.") if isinstance(value, str) else ""
+    return name.startswith(("float", "bfloat", "int", "uint", "complex", "bool"))
 
 
 def dtype_argument(
@@ -91,3 +104,13 @@ def default_dtype(dtype: str) -> Iterator[None]:
         yield
     finally:
         paddle.set_default_dtype(previous)
+
+
+def cast_layer(
+    layer: paddle.nn.Layer, dtype: str, keeps_float32: Callable[[str], bool] = lambda name: False
+) -> None:
+    """Cast ``layer``'s floating parameters and buffers to ``dtype`` (integer buffers stay), those
+    of the sublayers ``keeps_float32(name)`` names to float32; each tensor is cast once."""
+    for name, sub in layer.named_sublayers(include_self=True):
+        target = "float32" if keeps_float32(name) else dtype
+        sub._to_impl(dtype=target, include_sublayers=False, floating_only=True)

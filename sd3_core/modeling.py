@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from sd3_core import runtime
+from sd3_core.devices import layer_device
 from sd3_core.dtypes import default_dtype, dtype_argument, resolve_dtype
 from sd3_core.hub import LoadOptions, model_folder, weights_patterns
 from sd3_core.model_config import Config, json_ready, missing_config, read_json_object
@@ -58,6 +59,11 @@ class ModelMixin(paddle.nn.Layer):
         for p in self.parameters():
             return p.dtype
         return paddle.float32
+
+    @property
+    def device(self) -> str:
+        """Where the weights are: ``"cpu"``, ``"gpu:N"`` or ``"npu:N"`` (diffusers' ``model.device``)."""
+        return layer_device(self)
 
     @classmethod
     def _init_keys(cls) -> list[str]:

@@ -16,7 +16,12 @@ import paddle
 from sd3_core.model_config import Config
 from sd3_core.paddlenlp_shim import build_paddlenlp_model, paddlenlp_modules
 from sd3_core.safetensors_io import WeightsIndex
-from sd3_core.text_encoder_folder import load_encoder_folder, run_dtype, save_encoder_folder
+from sd3_core.text_encoder_folder import (
+    float16_keeps_float32,
+    load_encoder_folder,
+    run_dtype,
+    save_encoder_folder,
+)
 from sd3_core.torch_state import load_torch_state, torch_state_from
 
 __all__ = ["T5Encoder", "load_t5_encoder", "t5_encoder_from_weights"]
@@ -46,6 +51,9 @@ class T5Encoder(paddle.nn.Layer):
     No attention mask, as SD3 runs it. State-dict names equal transformers' (``shared.weight``
     is the token table; the encoder's ``embed_tokens`` is the same parameter).
     """
+
+    #: Held in float32 when the rest is float16, as transformers does (T5 v1.1 XXL overflows there).
+    FLOAT16_KEEPS_FLOAT32 = ("DenseReluDense.wo",)
 
     def __init__(self, hf_config: dict[str, Any], source: str = "<config>"):
         super().__init__()
@@ -170,7 +178,7 @@ def t5_encoder_from_weights(
     )
     if run == "float16":  # as transformers: the feed-forward output projections stay float32
         for name, sub in model.named_sublayers():
-            if name.endswith("DenseReluDense.wo"):
+            if float16_keeps_float32(model, name):
                 sub.to(dtype="float32")
                 weight = weights.get(f"{name.removeprefix('model.')}.weight").astype(np.float32)
                 sub.weight.set_value(paddle.to_tensor(np.ascontiguousarray(weight.T)))

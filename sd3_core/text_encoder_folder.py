@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 import paddle
 
-from sd3_core.dtypes import compute_dtype, resolve_dtype
+from sd3_core.dtypes import cast_layer, compute_dtype, resolve_dtype
 from sd3_core.hub import weights_patterns
 from sd3_core.model_config import read_json_object
 from sd3_core.safetensors_io import WeightsIndex, open_weights, write_safetensors
@@ -64,6 +64,19 @@ def run_dtype(dtype: str | paddle.dtype) -> str:
     half-precision kernels (Paddle's CPU build; see dtypes.compute_dtype)."""
     name = resolve_dtype(dtype)
     return resolve_dtype(compute_dtype(getattr(paddle, name)))
+
+
+def float16_keeps_float32(model: paddle.nn.Layer, name: str) -> bool:
+    """Whether sublayer ``name`` of a text encoder stays float32 when it is held in float16 (its
+    class's ``FLOAT16_KEEPS_FLOAT32`` name suffixes: transformers' ``_keep_in_fp32_modules``)."""
+    kept = getattr(model, "FLOAT16_KEEPS_FLOAT32", ())
+    return bool(kept) and name.endswith(kept)
+
+
+def cast_encoder(model: paddle.nn.Layer, dtype: str | paddle.dtype) -> None:
+    """Hold a text encoder's weights as loading it in ``dtype`` holds them (:func:`run_dtype`)."""
+    run = run_dtype(dtype)
+    cast_layer(model, run, lambda name: run == "float16" and float16_keeps_float32(model, name))
 
 
 def save_encoder_folder(
