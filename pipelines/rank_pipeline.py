@@ -19,9 +19,10 @@ rank of the replica calls it with the same arguments, in lockstep.
   SD3-medium transformer) need not be on every rank: only mp rank 0 of each half encodes, and one
   all-reduce per generation (the other ranks contribute zeros) hands the embeddings to the rest
   of its mp group.
-- **Callbacks** run on rank 0 only; the latents they return reach every rank by one all-reduce
-  per step (the other ranks contribute zeros), so the ranks stay in lockstep. Under the CFG split
-  the ``prompt_embeds`` a callback sees hold zeros in the other half's rows.
+- **Callbacks** run on rank 0 only; the latents they return and the call state they set
+  (``pipe._interrupt``, ``pipe._guidance_scale``) reach every rank by one all-reduce per step
+  (the other ranks contribute zeros), so the ranks stay in lockstep. Under the CFG split the
+  ``prompt_embeds`` a callback sees hold zeros in the other half's rows.
 
 Stats of the last call (``last_stats``): seconds and steps of the denoising loop, and the
 collectives of the encoding and of the denoising loop (counted by ``groups.counter``).
@@ -186,16 +187,36 @@ class RankPipeline(StableDiffusion3Pipeline):
         return g.replica.all_gather(own)[g.half_leader(1)]
 
     def _shared_callback(self, callback: Callable, wanted: Any) -> Callable:
-        """``callback`` on rank 0; its latents reach every rank (one all-reduce per step)."""
+        """``callback`` on rank 0; its latents, and the call state it may set (``_interrupt``,
+        ``_guidance_scale``), reach every rank by one all-reduce per step. Returning other
+        tensors than it was given is refused on every rank at once (no rank is left waiting)."""
 
         def on_every_rank(pipe: Any, i: int, t: paddle.Tensor, tensors: dict) -> dict:
             latents = tensors["latents"]
+            state = paddle.zeros([3])  # interrupt, guidance scale, refused
             if self.groups.rank == 0:
                 returned = callback(pipe, i, t, {k: tensors[k] for k in wanted}) or {}
                 latents = returned.get("latents", latents).astype("float32")
+                embeds = ("prompt_embeds", "pooled_prompt_embeds")
+                changed = any(k in returned and returned[k] is not tensors[k] for k in embeds)
+                state = paddle.to_tensor(
+                    [float(self._interrupt), float(self._guidance_scale), float(changed)]
+                )
             else:
                 latents = paddle.zeros_like(latents)
-            (latents,) = self.groups.replica.all_reduce_sum([latents])
+            latents, state = self.groups.replica.all_reduce_sum([latents, state])
+            interrupt, guidance, refused = (float(v) for v in state.numpy())
+            if refused:
+                raise ValueError(
+                    "a step callback of a parallel pipeline may return only latents (its "
+                    "prompt_embeds / pooled_prompt_embeds are not shared between ranks)"
+                )
+            if self._split and guidance <= 1:
+                raise ValueError(
+                    "a step callback switched guidance off (pipe._guidance_scale <= 1) under the "
+                    "CFG split (cfg=2), whose halves live on different ranks; run it with cfg=1"
+                )
+            self._interrupt, self._guidance_scale = bool(interrupt), guidance
             return {"latents": latents}
 
         return on_every_rank

@@ -24,8 +24,10 @@ from pipelines.pipeline_output import StableDiffusion3PipelineOutput
 from pipelines.prompt_encoding import PromptEncodingMixin, check_prompt_inputs
 from pipelines.stage_timer import StageTimer
 from sd3_core import runtime
+from sd3_core.dtypes import cast
 from sd3_core.folder_defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_T5_LENGTH, MAX_T5_LENGTH
 from sd3_core.inference_program import TransformerProgram, program_precision
+from sd3_core.lora import scaled_adapters
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
@@ -81,6 +83,14 @@ class StableDiffusion3Pipeline(
         self.transformer_program: TransformerProgram | None = None
         #: Set to a ``StageTimer`` to collect seconds per stage of each call (benchmarks).
         self.stage_timer: StageTimer | None = None
+        # The running call's state, read through diffusers' properties (below); a step callback
+        # may set ``_guidance_scale`` (CFG on or off from the next step) or ``_interrupt``.
+        self._guidance_scale: float | None = None
+        self._clip_skip: int | None = None
+        self._joint_attention_kwargs: dict[str, Any] | None = None
+        self._skip_guidance_layers: list[int] | None = None
+        self._num_timesteps: int | None = None
+        self._interrupt = False
 
     def enable_inference_optimize(
         self, precision: str | None = None, cache_dir: str | None = None, threads: int | None = None
@@ -140,6 +150,37 @@ class StableDiffusion3Pipeline(
     @property
     def dtype(self) -> Any:
         return self.transformer.dtype
+
+    # diffusers' properties of the running call (step callbacks read them).
+    @property
+    def guidance_scale(self) -> float | None:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def joint_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._joint_attention_kwargs
+
+    @property
+    def skip_guidance_layers(self) -> list[int] | None:
+        return self._skip_guidance_layers
+
+    @property
+    def num_timesteps(self) -> int | None:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a step callback to stop denoising after that step
+        (the latents so far are decoded), as in diffusers."""
+        return self._interrupt
 
     # ------------------------------------------------------------------ checks and latents
     def check_inputs(
@@ -232,6 +273,7 @@ class StableDiffusion3Pipeline(
         negative_pooled_prompt_embeds: paddle.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -246,7 +288,9 @@ class StableDiffusion3Pipeline(
         (an int, or one per image) is an alternative to `generator` (NumPy generators, or paddle /
         torch Generators standing for their seed: see :func:`generator_seeds`);
         `guidance_scale=None` and `max_sequence_length=None` take the model folder's defaults (7.0
-        and 256 unless its model_index.json declares others)."""
+        and 256 unless its model_index.json declares others). `joint_attention_kwargs={"scale": s}`
+        scales the LoRA adapters for this call, as in diffusers. A step callback's returned
+        `latents`, `prompt_embeds` and `pooled_prompt_embeds` replace the loop's."""
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         guidance_scale, max_sequence_length = self.folder_defaults(guidance_scale, max_sequence_length)
@@ -268,7 +312,14 @@ class StableDiffusion3Pipeline(
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not among {list(CALLBACK_TENSOR_INPUTS)}"
             )
-        do_cfg = guidance_scale > 1
+        lora_scale = _lora_scale(joint_attention_kwargs)
+        self._guidance_scale, self._clip_skip = guidance_scale, clip_skip
+        self._joint_attention_kwargs, self._skip_guidance_layers = (
+            joint_attention_kwargs,
+            skip_guidance_layers,
+        )
+        self._interrupt = False
+        do_cfg = self.do_classifier_free_guidance
         # 2. encode the prompt
         with self._stage("text_encoding"):
             prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
@@ -298,18 +349,26 @@ class StableDiffusion3Pipeline(
         else:
             self.scheduler.set_timesteps(num_inference_steps, mu=mu)
         timesteps = self.scheduler.timesteps
-        num_steps = int(timesteps.shape[0])
+        num_steps = self._num_timesteps = int(timesteps.shape[0])
         # 5. denoising loop
         if self.stage_timer is not None:
             self.stage_timer.steps += num_steps
-        with self._stage("denoising"), tqdm(total=num_steps, **self._progress_bar_config) as progress:
+        with (
+            self._stage("denoising"),
+            tqdm(total=num_steps, **self._progress_bar_config) as progress,
+            scaled_adapters(self.transformer, lora_scale),
+        ):
             for i in range(num_steps):
+                if self.interrupt:
+                    break
+                do_cfg = self.do_classifier_free_guidance  # a callback may have changed it
+                embeds, pooled_all = _guidance_rows(do_cfg, latents.shape[0], embeds, pooled_all)
                 t = timesteps[i : i + 1]
                 model_input = paddle.concat([latents, latents]) if do_cfg else latents
                 noise_pred = self._velocity(model_input, embeds, pooled_all, t)
                 if do_cfg:
                     uncond, text = paddle.chunk(noise_pred, 2)
-                    noise_pred = uncond + guidance_scale * (text - uncond)
+                    noise_pred = uncond + self._guidance_scale * (text - uncond)
                     slg_active = (
                         num_steps * skip_layer_guidance_start < i < num_steps * skip_layer_guidance_stop
                     )
@@ -322,6 +381,8 @@ class StableDiffusion3Pipeline(
                     wanted = {k: values[k] for k in callback_on_step_end_tensor_inputs}
                     returned = callback_on_step_end(self, i, t, wanted) or {}
                     latents = returned.get("latents", latents)
+                    embeds = cast(returned.get("prompt_embeds", embeds), model_dtype)
+                    pooled_all = cast(returned.get("pooled_prompt_embeds", pooled_all), model_dtype)
                 progress.update()
         # 6. decode and postprocess
         if output_type == "latent":
@@ -364,3 +425,36 @@ class StableDiffusion3Pipeline(
         if output_type == "np":
             return array
         return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
+
+
+def _lora_scale(joint_attention_kwargs: dict[str, Any] | None) -> float:
+    """The LoRA scale ``joint_attention_kwargs`` asks for (1.0 without), its other keys refused."""
+    if joint_attention_kwargs is None:
+        return 1.0
+    if not isinstance(joint_attention_kwargs, dict):
+        raise TypeError(f"joint_attention_kwargs must be a dict, got {type(joint_attention_kwargs).__name__}")
+    unknown = sorted(set(joint_attention_kwargs) - {"scale"})
+    if unknown:
+        raise ValueError(
+            f"joint_attention_kwargs keys {unknown} are not supported; only 'scale' (the LoRA scale "
+            "of this call) is (IP-Adapters are not supported)"
+        )
+    scale = joint_attention_kwargs.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise ValueError(f"joint_attention_kwargs['scale']={scale!r} must be a finite number")
+    return float(scale)
+
+
+def _guidance_rows(
+    do_cfg: bool, batch: int, embeds: paddle.Tensor, pooled: paddle.Tensor
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """The embeddings for a step: with CFG switched off mid-call (a callback set
+    ``_guidance_scale <= 1``), the positive half of the ``[negative; positive]`` rows."""
+    if do_cfg and embeds.shape[0] != 2 * batch:
+        raise ValueError(
+            "guidance was switched on during the call (pipe._guidance_scale > 1) but the call "
+            "began without it, so there are no negative embeddings; pass guidance_scale > 1 instead"
+        )
+    if not do_cfg and embeds.shape[0] == 2 * batch:
+        return embeds[batch:], pooled[batch:]
+    return embeds, pooled

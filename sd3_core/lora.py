@@ -9,6 +9,7 @@ which is peft's layout. The output is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "lora_layers",
     "lora_parameters",
     "random_lora_weights",
+    "scaled_adapters",
     "set_adapters",
     "target_module_names",
     "unfuse_lora",
@@ -333,6 +335,21 @@ def set_adapters(
             if name in layer.adapter_weight:
                 layer.adapter_weight[name] = w
         layer.active = [n for n in names if n in layer.lora_A]
+
+
+@contextlib.contextmanager
+def scaled_adapters(model: paddle.nn.Layer, scale: float) -> Iterator[None]:
+    """Every adapter's weight times ``scale`` inside the block, restored after (diffusers'
+    ``joint_attention_kwargs={"scale": s}``). Fused adapters are in the weights and keep theirs."""
+    layers = [layer for _, layer in lora_layers(model)]
+    saved = [dict(layer.adapter_weight) for layer in layers]
+    for layer in layers:
+        layer.adapter_weight = {name: w * float(scale) for name, w in layer.adapter_weight.items()}
+    try:
+        yield
+    finally:
+        for layer, weights in zip(layers, saved, strict=True):
+            layer.adapter_weight = weights
 
 
 def enable_lora(model: paddle.nn.Layer, enabled: bool = True) -> None:

@@ -36,7 +36,16 @@ def halve_latents_at_step_0(pipe, i, t, tensors: dict) -> dict:
     return {"latents": tensors["latents"] * 0.5} if i == 0 else {}
 
 
-CALLBACKS = {"halve_at_step_0": halve_latents_at_step_0}
+def lower_guidance_then_stop(pipe, i, t, tensors: dict) -> dict:
+    """Call state set on rank 0 only: guidance 3 -> 1.5 from step 1, no step after step 1."""
+    if i == 0:
+        pipe._guidance_scale = 1.5
+    if i == 1:
+        pipe._interrupt = True
+    return tensors
+
+
+CALLBACKS = {"halve_at_step_0": halve_latents_at_step_0, "guidance_then_stop": lower_guidance_then_stop}
 
 
 @contextlib.contextmanager

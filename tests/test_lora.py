@@ -161,6 +161,42 @@ def test_load_scale_equals_set_adapters_weight():
     assert max_diff(run(model, data), data["out_sample"]) < TOL
 
 
+def test_call_scale_multiplies_adapter_weights_as_diffusers_joint_attention_scale():
+    # diffusers' weight-0.3 output, reached by weight 1 times a call scale of 0.3.
+    data = case_data(next(c for c in CASES if c["name"] == "lora_ours_sd3_weight03"))
+    model = transformer()
+    lora_file.load_lora(model, OURS_FILE, adapter_name="ours")
+    unscaled = run(model, data)
+    with lora.scaled_adapters(model, 0.3):
+        assert max_diff(run(model, data), data["out_sample"]) < TOL
+    assert max_diff(run(model, data), unscaled) == 0.0  # restored
+    # Two adapters at 0.5 / 1.5: the call scale multiplies both.
+    two = next(c for c in CASES if c["name"] == "lora_two_adapters_sd3")
+    both = transformer()
+    lora_file.load_lora(both, OURS_FILE, adapter_name="ours")
+    lora_file.load_lora(both, DIFFUSERS_FILE, adapter_name="theirs")
+    lora.set_adapters(both, ["ours", "theirs"], [0.25, 0.75])
+    with lora.scaled_adapters(both, 2.0):
+        assert max_diff(run(both, case_data(two)), case_data(two)["out_sample"]) < TOL
+
+
+def test_pipeline_joint_attention_scale_is_this_calls_lora_scale():
+    pipe = StableDiffusion3Pipeline.from_pretrained(FIXTURES / "sd3-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red fox", height=64, width=64, num_inference_steps=2, guidance_scale=3.0, seed=[2],
+                output_type="np")  # fmt: skip
+    pipe.load_lora_weights(OURS_FILE, adapter_name="ours")
+    full = pipe(**call).images
+    scaled = pipe(**call, joint_attention_kwargs={"scale": 0.3}).images
+    np.testing.assert_array_equal(pipe(**call).images, full)  # the scale was for that call only
+    pipe.set_adapters("ours", 0.3)
+    np.testing.assert_allclose(scaled, pipe(**call).images, rtol=0, atol=1e-6)
+    assert max_diff(scaled, full) > 1e-3
+    pipe.set_adapters("ours", 1.0)
+    pipe.fuse_lora()  # as in diffusers, fused adapters are in the weights: the scale does not reach them
+    np.testing.assert_allclose(pipe(**call, joint_attention_kwargs={"scale": 0.3}).images, full, atol=1e-5)
+
+
 # ---- the file format ---------------------------------------------------------------------------
 
 

@@ -18,8 +18,9 @@ import paddle
 import pytest
 
 from pipelines import StableDiffusion3Pipeline
+from pipelines.rank_pipeline import RankPipeline
 from sd3_core import lora, lora_file
-from sd3_core.collectives import CollectiveCounter, Collectives, SingleRank
+from sd3_core.collectives import CollectiveCounter, Collectives, SingleRank, single_process_groups
 from sd3_core.dtypes import default_dtype
 from sd3_core.folder_defaults import MAX_SEQUENCE_LENGTH_KEY
 from sd3_core.tensor_parallel import (
@@ -67,11 +68,19 @@ CASES = {
         "seed": 11,
         "$callback": "halve_at_step_0",
     },  # fmt: skip
+    # pipe._guidance_scale and pipe._interrupt set by a callback on rank 0 hold on every rank.
+    "callback_state": {
+        "prompt": ["a boat", "a cat"],
+        "guidance_scale": 3.0,
+        "seed": [12, 13],
+        "$callback": "guidance_then_stop",
+    },
     "prompt_embeds": {"$embeds": True, "guidance_scale": 5.0, "seed": [8, 9]},
     "lora": {"prompt": ["a red cube", "a cat"], "guidance_scale": 5.0, "seed": 6, "$lora": 0.7},
 }
 for _args in CASES.values():  # (no max_sequence_length: the folders' default, 16, applies)
     _args.update(height=64, width=64, num_inference_steps=STEPS)
+CASES["callback_state"]["num_inference_steps"] = 3  # step 2 is interrupted
 T5_LENGTH = 16
 # Every kind of split layer (column-, row-parallel, adaLN) and replicated ones carry the LoRA.
 LORA_TARGETS = (
@@ -174,6 +183,7 @@ def single_process(tiny_pipelines, inputs) -> dict[str, np.ndarray]:
 FEATURES = {
     "skip_layer_guidance": ("skip_guidance_layers",),
     "callback": ("$callback",),
+    "callback_state": ("$callback",),
     "lora": ("$lora",),
 }
 
@@ -384,6 +394,35 @@ def test_all_reduce_sends_one_collective_for_many_tensors():
     assert float(out[1][0]) == 6.0
     assert counter.snapshot() == {"calls": {"all_reduce": 1}, "bytes": {"all_reduce": 4 * 12}}
     assert SingleRank(counter).all_reduce_sum(tensors) == tensors and counter.total_calls == 1
+
+
+def test_rank_callbacks_share_call_state_and_refuse_what_cannot_be_shared():
+    pipe = StableDiffusion3Pipeline.from_pretrained(FIXTURES / "sd3-tiny")
+    rank = RankPipeline.of(pipe, single_process_groups())
+    tensors = {"latents": paddle.ones([1, 2]), "prompt_embeds": paddle.ones([2, 3]),
+               "pooled_prompt_embeds": paddle.ones([2, 4])}  # fmt: skip
+    t = paddle.to_tensor([500.0])
+
+    def stop(p, i, t, given):
+        p._guidance_scale, p._interrupt = 2.0, True
+        return given  # the tensors it was given: nothing to share but the latents
+
+    rank._guidance_scale, rank._interrupt, rank._split = 4.0, False, False
+    out = rank._shared_callback(stop, ("latents", "prompt_embeds"))(rank, 0, t, tensors)
+    assert set(out) == {"latents"} and (rank._guidance_scale, rank._interrupt) == (2.0, True)
+
+    def new_embeds(p, i, t, given):
+        return {"prompt_embeds": given["prompt_embeds"] * 2}
+
+    with pytest.raises(ValueError, match="may return only latents"):
+        rank._shared_callback(new_embeds, ("prompt_embeds",))(rank, 0, t, tensors)
+
+    def guidance_off(p, i, t, given):
+        p._guidance_scale = 1.0
+
+    rank._split = True
+    with pytest.raises(ValueError, match=r"switched guidance off .* under the CFG split \(cfg=2\)"):
+        rank._shared_callback(guidance_off, ("latents",))(rank, 0, t, tensors)
 
 
 def test_report(tiny_pipelines, inputs, tmp_path_factory, single_process):

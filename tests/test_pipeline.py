@@ -161,6 +161,92 @@ def test_callback_sees_every_step_and_its_latents_replace_the_pipelines():
     assert float(pipe(**kwargs, callback_on_step_end=zero_at_last_step).images.abs().max()) == 0.0
 
 
+STATE_CALL = dict(prompt="a cat", negative_prompt="fog", height=64, width=64, num_inference_steps=4,
+                  guidance_scale=3.0, seed=[3], output_type="latent")  # fmt: skip
+
+
+def manual_latents(pipe: StableDiffusion3Pipeline, plan) -> np.ndarray:
+    """STATE_CALL's latents by a plain loop over the transformer and the Euler step
+    ``x + (sigma_next - sigma) * v``; ``plan(i, embeds, pooled)`` gives each step's guidance scale
+    and the ``[negative; positive]`` embeddings it runs on."""
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        "a cat", negative_prompt="fog", do_classifier_free_guidance=True, max_sequence_length=256
+    )
+    embeds, pooled = paddle.concat([neg, pos]), paddle.concat([neg_pooled, pooled])
+    x = pipe.prepare_latents(1, 64, 64, seed=[3])
+    pipe.scheduler.set_timesteps(4)
+    sigmas, timesteps = pipe.scheduler.sigmas.numpy(), pipe.scheduler.timesteps
+    for i in range(4):
+        guidance, embeds, pooled = plan(i, embeds, pooled)
+        t = timesteps[i : i + 1]
+        if guidance > 1:
+            v = pipe.transformer(paddle.concat([x, x]), embeds, pooled, paddle.concat([t, t]))
+            uncond, text = paddle.chunk(v, 2)
+            v = uncond + guidance * (text - uncond)
+        else:
+            v = pipe.transformer(x, embeds[1:], pooled[1:], t)
+        x = x + float(sigmas[i + 1] - sigmas[i]) * v
+    return x.numpy()
+
+
+def test_call_state_properties_and_interrupt_as_in_diffusers():
+    pipe = pipeline("sd3-tiny")
+    seen, kept = [], {}
+
+    def stop_after_step_1(p, i, t, tensors):
+        seen.append((p.guidance_scale, p.do_classifier_free_guidance, p.clip_skip, p.num_timesteps,
+                     p.joint_attention_kwargs, p.interrupt))  # fmt: skip
+        kept[i] = tensors["latents"]
+        if i == 1:
+            p._interrupt = True
+        return tensors
+
+    out = pipe(**STATE_CALL, clip_skip=1, joint_attention_kwargs={"scale": 1.0},
+               callback_on_step_end=stop_after_step_1).images  # fmt: skip
+    assert seen == [(3.0, True, 1, 4, {"scale": 1.0}, False)] * 2  # no step after the interrupt
+    np.testing.assert_array_equal(out.numpy(), kept[1].numpy())
+    assert pipe(**STATE_CALL).images.shape == out.shape and not pipe.interrupt  # reset by the next call
+
+
+def test_callback_switching_guidance_off_runs_the_rest_on_the_positive_prompts():
+    pipe = pipeline("sd3-tiny")
+
+    def guidance_off_after_step_1(p, i, t, tensors):
+        if i == 1:
+            p._guidance_scale = 0.0
+        return tensors
+
+    out = pipe(**STATE_CALL, callback_on_step_end=guidance_off_after_step_1).images.numpy()
+    expected = manual_latents(pipe, lambda i, e, p: (3.0 if i < 2 else 0.0, e, p))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    assert np.abs(out - pipe(**STATE_CALL).images.numpy()).max() > 1e-2
+
+
+def test_callback_returned_embeddings_replace_the_pipelines():
+    pipe = pipeline("sd3-tiny")
+
+    def halve_embeddings_at_step_0(p, i, t, tensors):
+        if i == 0:
+            return {k: v * 0.5 for k, v in tensors.items() if k != "latents"}
+        return {}
+
+    out = pipe(**STATE_CALL, callback_on_step_end=halve_embeddings_at_step_0,
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"])  # fmt: skip
+    expected = manual_latents(pipe, lambda i, e, p: (3.0, e * 0.5, p * 0.5) if i == 1 else (3.0, e, p))
+    np.testing.assert_allclose(out.images.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_callback_switching_guidance_on_mid_call_is_refused():
+    pipe = pipeline("sd3-tiny")
+
+    def guidance_on(p, i, t, tensors):
+        p._guidance_scale = 5.0
+        return tensors
+
+    with pytest.raises(ValueError, match="guidance was switched on during the call"):
+        pipe(**{**STATE_CALL, "guidance_scale": 1.0}, callback_on_step_end=guidance_on)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -177,6 +263,12 @@ def test_callback_sees_every_step_and_its_latents_replace_the_pipelines():
         (dict(seed=[1, 2]), "got 2 seeds/generators for a batch of 1"),
         (dict(skip_guidance_layers=[7]), "skip_guidance_layers [7]"),
         (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs ['noise']"),
+        (
+            dict(joint_attention_kwargs={"ip_adapter_image_embeds": []}),
+            "keys ['ip_adapter_image_embeds'] are not",
+        ),
+        (dict(joint_attention_kwargs={"scale": "high"}), "joint_attention_kwargs['scale']='high' must be"),
+        (dict(joint_attention_kwargs=[("scale", 1)]), "joint_attention_kwargs must be a dict"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
