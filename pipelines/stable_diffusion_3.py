@@ -27,7 +27,7 @@ from sd3_core import runtime
 from sd3_core.dtypes import cast
 from sd3_core.folder_defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_T5_LENGTH, MAX_T5_LENGTH
 from sd3_core.inference_program import TransformerProgram, program_precision
-from sd3_core.lora import scaled_adapters
+from sd3_core.lora import joint_attention_scale, scaled_adapters
 from sd3_core.scheduler import FlowMatchEulerDiscreteScheduler
 from sd3_core.transformer import SD3Transformer2DModel
 from sd3_core.vae import AutoencoderKL
@@ -312,7 +312,7 @@ class StableDiffusion3Pipeline(
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not among {list(CALLBACK_TENSOR_INPUTS)}"
             )
-        lora_scale = _lora_scale(joint_attention_kwargs)
+        lora_scale = joint_attention_scale(joint_attention_kwargs)
         self._guidance_scale, self._clip_skip = guidance_scale, clip_skip
         self._joint_attention_kwargs, self._skip_guidance_layers = (
             joint_attention_kwargs,
@@ -425,24 +425,6 @@ class StableDiffusion3Pipeline(
         if output_type == "np":
             return array
         return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
-
-
-def _lora_scale(joint_attention_kwargs: dict[str, Any] | None) -> float:
-    """The LoRA scale ``joint_attention_kwargs`` asks for (1.0 without), its other keys refused."""
-    if joint_attention_kwargs is None:
-        return 1.0
-    if not isinstance(joint_attention_kwargs, dict):
-        raise TypeError(f"joint_attention_kwargs must be a dict, got {type(joint_attention_kwargs).__name__}")
-    unknown = sorted(set(joint_attention_kwargs) - {"scale"})
-    if unknown:
-        raise ValueError(
-            f"joint_attention_kwargs keys {unknown} are not supported; only 'scale' (the LoRA scale "
-            "of this call) is (IP-Adapters are not supported)"
-        )
-    scale = joint_attention_kwargs.get("scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-        raise ValueError(f"joint_attention_kwargs['scale']={scale!r} must be a finite number")
-    return float(scale)
 
 
 def _guidance_rows(

@@ -29,6 +29,7 @@ __all__ = [
     "delete_adapter",
     "fuse_lora",
     "inject_lora",
+    "joint_attention_scale",
     "lora_layers",
     "lora_parameters",
     "random_lora_weights",
@@ -337,10 +338,32 @@ def set_adapters(
         layer.active = [n for n in names if n in layer.lora_A]
 
 
+def joint_attention_scale(joint_attention_kwargs: dict | None) -> float:
+    """The LoRA scale diffusers' ``joint_attention_kwargs`` asks for (1.0 without); its other keys
+    are refused by name."""
+    if joint_attention_kwargs is None:
+        return 1.0
+    if not isinstance(joint_attention_kwargs, dict):
+        raise TypeError(f"joint_attention_kwargs must be a dict, got {type(joint_attention_kwargs).__name__}")
+    unknown = sorted(set(joint_attention_kwargs) - {"scale"})
+    if unknown:
+        raise ValueError(
+            f"joint_attention_kwargs keys {unknown} are not supported; only 'scale' (the LoRA scale "
+            "of this call) is (IP-Adapters are not supported)"
+        )
+    scale = joint_attention_kwargs.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"joint_attention_kwargs['scale']={scale!r} must be a finite number")
+    return float(scale)
+
+
 @contextlib.contextmanager
 def scaled_adapters(model: paddle.nn.Layer, scale: float) -> Iterator[None]:
     """Every adapter's weight times ``scale`` inside the block, restored after (diffusers'
     ``joint_attention_kwargs={"scale": s}``). Fused adapters are in the weights and keep theirs."""
+    if scale == 1.0:  # the common case: no walk over the model's layers
+        yield
+        return
     layers = [layer for _, layer in lora_layers(model)]
     saved = [dict(layer.adapter_weight) for layer in layers]
     for layer in layers:

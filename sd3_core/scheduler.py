@@ -21,6 +21,7 @@ import paddle
 from sd3_core.hub import LoadOptions, model_folder
 from sd3_core.model_config import Config
 from sd3_core.modeling import DIFFUSERS_VERSION
+from sd3_core.outputs import FlowMatchEulerDiscreteSchedulerOutput, component_return
 
 DIFFUSERS_CLASS_NAME = "FlowMatchEulerDiscreteScheduler"
 
@@ -295,14 +296,34 @@ class FlowMatchEulerDiscreteScheduler:
         step_index: int | None = None,
         *,
         noise: paddle.Tensor | None = None,
-    ) -> paddle.Tensor:
+        return_dict: bool | None = None,
+        generator: Any = None,
+    ) -> paddle.Tensor | Any:
         """One Euler step from `timestep` to the next sigma; returns the new sample.
 
         Pure: `step_index` (the loop position) is used when given, otherwise looked up from
         `timestep`. Math is float32; the result has `model_output`'s dtype. With
         `stochastic_sampling` the step re-noises the predicted x0 with `noise` (drawn with
-        paddle.randn when not given).
+        paddle.randn when not given). `return_dict` as diffusers passes it (``.prev_sample``, see
+        ``sd3_core.outputs``); diffusers' `generator` is refused: pass `noise`.
         """
+        if generator is not None:
+            raise ValueError("step: generator= is not supported; pass the re-noising draw as noise=")
+        return component_return(
+            FlowMatchEulerDiscreteSchedulerOutput(
+                self._step(model_output, timestep, sample, step_index, noise)
+            ),
+            return_dict,
+        )
+
+    def _step(
+        self,
+        model_output: paddle.Tensor,
+        timestep: TimestepLike,
+        sample: paddle.Tensor,
+        step_index: int | None,
+        noise: paddle.Tensor | None,
+    ) -> paddle.Tensor:
         if _is_integer_timestep(timestep):
             raise ValueError(
                 "step: integer timestep given; pass a value from `scheduler.timesteps` "

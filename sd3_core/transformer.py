@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import paddle
 import paddle.nn.functional as F
@@ -22,8 +23,10 @@ from sd3_core import single_file
 from sd3_core.dtypes import compute_dtype
 from sd3_core.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from sd3_core.layers import Linear
+from sd3_core.lora import joint_attention_scale, scaled_adapters
 from sd3_core.model_config import register_to_config
 from sd3_core.modeling import ModelMixin
+from sd3_core.outputs import Transformer2DModelOutput, component_return
 from sd3_core.transformer_blocks import (
     AdaLNModulation,
     JointTransformerBlock,
@@ -165,12 +168,34 @@ class SD3Transformer2DModel(ModelMixin):
         pooled_projections: paddle.Tensor,
         timestep: paddle.Tensor | float,
         skip_layers: Sequence[int] | None = None,
-    ) -> paddle.Tensor:
+        *,
+        joint_attention_kwargs: dict | None = None,
+        block_controlnet_hidden_states: Any = None,
+        return_dict: bool | None = None,
+    ) -> paddle.Tensor | Any:
         """Velocity ``[B, out_channels, H, W]`` in ``hidden_states``' dtype.
 
         ``timestep`` is ``sigma * 1000`` (float, ``[B]`` or a scalar). Math runs in the weights'
         dtype, or float32 when the device has no half-precision kernels (CPU).
+        diffusers' keywords: ``joint_attention_kwargs={"scale": s}`` scales the LoRA adapters for
+        this call; ``return_dict`` as in ``sd3_core.outputs`` (``.sample``).
         """
+        if block_controlnet_hidden_states is not None:
+            raise ValueError("block_controlnet_hidden_states: SD3 ControlNets are not supported")
+        with scaled_adapters(self, joint_attention_scale(joint_attention_kwargs)):
+            velocity = self._velocity(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, skip_layers
+            )
+        return component_return(Transformer2DModelOutput(velocity), return_dict)
+
+    def _velocity(
+        self,
+        hidden_states: paddle.Tensor,
+        encoder_hidden_states: paddle.Tensor,
+        pooled_projections: paddle.Tensor,
+        timestep: paddle.Tensor | float,
+        skip_layers: Sequence[int] | None,
+    ) -> paddle.Tensor:
         timestep = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
         out_dtype = hidden_states.dtype
         dtype = compute_dtype(self.dtype)

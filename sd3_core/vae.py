@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import paddle
@@ -30,6 +31,7 @@ from sd3_core.dtypes import cast, compute_dtype
 from sd3_core.group_norm import GroupNorm
 from sd3_core.model_config import register_to_config
 from sd3_core.modeling import ModelMixin
+from sd3_core.outputs import AutoencoderKLOutput, DecoderOutput, component_return
 from sd3_core.vae_blocks import ACTIVATIONS, Conv2D, Decoder, Encoder
 
 __all__ = ["AutoencoderKL", "DiagonalGaussian", "GroupNorm"]
@@ -44,6 +46,11 @@ class DiagonalGaussian:
         self.logvar = paddle.clip(logvar, -30.0, 20.0)
         self.std = paddle.exp(0.5 * self.logvar)
         self.var = paddle.exp(self.logvar)
+
+    @property
+    def latent_dist(self) -> DiagonalGaussian:
+        """Itself, so diffusers' ``vae.encode(x).latent_dist.sample()`` reads the same here."""
+        return self
 
     def sample(
         self,
@@ -288,21 +295,30 @@ class AutoencoderKL(ModelMixin):
         h = self.decoder.low_res(z if self.post_quant_conv is None else self.post_quant_conv(z))
         return self._tiled(h, self.decoder) if tiled else self.decoder.high_res(h)
 
-    def encode(self, x: paddle.Tensor) -> DiagonalGaussian:
+    # ``return_dict`` as diffusers passes it (sd3_core.outputs): ``.latent_dist`` / ``.sample``.
+    def encode(self, x: paddle.Tensor, return_dict: bool | None = None) -> DiagonalGaussian | Any:
         """Images in [-1, 1], ``[B, in_channels, H, W]`` -> posterior over ``[B, latent, H/8, W/8]``."""
-        return DiagonalGaussian(self._rows(self._input(x, self.config.in_channels, "encode"), self._encode))
+        posterior = DiagonalGaussian(
+            self._rows(self._input(x, self.config.in_channels, "encode"), self._encode)
+        )
+        return component_return(AutoencoderKLOutput(posterior), return_dict)
 
-    def decode(self, z: paddle.Tensor) -> paddle.Tensor:
+    def decode(self, z: paddle.Tensor, return_dict: bool | None = None) -> paddle.Tensor | Any:
         """Latents (already ``/ scaling_factor + shift_factor``) -> images ``[B, out, 8h, 8w]``, ~[-1, 1]."""
-        return self._rows(self._input(z, self.config.latent_channels, "decode"), self._decode)
+        images = self._rows(self._input(z, self.config.latent_channels, "decode"), self._decode)
+        return component_return(DecoderOutput(images), return_dict)
 
-    def tiled_encode(self, x: paddle.Tensor) -> DiagonalGaussian:
+    def tiled_encode(self, x: paddle.Tensor, return_dict: bool | None = None) -> DiagonalGaussian | Any:
         """``encode`` in tiles whatever ``use_tiling`` and the image size say (diffusers' method name)."""
-        return DiagonalGaussian(self._encode(self._input(x, self.config.in_channels, "tiled_encode"), True))
+        posterior = DiagonalGaussian(
+            self._encode(self._input(x, self.config.in_channels, "tiled_encode"), True)
+        )
+        return component_return(AutoencoderKLOutput(posterior), return_dict)
 
-    def tiled_decode(self, z: paddle.Tensor) -> paddle.Tensor:
+    def tiled_decode(self, z: paddle.Tensor, return_dict: bool | None = None) -> paddle.Tensor | Any:
         """``decode`` in tiles whatever ``use_tiling`` and the latent size say (diffusers' method name)."""
-        return self._decode(self._input(z, self.config.latent_channels, "tiled_decode"), True)
+        images = self._decode(self._input(z, self.config.latent_channels, "tiled_decode"), True)
+        return component_return(DecoderOutput(images), return_dict)
 
     def forward(
         self,

@@ -1,0 +1,140 @@
+"""diffusers' calling conventions of the components: ``return_dict``, output objects,
+``latent_dist``, ``joint_attention_kwargs``, as a custom denoising loop written for diffusers uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from pipelines import StableDiffusion3Pipeline
+from sd3_core import lora
+from sd3_core.outputs import (
+    AutoencoderKLOutput,
+    DecoderOutput,
+    FlowMatchEulerDiscreteSchedulerOutput,
+    Transformer2DModelOutput,
+)
+from tests.reference_cases import fixture_path
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_loop_written_for_diffusers_gives_the_pipelines_image(pipe):
+    """diffusers' own SD3 loop, its calls verbatim (return_dict=False, output objects)."""
+    call = dict(prompt="a red fox", height=64, width=64, num_inference_steps=3, guidance_scale=3.0, seed=[4])
+    expected = pipe(**call, output_type="np").images
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt("a red fox", do_classifier_free_guidance=True)
+    prompt_embeds, pooled_prompt_embeds = paddle.concat([neg, pos]), paddle.concat([neg_pooled, pooled])
+    latents = pipe.prepare_latents(1, 64, 64, seed=[4])
+    pipe.scheduler.set_timesteps(3)
+    for t in pipe.scheduler.timesteps:
+        latent_model_input = paddle.concat([latents] * 2)
+        noise_pred = pipe.transformer(
+            hidden_states=latent_model_input,
+            timestep=t.expand([latent_model_input.shape[0]]),
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled_prompt_embeds,
+            joint_attention_kwargs=None,
+            return_dict=False,
+        )[0]
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+        noise_pred = noise_pred_uncond + 3.0 * (noise_pred_text - noise_pred_uncond)
+        latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents, return_dict=True).sample
+    image = np.clip(image.numpy().transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    np.testing.assert_allclose(image, expected, rtol=0, atol=1e-5)
+
+
+def test_return_dict_forms_hold_the_same_value(pipe):
+    z = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 16, 4, 4)).astype(np.float32))
+    images = pipe.vae.decode(z)
+    decoded = pipe.vae.decode(z, return_dict=True)
+    assert isinstance(decoded, DecoderOutput) and decoded.keys() == ["sample"]
+    for same in (decoded.sample, decoded[0], decoded["sample"], pipe.vae.decode(z, return_dict=False)[0]):
+        np.testing.assert_array_equal(same.numpy(), images.numpy())
+    assert len(pipe.vae.decode(z, return_dict=False)) == 1
+    np.testing.assert_array_equal(pipe.vae.tiled_decode(z, return_dict=True).sample.numpy(),
+                                  pipe.vae.tiled_decode(z).numpy())  # fmt: skip
+
+    x = paddle.to_tensor(np.random.default_rng(1).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32))
+    encoded = pipe.vae.encode(x, return_dict=True)
+    assert isinstance(encoded, AutoencoderKLOutput)
+    mean = pipe.vae.encode(x).mean.numpy()
+    for posterior in (
+        encoded.latent_dist,
+        pipe.vae.encode(x).latent_dist,
+        pipe.vae.encode(x, return_dict=False)[0],
+    ):
+        np.testing.assert_array_equal(posterior.mode().numpy(), mean)
+
+    sample = paddle.ones([1, 16, 4, 4])
+    pipe.scheduler.set_timesteps(2)
+    t = pipe.scheduler.timesteps[0]
+    stepped = pipe.scheduler.step(sample, t, sample, return_dict=True)
+    assert isinstance(stepped, FlowMatchEulerDiscreteSchedulerOutput)
+    np.testing.assert_array_equal(stepped.prev_sample.numpy(), pipe.scheduler.step(sample, t, sample).numpy())
+
+    args = (
+        paddle.ones([1, 16, 8, 8]),
+        paddle.ones([1, 12, 128]),
+        paddle.ones([1, 80]),
+        paddle.to_tensor([500.0]),
+    )
+    out = pipe.transformer(*args, return_dict=True)
+    assert isinstance(out, Transformer2DModelOutput)
+    np.testing.assert_array_equal(out.sample.numpy(), pipe.transformer(*args).numpy())
+
+
+def test_pipeline_output_indexes_as_diffusers(pipe):
+    out = pipe(prompt="a cat", height=64, width=64, num_inference_steps=1, seed=[1], output_type="np")
+    assert out[0] is out.images and out["images"] is out.images and out.to_tuple() == (out.images,)
+    with pytest.raises(KeyError):
+        out["sample"]
+
+
+def test_transformer_joint_attention_scale_scales_the_adapters_for_the_call():
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    lora.inject_lora(pipe.transformer, "a", rank=2)
+    lora.random_lora_weights(pipe.transformer, "a", seed=3)
+    args = (
+        paddle.ones([1, 16, 8, 8]),
+        paddle.ones([1, 12, 128]),
+        paddle.ones([1, 80]),
+        paddle.to_tensor([500.0]),
+    )
+    full = pipe.transformer(*args).numpy()
+    scaled = pipe.transformer(*args, joint_attention_kwargs={"scale": 0.25}).numpy()
+    np.testing.assert_array_equal(pipe.transformer(*args).numpy(), full)  # for that call only
+    lora.set_adapters(pipe.transformer, "a", 0.25)
+    np.testing.assert_allclose(scaled, pipe.transformer(*args).numpy(), rtol=0, atol=1e-6)
+    assert np.abs(scaled - full).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda p, a: p.transformer(*a, block_controlnet_hidden_states=[a[0]]), ValueError, "ControlNets"),
+        (lambda p, a: p.transformer(*a, joint_attention_kwargs={"ip_adapter_image_embeds": 1}), ValueError,
+         "keys ['ip_adapter_image_embeds'] are not supported"),
+        (lambda p, a: p.transformer(*a, return_dict="yes"), TypeError, "return_dict='yes' must be True or False"),
+        (lambda p, a: p.scheduler.step(a[0], p.scheduler.timesteps[0], a[0], generator=object()), ValueError,
+         "pass the re-noising draw as noise="),
+    ],
+)  # fmt: skip
+def test_diffusers_arguments_we_lack_are_refused_by_name(pipe, call, error, message):
+    args = (
+        paddle.ones([1, 16, 8, 8]),
+        paddle.ones([1, 12, 128]),
+        paddle.ones([1, 80]),
+        paddle.to_tensor([500.0]),
+    )
+    pipe.scheduler.set_timesteps(2)
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")):
+        call(pipe, args)
