@@ -50,6 +50,7 @@ class ReplicaSpec:
     lora_scale: float = 1.0
     inference_optimize: bool = False  # the transformer as cached static programs (sd3_core.inference_program)
     vae_tiling: bool = False  # decode in overlapping tiles (pipe.vae.enable_tiling): bounded memory
+    vae_tile_tolerance: float | None = None  # pipe.vae.tile_tolerance (None: the VAE's default)
     benchmark: bool = False  # warm up once, then time each call's stages (see BENCHMARK_TYPE)
 
     def __post_init__(self) -> None:
@@ -173,6 +174,14 @@ def render_request(pipe: Any, request: RenderRequest) -> list[np.ndarray]:
     return list((images * 255).round().astype(np.uint8))
 
 
+def configure_vae(pipe: Any, spec: ReplicaSpec) -> None:
+    """Turn on the spec's tiled decoding (``vae_tiling``, ``vae_tile_tolerance``) in ``pipe``."""
+    if spec.vae_tiling:
+        pipe.vae.enable_tiling()
+    if spec.vae_tile_tolerance is not None:
+        pipe.vae.tile_tolerance = spec.vae_tile_tolerance
+
+
 def apply_lora(pipe: Any, lora: PinnedLoRA, scale: float, storage: StorageOptions) -> str:
     """Load exactly the pinned adapter (its sha256 checked) into `pipe` at `scale` and bake it
     into the transformer's weights; returns its identity.
@@ -215,8 +224,7 @@ class LocalReplica:
             self.pipe.enable_inference_optimize(
                 threads=max(1, int(spec.cpus)) if spec.device == "cpu" else None
             )
-        if spec.vae_tiling:
-            self.pipe.vae.enable_tiling()
+        configure_vae(self.pipe, spec)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:

@@ -131,8 +131,7 @@ class ReplicaGroup:
         """Load ``model`` (its heads must split by mp too) on every rank; per-rank transformer bytes."""
         if model != self.spec.model:
             check_replica_shape(replace(self.spec, model=model))
-        spec = self.spec
-        loaded = self._all("load", model, spec.dtype, spec.storage, spec.inference_optimize, spec.vae_tiling)
+        loaded = self._all("load", model, self.spec)
         self.parameter_bytes: list[int] = [r["param_bytes"] for r in loaded]
         self.model: str = loaded[0]["model"]
         self.lora: str | None = None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.replica import apply_lora
+from actors.replica import ReplicaSpec, apply_lora, configure_vae
 from sd3_core import runtime
 from sd3_core.devices import paddle_device
 
@@ -70,18 +70,11 @@ class ShardWorker:
             self.groups = init_device_groups(self.cfg, self.mp, self.rank, endpoints, self.device)
         return os.getpid()
 
-    def load(
-        self,
-        model: str,
-        dtype: str = "float32",
-        storage: Any = None,
-        inference_optimize: bool = False,
-        vae_tiling: bool = False,
-    ) -> dict[str, Any]:
-        """Load this rank's part of ``model`` (folder or URL): its transformer's bytes and the
-        model's identity (``sd3_core.model_cache.model_identity``). ``inference_optimize`` runs the
-        (whole, mp = 1) transformer as cached static programs; ``vae_tiling`` decodes (rank 0) in
-        tiles."""
+    def load(self, model: str, spec: ReplicaSpec) -> dict[str, Any]:
+        """Load this rank's part of ``model`` (folder or URL) as ``spec`` says (dtype, storage,
+        ``inference_optimize``: the whole, mp = 1, transformer as cached static programs; tiled
+        decoding on rank 0): its transformer's bytes and the model's identity
+        (``sd3_core.model_cache.model_identity``)."""
         from pipelines.pipeline_loading import TEXT_COMPONENTS
         from pipelines.rank_pipeline import RankPipeline
         from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
@@ -89,19 +82,20 @@ class ShardWorker:
         from sd3_core.tensor_parallel import load_transformer_shard, parameter_bytes
 
         self.pipe = None  # free the previous model first
-        path = local_model_path(model, storage)
-        transformer = load_transformer_shard(path, self.groups.mp_group, subfolder="transformer", dtype=dtype)
+        path = local_model_path(model, spec.storage)
+        transformer = load_transformer_shard(
+            path, self.groups.mp_group, subfolder="transformer", dtype=spec.dtype
+        )
         parts: dict[str, Any] = {"transformer": transformer}
         if self.groups.mp > 1 and self.groups.mp_rank:
             parts.update(dict.fromkeys(TEXT_COMPONENTS))
         if self.rank:
             parts["vae"] = _vae_without_weights(path)
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **parts)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=spec.dtype, **parts)
         pipe.set_progress_bar_config(disable=True)
-        if vae_tiling:
-            pipe.vae.enable_tiling()
+        configure_vae(pipe, spec)
         self.pipe = RankPipeline.of(pipe, self.groups, share_within_mp=self.groups.mp > 1)
-        if inference_optimize:
+        if spec.inference_optimize:
             self.pipe.enable_inference_optimize(threads=self.threads if self.device == "cpu" else None)
         return {"param_bytes": parameter_bytes(transformer), "model": model_identity(path, model)}
 

@@ -103,8 +103,11 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
                      "`--inference_optimize 1` is the same")  # fmt: skip
     run.add_argument("--vae-tiling", "--vae_tiling", dest="vae_tiling", action="store_true",
                      help="decode images larger than the VAE's tile (its sample_size, 1024 px for SD3) in "
-                     "overlapping, blended tiles, as diffusers' `pipe.vae.enable_tiling()`: memory "
-                     "bounded by the tile, not the image")  # fmt: skip
+                     "overlapping tiles, as `pipe.vae.enable_tiling()`: memory bounded by the tile, not "
+                     "the image; the tiles share whole-image GroupNorm statistics, refined pass by pass")  # fmt: skip
+    run.add_argument("--vae-tile-tolerance", type=float, default=None, metavar="TOL",
+                     help="with --vae-tiling: how settled the statistics must be (`pipe.vae.tile_tolerance`; "
+                     "default 1e-3, 0 exact, inf the first stitched pass, fastest)")  # fmt: skip
     run.add_argument("--benchmark", action="store_true", help="each replica renders its first batch "
                      "once untimed, then every call is timed: prints seconds per stage (text encoding, "
                      "denoising per step, VAE decode), images/s and peak RSS, and writes them under "
@@ -153,6 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         inference_optimize=args.inference_optimize,
         vae_tiling=args.vae_tiling,
+        vae_tile_tolerance=args.vae_tile_tolerance,
         benchmark=args.benchmark,
         defaults=defaults,
         image_format=args.image_format,

@@ -48,6 +48,7 @@ class JobConfig:
     dtype: str = "float32"
     inference_optimize: bool = False  # replicas run the transformer as static programs
     vae_tiling: bool = False  # replicas decode in overlapping VAE tiles (large images, bounded memory)
+    vae_tile_tolerance: float | None = None  # their pipe.vae.tile_tolerance (None: the VAE's default)
     benchmark: bool = False  # warm-up, then stage timings, images/s and peak RSS (jobs.benchmark_report)
     defaults: JobDefaults = field(default_factory=JobDefaults)
     image_format: str = "png"
@@ -58,7 +59,11 @@ class JobConfig:
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration for job.json (no credentials)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("storage", "defaults", "prompt_list")}
+        d = {
+            k: str(v) if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON: "inf"
+            for k, v in asdict(self).items()
+            if k not in ("storage", "defaults", "prompt_list")
+        }
         d["prompt_list"] = list(self.prompt_list) if self.prompt_list is not None else None
         d["defaults"] = asdict(self.defaults)
         d["storage"] = self.storage.public_dict()
@@ -104,6 +109,15 @@ def check_config(config: JobConfig) -> None:
     if config.inference_optimize and config.mp > 1:
         raise JobError(f"--inference-optimize runs whole transformers; --mp {config.mp} shards run eagerly "
                        "(use --mp 1; --cfg-parallel works with it)")  # fmt: skip
+    if config.vae_tile_tolerance is not None:
+        if not config.vae_tiling:
+            raise JobError("--vae-tile-tolerance applies to tiled decoding: add --vae-tiling")
+        if isinstance(config.vae_tile_tolerance, bool) or not (
+            isinstance(config.vae_tile_tolerance, int | float) and config.vae_tile_tolerance >= 0
+        ):
+            raise JobError(
+                f"--vae-tile-tolerance {config.vae_tile_tolerance!r} must be a number >= 0 (inf allowed)"
+            )
     if config.image_format not in IMAGE_FORMATS:
         raise JobError(f"--image-format {config.image_format!r} must be one of {', '.join(IMAGE_FORMATS)}")
     d = config.defaults

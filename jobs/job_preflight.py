@@ -323,7 +323,8 @@ def plan_job(config: JobConfig) -> JobPlan:
     spec = ReplicaSpec(
         model=model, dtype=config.dtype, device=config.device, cpus=config.cpus_per_replica, storage=storage,
         cfg=2 if config.cfg_parallel else 1, mp=config.mp, lora=lora, lora_scale=config.lora_scale,
-        inference_optimize=config.inference_optimize, vae_tiling=config.vae_tiling, benchmark=config.benchmark,
+        inference_optimize=config.inference_optimize, vae_tiling=config.vae_tiling,
+        vae_tile_tolerance=config.vae_tile_tolerance, benchmark=config.benchmark,
     )  # fmt: skip
     if spec.world_size > 1:  # heads % mp, before any actor starts
         from actors.replica_group import check_replica_shape  # loads Paddle: only for groups

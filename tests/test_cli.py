@@ -128,6 +128,42 @@ def test_generate_with_vae_tiling_decodes_in_tiles(tmp_path):
     assert json.loads((out / "job.json").read_text())["config"]["vae_tiling"] is True
 
 
+def test_generate_vae_tile_tolerance_reaches_the_replicas_vae(tmp_path):
+    from jobs.manifest import read_manifest
+    from pipelines import StableDiffusion3Pipeline
+
+    out = tmp_path / "first-pass"
+    size = ["--height", "96", "--width", "96"]
+    args = ["generate", "--prompt", "a red fox", "--output", str(out), "--vae-tiling", *TINY, *size]
+    assert main([*args, "--vae-tile-tolerance", "inf"]) == 0
+    row = read_manifest(str(out)).to_pylist()[0]
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    pipe.vae.enable_tiling()
+    kwargs = dict(seed=row["seed"], num_inference_steps=1, height=96, width=96, output_type="np")
+    default = pipe("a red fox", **kwargs).images[0] * 255
+    pipe.vae.tile_tolerance = float("inf")  # the first stitched pass
+    first_pass = pipe("a red fox", **kwargs).images[0] * 255
+    got = np.asarray(Image.open(out / "images" / f"{row['id']}_0.png").convert("RGB"), np.float64)
+    assert np.abs(got - first_pass).max() <= 1 and np.abs(first_pass - default).max() > 10
+    assert (
+        json.loads((out / "job.json").read_text(), parse_constant=None)["config"]["vae_tile_tolerance"]
+        == "inf"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vae-tile-tolerance", "0.1"], "--vae-tile-tolerance applies to tiled decoding: add --vae-tiling"),
+        (["--vae-tiling", "--vae-tile-tolerance", "-1"], "--vae-tile-tolerance -1.0 must be a number >= 0"),
+    ],
+)
+def test_vae_tile_tolerance_errors_name_the_fix(tmp_path, capsys, extra, message):
+    out = tmp_path / "o"
+    assert main(["generate", "--prompt", "a fox", "--output", str(out), *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_inference_optimize_flag_errors_name_the_fix(tmp_path, capsys):
     out = str(tmp_path / "o")
     try:
