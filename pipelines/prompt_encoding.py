@@ -81,7 +81,9 @@ def match_batch(values: list[str], batch_size: int, name: str) -> list[str]:
 
 
 def _token_ids(tokenizer: Any, prompts: list[str], max_length: int, why: str) -> paddle.Tensor:
-    batch = tokenizer(prompts, max_length=max_length)
+    batch = tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
+    )
     removed = [r for r in batch.removed if r]
     if removed:
         logger.warning("The following part of your input was truncated because %s: %s", why, removed)
@@ -101,7 +103,8 @@ def clip_prompt_embeds(
     ids = _token_ids(
         tokenizer, prompts, max_length, f"CLIP can only handle sequences up to {max_length} tokens"
     )
-    pooled, hidden_states = text_encoder(ids)
+    out = text_encoder(ids)
+    pooled, hidden_states = out.text_embeds, out.hidden_states
     depth = 2 if clip_skip is None else clip_skip + 2
     if depth > len(hidden_states):
         raise ValueError(
@@ -125,7 +128,7 @@ def t5_prompt_embeds(
     ids = _token_ids(
         tokenizer, prompts, max_sequence_length, f"`max_sequence_length` is {max_sequence_length} tokens"
     )
-    return paddle.repeat_interleave(text_encoder(ids), num_images_per_prompt, axis=0)
+    return paddle.repeat_interleave(text_encoder(ids).last_hidden_state, num_images_per_prompt, axis=0)
 
 
 def joint_prompt_embeds(

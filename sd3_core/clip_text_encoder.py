@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import paddle
 
@@ -60,11 +60,21 @@ _CLIP_DEFAULTS = {
 }
 
 
+class CLIPTextModelOutput(NamedTuple):
+    """What transformers' ``CLIPTextModelWithProjection(ids, output_hidden_states=True)`` returns,
+    by position (``out[0]`` is ``text_embeds``) and by name."""
+
+    text_embeds: paddle.Tensor
+    last_hidden_state: paddle.Tensor  # after the final LayerNorm
+    hidden_states: tuple[paddle.Tensor, ...]
+
+
 class ClipTextEncoder(paddle.nn.Layer):
     """transformers' ``CLIPTextModelWithProjection`` on paddlenlp's ``CLIPTextTransformer``.
 
-    ``encoder(input_ids [B, L] int64) -> (text_embeds [B, projection_dim], hidden_states)``;
-    ``hidden_states`` = (embeddings, layer 1, ..., layer N) as transformers returns them with
+    ``encoder(input_ids [B, L] int64) -> CLIPTextModelOutput`` (``text_embeds [B, projection_dim]``,
+    ``last_hidden_state``, ``hidden_states``); ``hidden_states`` = (embeddings, layer 1, ..., layer N)
+    as transformers returns them with
     ``output_hidden_states=True`` (the last one before the final LayerNorm), so
     ``hidden_states[-2]`` is the penultimate layer SD3 uses. The pooled token is chosen as in
     transformers: ``eos_token_id == 2`` (legacy configs, SD3's included) pools the position of
@@ -95,9 +105,21 @@ class ClipTextEncoder(paddle.nn.Layer):
     def dtype(self) -> paddle.dtype:
         return self.text_projection.weight.dtype
 
-    def forward(self, input_ids: paddle.Tensor) -> tuple[paddle.Tensor, tuple[paddle.Tensor, ...]]:
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CLIPTextModelOutput:
+        """Hidden states are always returned (SD3 reads the penultimate layer), whatever
+        ``output_hidden_states`` and ``return_dict`` (transformers' keywords) say."""
+        if attention_mask is not None:
+            raise ValueError("attention_mask: SD3's CLIP encoders run without one, as diffusers calls them")
         out = self.text_model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
-        return self.text_projection(out.pooler_output), tuple(out.hidden_states)
+        return CLIPTextModelOutput(
+            self.text_projection(out.pooler_output), out.last_hidden_state, tuple(out.hidden_states)
+        )
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | paddle.dtype | None = None) -> None:
         """Write config.json (as read) and model.safetensors in transformers' names and layout."""

@@ -22,10 +22,12 @@ __all__ = ["PaddleNLPBackend", "PromptTokenizer", "TokenizedBatch", "TokenizersB
 
 @dataclass(frozen=True)
 class TokenizedBatch:
-    """``input_ids`` int64 ``[B, max_length]``; ``removed[i]``: the text truncation cut off
-    from prompt ``i`` ("" if none), decoded as diffusers prints it in its warning."""
+    """transformers' ``BatchEncoding`` fields: ``input_ids`` and ``attention_mask`` (int64
+    ``[B, L]`` arrays or tensors, or lists); ``removed[i]``: the text truncation cut off from
+    prompt ``i`` ("" if none), decoded as diffusers prints it in its warning."""
 
-    input_ids: np.ndarray
+    input_ids: Any
+    attention_mask: Any
     removed: list[str]
 
 
@@ -136,25 +138,77 @@ class PromptTokenizer:
                 text = text.replace(before, after)
         return text
 
-    def __call__(self, texts: Sequence[str], max_length: int | None = None) -> TokenizedBatch:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not a single string")
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> TokenizedBatch:
+        """Token ids of ``text`` (one string or a list) as transformers' tokenizer call makes them.
+
+        ``padding``: False (ragged lists), "longest" / True, "max_length"; ``truncation``: True /
+        "longest_first" cuts at ``max_length`` (default ``model_max_length``; None truncates only
+        when ``max_length`` is given, as transformers does); ``return_tensors``: None (lists),
+        "np", "pd" (Paddle). SD3 encodes with ``padding="max_length", truncation=True``."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string or a list of strings")
+        padding = {True: "longest", False: "do_not_pad"}.get(padding, padding)
+        if padding not in ("do_not_pad", "longest", "max_length"):
+            raise ValueError(
+                f"padding={padding!r} is not supported; use False, 'longest' (True) or 'max_length'"
+            )
+        if truncation not in (None, True, False, "longest_first", "do_not_truncate"):
+            raise ValueError(f"truncation={truncation!r} is not supported; use True or False")
+        if return_tensors not in (None, "np", "pd"):
+            hint = "; torch is not used here" if return_tensors == "pt" else ""
+            raise ValueError(
+                f"return_tensors={return_tensors!r} is not supported{hint}: use 'pd' (Paddle), 'np' or None"
+            )
+        if not add_special_tokens:
+            raise ValueError(
+                "add_special_tokens=False is not supported: SD3's encoders read the special tokens"
+            )
+        truncate = truncation in (True, "longest_first") or (truncation is None and max_length is not None)
         length = self.model_max_length if max_length is None else int(max_length)
         specials = self._head + self._tail
-        if length <= specials:
+        if truncate and length <= specials:
             raise ValueError(f"max_length={length} leaves no room for text ({specials} special tokens)")
-        rows = np.full((len(texts), length), self.pad_token_id, dtype=np.int64)
-        removed = []
-        for i, text in enumerate(texts):
-            ids = self.encode(text)
+        rows, removed = [], []
+        for t in texts:
+            ids = self.encode(t)
             cut = length - self._tail  # keep the head specials and text up to here, then the tail
-            if len(ids) > length:
+            if truncate and len(ids) > length:
                 removed.append(self.decode(ids[cut : len(ids) - self._tail]))
                 ids = ids[:cut] + ids[len(ids) - self._tail :]
             else:
                 removed.append("")
-            rows[i, : len(ids)] = ids
-        return TokenizedBatch(input_ids=rows, removed=removed)
+            rows.append(ids)
+        width = {"do_not_pad": 0, "longest": 0, "max_length": length}[padding]
+        width = max([width, *map(len, rows)])
+        if padding == "do_not_pad" and len(set(map(len, rows))) > 1:
+            if return_tensors is not None:
+                raise ValueError(
+                    f"return_tensors={return_tensors!r} needs rows of one length: pass padding=True"
+                )
+            return TokenizedBatch(
+                input_ids=rows, attention_mask=[[1] * len(r) for r in rows], removed=removed
+            )
+        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        if return_tensors is None:
+            return TokenizedBatch(input_ids=ids.tolist(), attention_mask=mask.tolist(), removed=removed)
+        if return_tensors == "pd":
+            import paddle  # the tokenizers themselves never need Paddle
+
+            return TokenizedBatch(paddle.to_tensor(ids), paddle.to_tensor(mask), removed)
+        return TokenizedBatch(input_ids=ids, attention_mask=mask, removed=removed)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Copy the tokenizer files this was loaded from."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import paddle
@@ -45,8 +45,14 @@ _T5_KEYS = (
 _T5_FEED_FORWARD = ("relu", "gated-gelu", "gated-silu")  # what paddlenlp implements
 
 
+class T5EncoderOutput(NamedTuple):
+    """What transformers' ``T5EncoderModel(ids)`` returns, by position (``out[0]``) and by name."""
+
+    last_hidden_state: paddle.Tensor
+
+
 class T5Encoder(paddle.nn.Layer):
-    """transformers' ``T5EncoderModel`` on paddlenlp's: ``encoder(input_ids) -> last_hidden_state``.
+    """transformers' ``T5EncoderModel`` on paddlenlp's: ``encoder(input_ids) -> T5EncoderOutput``.
 
     No attention mask, as SD3 runs it. State-dict names equal transformers' (``shared.weight``
     is the token table; the encoder's ``embed_tokens`` is the same parameter).
@@ -85,8 +91,16 @@ class T5Encoder(paddle.nn.Layer):
     def dtype(self) -> paddle.dtype:
         return self.model.shared.weight.dtype
 
-    def forward(self, input_ids: paddle.Tensor) -> paddle.Tensor:
-        return self.model(input_ids=input_ids, return_dict=True).last_hidden_state
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> T5EncoderOutput:
+        """``return_dict`` (transformers' keyword) changes nothing: the output indexes either way."""
+        if attention_mask is not None:
+            raise ValueError("attention_mask: SD3's T5 runs without one, as diffusers calls it")
+        return T5EncoderOutput(self.model(input_ids=input_ids, return_dict=True).last_hidden_state)
 
     def state_dict(self, *args: Any, **kwargs: Any):
         # The tied table under one name (``shared.weight``), as transformers saves and loads it.

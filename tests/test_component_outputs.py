@@ -52,6 +52,37 @@ def test_a_loop_written_for_diffusers_gives_the_pipelines_image(pipe):
     np.testing.assert_allclose(image, expected, rtol=0, atol=1e-5)
 
 
+def test_prompt_encoding_written_for_diffusers_gives_encode_prompts_embeddings(pipe):
+    """diffusers' `_get_clip_prompt_embeds` / `_get_t5_prompt_embeds` / `encode_prompt`, with
+    return_tensors="pd" for "pt"."""
+    prompt = ["a red fox", "a lighthouse at dusk"]
+    clip = []
+    for tokenizer, text_encoder in (
+        (pipe.tokenizer, pipe.text_encoder),
+        (pipe.tokenizer_2, pipe.text_encoder_2),
+    ):
+        text_inputs = tokenizer(
+            prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pd"
+        )
+        prompt_embeds = text_encoder(text_inputs.input_ids, output_hidden_states=True)
+        clip.append((prompt_embeds[0], prompt_embeds.hidden_states[-2]))
+    text_inputs = pipe.tokenizer_3(prompt, padding="max_length", max_length=32, truncation=True,
+                                   add_special_tokens=True, return_tensors="pd")  # fmt: skip
+    t5_prompt_embed = pipe.text_encoder_3(text_inputs.input_ids)[0]
+    clip_prompt_embeds = paddle.concat([clip[0][1], clip[1][1]], axis=-1)
+    width = t5_prompt_embed.shape[-1] - clip_prompt_embeds.shape[-1]
+    clip_prompt_embeds = paddle.concat(
+        [clip_prompt_embeds, paddle.zeros([*clip_prompt_embeds.shape[:2], width])], -1
+    )
+    prompt_embeds = paddle.concat([clip_prompt_embeds, t5_prompt_embed], axis=-2)
+    pooled_prompt_embeds = paddle.concat([clip[0][0], clip[1][0]], axis=-1)
+    ours, _, ours_pooled, _ = pipe.encode_prompt(
+        prompt, do_classifier_free_guidance=False, max_sequence_length=32
+    )
+    np.testing.assert_array_equal(prompt_embeds.numpy(), ours.numpy())
+    np.testing.assert_array_equal(pooled_prompt_embeds.numpy(), ours_pooled.numpy())
+
+
 def test_return_dict_forms_hold_the_same_value(pipe):
     z = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 16, 4, 4)).astype(np.float32))
     images = pipe.vae.decode(z)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def _encoder(folder: Path):
     return load_t5_encoder(folder) if folder.name == "text_encoder_3" else load_clip_text_encoder(folder)
 
 
+def _fixed(tok, texts, length: int):
+    """SD3's tokenization: padded and truncated to ``length``, NumPy ids."""
+    return tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+
+
 def _run(encoder, input_ids: np.ndarray):
     with paddle.no_grad():
         return encoder(paddle.to_tensor(input_ids))
@@ -77,7 +83,7 @@ def _max_diff(a, b: np.ndarray) -> float:
 def test_tokenizer_ids_and_removed_text_equal_transformers(case):
     ref = _reference(case)
     tok = _tokenizer(_folder(case))
-    batch = tok(case["args"]["texts"], case["args"]["max_length"])
+    batch = _fixed(tok, case["args"]["texts"], case["args"]["max_length"])
     assert batch.input_ids.dtype == np.int64
     np.testing.assert_array_equal(batch.input_ids, ref["out_input_ids"])
     assert batch.removed == [str(s) for s in ref["out_removed"]]
@@ -90,9 +96,9 @@ def test_tokenizers_pad_with_the_folders_pad_token(fixture):
     clip_g = _tokenizer(FIXTURES / fixture / "tokenizer_2")
     t5 = _tokenizer(FIXTURES / fixture / "tokenizer_3")
     eos = clip_l.backend.token_id("<|endoftext|>")
-    assert clip_l(texts, 77).input_ids[0, -1] == eos  # CLIP-L pads with <|endoftext|>
-    assert clip_g(texts, 77).input_ids[0, -1] == clip_g.backend.token_id("!")  # CLIP-G with "!"
-    ids = t5(texts, 16).input_ids[0].tolist()
+    assert _fixed(clip_l, texts, 77).input_ids[0, -1] == eos  # CLIP-L pads with <|endoftext|>
+    assert _fixed(clip_g, texts, 77).input_ids[0, -1] == clip_g.backend.token_id("!")  # CLIP-G with "!"
+    ids = _fixed(t5, texts, 16).input_ids[0].tolist()
     assert ids[-1] == t5.pad_token_id == t5.backend.token_id("<pad>")
     assert t5.backend.token_id("</s>") in ids  # eos appended before the padding
 
@@ -101,8 +107,8 @@ def test_both_tokenizer_folder_forms_give_the_same_ids():
     # sd3-tiny (published files) and sd35-tiny (tokenizer.json) were built from the same vocabularies.
     texts = _cases("tokenizer")[0]["args"]["texts"]
     for sub, length in [("tokenizer", 77), ("tokenizer_2", 77), ("tokenizer_3", 32)]:
-        published = _tokenizer(FIXTURES / "sd3-tiny" / sub)(texts, length)
-        json_only = _tokenizer(FIXTURES / "sd35-tiny" / sub)(texts, length)
+        published = _fixed(_tokenizer(FIXTURES / "sd3-tiny" / sub), texts, length)
+        json_only = _fixed(_tokenizer(FIXTURES / "sd35-tiny" / sub), texts, length)
         np.testing.assert_array_equal(published.input_ids, json_only.input_ids, err_msg=sub)
 
 
@@ -113,7 +119,7 @@ def test_tokenizer_save_pretrained_round_trip(tmp_path, fixture, sub):
     tok.save_pretrained(tmp_path / sub)
     again = _tokenizer.__wrapped__(tmp_path / sub)
     texts = ["A photo of a CAT!", "special </s> <|endoftext|>", ""]
-    np.testing.assert_array_equal(again(texts, 20).input_ids, tok(texts, 20).input_ids)
+    np.testing.assert_array_equal(_fixed(again, texts, 20).input_ids, _fixed(tok, texts, 20).input_ids)
     assert again.model_max_length == tok.model_max_length
 
 
@@ -123,15 +129,41 @@ def test_bare_spiece_model_folder_uses_transformers_defaults(tmp_path):
     bare = load_t5_tokenizer(tmp_path)
     configured = _tokenizer(FIXTURES / "sd3-tiny" / "tokenizer_3")
     texts = ["A photo of a CAT </s> <extra_id_3>", ""]
-    np.testing.assert_array_equal(bare(texts, 24).input_ids, configured(texts, 24).input_ids)
+    np.testing.assert_array_equal(_fixed(bare, texts, 24).input_ids, _fixed(configured, texts, 24).input_ids)
 
 
-def test_tokenizer_rejects_bad_arguments():
+def test_tokenizer_call_takes_transformers_arguments():
+    """diffusers' own calls (SD3's `_get_clip_prompt_embeds`), with Paddle tensors for torch's."""
     tok = _tokenizer(FIXTURES / "sd3-tiny" / "tokenizer")
-    with pytest.raises(TypeError, match="list of strings"):
-        tok("a cat", 77)
-    with pytest.raises(ValueError, match="max_length=2"):
-        tok(["a cat"], 2)  # bos + eos leave no room for text
+    long = " ".join(["lighthouse"] * 100)
+    fixed = tok(["a cat", long], padding="max_length", max_length=77, truncation=True, return_tensors="pd")
+    assert isinstance(fixed.input_ids, paddle.Tensor) and fixed.input_ids.shape == [2, 77]
+    np.testing.assert_array_equal(fixed.input_ids.numpy(), _fixed(tok, ["a cat", long], 77).input_ids)
+    assert fixed.attention_mask.numpy().sum(1).tolist() == [len(tok.encode("a cat")), 77]
+    longest = tok(["a cat", long], padding="longest", return_tensors="np").input_ids
+    assert longest.shape == (2, len(tok.encode(long))) > (2, 77)  # not truncated: transformers' default
+    single = tok("a cat")  # one string, no padding: lists, as transformers returns them
+    assert single.input_ids == [tok.encode("a cat")] and single.attention_mask == [
+        [1] * len(single.input_ids[0])
+    ]
+    assert tok(["a cat", long]).input_ids == [tok.encode("a cat"), tok.encode(long)]  # ragged
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(text=["a cat"], max_length=2, truncation=True), "max_length=2 leaves no room"),  # bos + eos
+        (dict(text="a cat", return_tensors="pt"), "torch is not used here: use 'pd' (Paddle), 'np' or None"),
+        (dict(text=["a", "a cat"], return_tensors="np"), "needs rows of one length: pass padding=True"),
+        (dict(text="a cat", padding="right"), "padding='right' is not supported"),
+        (dict(text="a cat", add_special_tokens=False), "add_special_tokens=False is not supported"),
+        (dict(text=[1, 2]), "text must be a string or a list of strings"),
+    ],
+)
+def test_tokenizer_rejects_bad_arguments(kwargs, message):
+    tok = _tokenizer(FIXTURES / "sd3-tiny" / "tokenizer")
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        tok(**kwargs)
 
 
 def test_missing_tokenizer_folder_and_files_are_named(tmp_path):
@@ -158,8 +190,13 @@ def test_missing_tokenizer_folder_and_files_are_named(tmp_path):
 def test_clip_encoder_equals_transformers(case):
     ref = _reference(case)
     encoder = _encoder(_folder(case))
-    text_embeds, hidden_states = _run(encoder, ref["in_input_ids"])
+    out = _run(encoder, ref["in_input_ids"])
+    text_embeds, hidden_states = out.text_embeds, out.hidden_states
+    assert out[0] is text_embeds  # transformers' order: text_embeds, last_hidden_state, hidden_states
     assert _max_diff(text_embeds, ref["out_text_embeds"]) < TOLERANCE
+    with paddle.no_grad():
+        final_norm = encoder.text_model.ln_final(hidden_states[-1])
+    assert _max_diff(out.last_hidden_state, final_norm.numpy()) == 0.0
     assert len(hidden_states) == len(ref["out_hidden_states"])  # embeddings + every layer
     for i, (ours, theirs) in enumerate(zip(hidden_states, ref["out_hidden_states"], strict=True)):
         assert _max_diff(ours, theirs) < TOLERANCE, f"hidden_states[{i}]"
@@ -169,7 +206,8 @@ def test_clip_encoder_equals_transformers(case):
 def test_t5_encoder_equals_transformers(case):
     ref = _reference(case)
     out = _run(_encoder(_folder(case)), ref["in_input_ids"])
-    assert _max_diff(out, ref["out_last_hidden_state"]) < TOLERANCE
+    assert out[0] is out.last_hidden_state  # transformers' `text_encoder_3(ids)[0]`
+    assert _max_diff(out.last_hidden_state, ref["out_last_hidden_state"]) < TOLERANCE
 
 
 @pytest.mark.parametrize("case", _params([c for c in _cases("text_encoder") if c["args"].get("prompts")]))
@@ -177,7 +215,7 @@ def test_encoder_reference_inputs_are_our_tokenizers_output(case):
     ref = _reference(case)
     sub = case["args"]["subfolder"].replace("text_encoder", "tokenizer")
     tok = _tokenizer(FIXTURES / case["fixture"] / sub)
-    ids = tok(case["args"]["prompts"], ref["in_input_ids"].shape[1]).input_ids
+    ids = _fixed(tok, case["args"]["prompts"], ref["in_input_ids"].shape[1]).input_ids
     np.testing.assert_array_equal(ids, ref["in_input_ids"])
 
 
@@ -193,7 +231,7 @@ def test_clip_pools_the_token_transformers_pools(tmp_path, eos_token_id, pooled_
     (folder / "config.json").write_text(json.dumps(config))
     encoder = load_clip_text_encoder(folder)
     ids = np.array([[912, 5, 913, 7, 900, 900, 900]], dtype=np.int64)  # largest id at 2, eos 900 at 4..6
-    text_embeds, hidden_states = _run(encoder, ids)
+    text_embeds, _, hidden_states = _run(encoder, ids)
     with paddle.no_grad():
         per_token = encoder.text_projection(encoder.text_model.ln_final(hidden_states[-1]))
     assert _max_diff(text_embeds[0], per_token[0, pooled_position].numpy()) < 1e-6
@@ -227,8 +265,8 @@ def test_t5_honours_relative_attention_max_distance(tmp_path):
     config["relative_attention_max_distance"] = 20
     (folder / "config.json").write_text(json.dumps(config))
     ids = _reference(_cases("text_encoder", ("text_encoder_3",))[0])["in_input_ids"]
-    near = _run(load_t5_encoder(folder), ids)
-    far = _run(_encoder(FIXTURES / "sd3-tiny" / "text_encoder_3"), ids)
+    near = _run(load_t5_encoder(folder), ids).last_hidden_state
+    far = _run(_encoder(FIXTURES / "sd3-tiny" / "text_encoder_3"), ids).last_hidden_state
     assert _max_diff(near, far.numpy()) > 1e-3  # 32 tokens: distances 20..31 now share a bucket
 
 
