@@ -106,11 +106,15 @@ class ParallelStableDiffusion3Pipeline:
         adapter_name: str | None = None,
         scale: float = 1.0,
         weight_name: str | None = None,
+        subfolder: str | None = None,
+        **hub_options: Any,
     ) -> str:
-        """See ``StableDiffusion3Pipeline.load_lora_weights``; the path is read on each rank's node."""
+        """See ``StableDiffusion3Pipeline.load_lora_weights``; the path (or Hub id) is read on each
+        rank's node."""
         return self.group.call_pipeline(
-            "load_lora_weights", os.fspath(pretrained_model_name_or_path), adapter_name, scale, weight_name
-        )
+            "load_lora_weights", os.fspath(pretrained_model_name_or_path), adapter_name, scale, weight_name,
+            subfolder, **hub_options,
+        )  # fmt: skip
 
     def set_adapters(
         self,

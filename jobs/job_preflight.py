@@ -115,6 +115,12 @@ def model_defaults(model: str, options: StorageOptions) -> ModelDefaults:
 def pin_job_lora(ref: str, model: str, options: StorageOptions) -> PinnedLoRA:
     """The adapter `ref` names now, pinned (version, sha256) and checked against `model`'s
     transformer, so a missing, unreadable or mismatched adapter fails before any row runs."""
+    if is_hub_id(ref) and ":" not in ref:
+        raise JobError(
+            f"--lora {ref}: no such file or folder, and a Hugging Face Hub id is not taken here (each "
+            f"node would resolve it on its own): download it (`hf download {ref}`) and pass the file, "
+            "or an s3:// copy every replica reads"
+        )
     try:
         pinned = pin_lora(ref, options)
         _check_lora_fits(fetch_lora(pinned, options), model, options, pinned.pinned_ref)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from sd3_core import lora, lora_file
+from sd3_core.hub import LoadOptions, is_hub_id, model_folder
 from sd3_core.lora_registry import resolve_lora
 
 LORA_COMPONENTS = ("transformer",)  # the components that carry LoRA here
@@ -26,16 +28,28 @@ class SD3LoraLoaderMixin:
         adapter_name: str | None = None,
         scale: float = 1.0,
         weight_name: str | None = None,
+        subfolder: str | None = None,
+        **hub_options: Any,
     ) -> str:
-        """Load a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) as adapter
-        ``adapter_name`` (default ``default_<n>``) with weight ``scale``. As in diffusers, the new
-        adapter becomes the only active one; combine several with :meth:`set_adapters`. Returns
-        its name.
+        """Load a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``, peft's
+        adapter files, or one ``.safetensors`` file) as adapter ``adapter_name`` (default
+        ``default_<n>``) with weight ``scale``. As in diffusers, the new adapter becomes the only
+        active one; combine several with :meth:`set_adapters`. Returns its name.
 
-        ``pretrained_model_name_or_path`` may also be a URL (``s3://...``: a file, a folder, or a
-        LoRA registry) or a registry reference ``REGISTRY[:VERSION]`` (see sd3_core/lora_registry.py)."""
+        ``pretrained_model_name_or_path`` may also be a Hugging Face Hub id (``org/name``, with
+        diffusers' ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only``...;
+        only safetensors and adapter configs are fetched), a URL (``s3://...``: a file, a folder,
+        or a LoRA registry) or a registry reference ``REGISTRY[:VERSION]`` (sd3_core/lora_registry.py)."""
         path = os.fspath(pretrained_model_name_or_path)
-        if weight_name is None and _is_remote_or_registry(path):
+        options = LoadOptions.take(hub_options, "load_lora_weights")
+        if hub_options:
+            raise TypeError(f"load_lora_weights got unexpected keyword argument(s) {sorted(hub_options)}")
+        if is_hub_id(path):
+            files = [weight_name] if weight_name else ["*.safetensors", "adapter_config.json"]
+            path = model_folder(path, subfolder, options, files)
+        elif subfolder is not None:
+            path = os.path.join(path, subfolder)
+        elif weight_name is None and _is_remote_or_registry(path):
             path = resolve_lora(path)
         return lora_file.load_lora(self.transformer, path, adapter_name, scale, weight_name)
 

@@ -83,9 +83,13 @@ def _resolve_path(path: str | os.PathLike, weight_name: str | None) -> tuple[Pat
             cfg = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
             return p / "adapter_model.safetensors", cfg
         found = sorted(q.name for q in p.glob("*.safetensors"))
+        # diffusers' best guess: the folder's one weights file (training states aside).
+        weights = [n for n in found if not any(w in n for w in ("scheduler", "optimizer", "checkpoint"))]
+        if len(weights) == 1:
+            return p / weights[0], None
         raise LoRAError(
-            f"{p}: no {LORA_WEIGHT_NAME} in this folder (safetensors files: {found or 'none'}); "
-            "pass weight_name= or the file path"
+            f"{p}: no {LORA_WEIGHT_NAME} in this folder and not one other weights file (safetensors "
+            f"files: {found or 'none'}); pass weight_name= or the file path"
         )
     return p, None
 

@@ -643,6 +643,7 @@ def test_bad_lora_fails_before_any_work(lora_jobs, capsys):
         (["--lora", tiny], "LoRA does not match SD3Transformer2DModel"),
         (["--lora", tiny, "--lora-scale", "nan"], "--lora-scale nan must be a finite number"),
         (["--lora-scale", "0.5"], "--lora-scale 0.5 needs --lora"),
+        (["--lora", "org/sd3-lora"], "a Hugging Face Hub id is not taken here"),
     ]
     for i, (args, message) in enumerate(cases):
         out = tmp / f"bad-{i}"

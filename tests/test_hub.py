@@ -214,6 +214,44 @@ def test_names_that_are_neither_a_folder_nor_a_hub_id_are_refused(hf_cache, tmp_
     assert not is_hub_id(REPO_ID) and model_folder(REPO_ID) == REPO_ID
 
 
+def test_load_lora_weights_takes_a_hub_id_as_diffusers_does(hf_cache, tmp_path):
+    lora_file = Path(fixture_path("training")) / "lora" / "ours_sd3-tiny_r4_alpha6.safetensors"
+    repo = tmp_path / "lora-repo"
+    (repo / "v2").mkdir(parents=True)
+    shutil.copy(lora_file, repo / "sks-dog.safetensors")  # a Hub LoRA's own file name
+    shutil.copy(lora_file, repo / "v2" / "pytorch_lora_weights.safetensors")
+    (repo / "README.md").write_text("not fetched")
+    add_snapshot(hf_cache, "org/sd3-lora", MAIN, repo, ("main",))
+    pipe = StableDiffusion3Pipeline.from_pretrained("org/name")
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt=PROMPT, num_inference_steps=2, seed=3, output_type="np")
+    pipe.load_lora_weights(str(lora_file), adapter_name="local")
+    expected = pipe(**call).images
+    for name, kwargs in [("hub", {}), ("named", {"weight_name": "sks-dog.safetensors"}),
+                         ("sub", {"subfolder": "v2", "revision": "main", "local_files_only": True})]:  # fmt: skip
+        assert pipe.load_lora_weights("org/sd3-lora", adapter_name=name, **kwargs) == name
+        np.testing.assert_array_equal(pipe(**call).images, expected, err_msg=name)
+    with pytest.raises(FileNotFoundError, match="'org/no-lora' is not in the Hugging Face cache"):
+        pipe.load_lora_weights("org/no-lora")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['hotswap'\]"):
+        pipe.load_lora_weights("org/sd3-lora", hotswap=True)
+
+
+def test_a_lora_folder_with_two_weights_files_asks_for_weight_name(tmp_path):
+    from sd3_core.lora import LoRAError
+
+    lora_file = Path(fixture_path("training")) / "lora" / "ours_sd3-tiny_r4_alpha6.safetensors"
+    shutil.copy(lora_file, tmp_path / "a.safetensors")
+    shutil.copy(lora_file, tmp_path / "optimizer.safetensors")  # a training state: not a candidate
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+    assert pipe.load_lora_weights(tmp_path) == "default_0"  # the one weights file
+    shutil.copy(lora_file, tmp_path / "b.safetensors")
+    with pytest.raises(
+        LoRAError, match=r"not one other weights file .*'a.safetensors', 'b.safetensors'.*weight_name="
+    ):
+        pipe.load_lora_weights(tmp_path)
+
+
 def test_dtype_spellings_and_conflicts():
     class FakeTorchDtype:  # what a torch dtype looks like by name (torch is not installed here)
         def __str__(self) -> str:

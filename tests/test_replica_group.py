@@ -219,11 +219,13 @@ def test_the_lora_methods_are_the_single_pipelines_each_forwarded_to_every_rank(
         single = inspect.signature(getattr(SD3LoraLoaderMixin, name))
         assert inspect.signature(getattr(ParallelStableDiffusion3Pipeline, name)) == single, name
         # Every parameter filled with a distinct value: each must reach the ranks, in its place.
-        values = {p: f"{name}.{p}" for p in list(single.parameters)[1:]}
+        params = list(single.parameters.values())[1:]
+        values = {p.name: f"{name}.{p.name}" for p in params if p.kind is not p.VAR_KEYWORD}
+        keywords = {"revision": f"{name}.revision"} if any(p.kind is p.VAR_KEYWORD for p in params) else {}
         calls = []
-        returned = getattr(pipe, name)(**values)
+        returned = getattr(pipe, name)(**values, **keywords)
         assert returned == (None if single.return_annotation == "None" else name), name  # rank 0's
-        assert calls == [(name, tuple(values.values()), {})], name
+        assert calls == [(name, tuple(values.values()), keywords)], name
 
 
 def test_a_group_replica_runs_only_in_a_placed_pool_actor(ray_cluster, tiny_pipelines):
