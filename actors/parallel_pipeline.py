@@ -30,6 +30,7 @@ from PIL import Image
 from actors.replica import RenderRequest, ReplicaLost, ReplicaSpec, render_request
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
 from pipelines.lora_loading import LORA_COMPONENTS
+from pipelines.pipeline_device import to_arguments
 from pipelines.rank_pipeline import TENSOR_ARGUMENTS, call_arguments
 from pipelines.stable_diffusion_3 import (
     StableDiffusion3Pipeline,
@@ -80,6 +81,26 @@ class ParallelStableDiffusion3Pipeline:
         spec = ReplicaSpec(model=model, dtype=dtype, device=device, cfg=cfg, mp=mp, cpus=cpus_per_rank,
                            inference_optimize=inference_optimize)  # fmt: skip
         return cls(ReplicaGroup(spec, **group_options))
+
+    @property
+    def device(self) -> str:
+        """The kind of device every rank computes on ("gpu", "npu", "cpu"; one device per rank)."""
+        return self.group.spec.device
+
+    def to(self, *args: Any, **kwargs: Any) -> ParallelStableDiffusion3Pipeline:
+        """``pipe.to(...)`` as diffusers reads it (``StableDiffusion3Pipeline.to``): the ranks'
+        device kind and dtype are fixed when the group is built, so asking for them returns the
+        pipeline and asking for others is refused, saying how to build that group instead."""
+        kwargs.pop("silence_dtype_warnings", None)
+        device, dtype = to_arguments(args, **kwargs)
+        spec = self.group.spec
+        if (device is None or device.split(":")[0] == spec.device) and dtype in (None, spec.dtype):
+            return self
+        raise ValueError(
+            f"pipe.to: this group's ranks compute on {spec.device} in {spec.dtype}, fixed when it is "
+            "built; close() it and build another: ParallelStableDiffusion3Pipeline.from_pretrained("
+            "model, cfg=..., mp=..., device=..., dtype=...)"
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> StableDiffusion3PipelineOutput | tuple:
         """Generate images: see ``StableDiffusion3Pipeline.__call__``."""

@@ -18,7 +18,7 @@ from sd3_core.dtypes import cast_layer, dtype_argument, looks_like_dtype
 from sd3_core.lora import lora_layers
 from sd3_core.text_encoder_folder import cast_encoder
 
-__all__ = ["PipelineDeviceMixin"]
+__all__ = ["PipelineDeviceMixin", "to_arguments"]
 
 _MODELS = ("transformer", "vae")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -71,20 +71,7 @@ class PipelineDeviceMixin:
         (float32 on CPU), T5's feed-forward outputs in float32 under float16.
         ``silence_dtype_warnings`` is accepted; no dtype/device pair warns here."""
         del silence_dtype_warnings
-        dtypes = [a for a in args if looks_like_dtype(a)]
-        places = [a for a in args if not looks_like_dtype(a)]
-        if len(args) > 2 or len(dtypes) > 1 or len(places) > 1:
-            raise TypeError(f"pipe.to{tuple(args)!r}: pass at most one device and one dtype")
-        if (dtypes and dtype is not None) or (places and device is not None):
-            raise TypeError("pipe.to got the same thing as an argument and as a keyword; pass one")
-        given = {"device": places[0] if places else device, "paddle_device": paddle_device}
-        named = {k: devices.paddle_device(v) for k, v in given.items() if v is not None}
-        if len(set(named.values())) > 1:
-            raise ValueError(f"conflicting devices {named}: pass one of device=, paddle_device=")
-        device_name = next(iter(named.values()), None)
-        dtype = dtypes[0] if dtypes else dtype
-        wants_dtype = any(d is not None for d in (dtype, paddle_dtype, torch_dtype))
-        dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype) if wants_dtype else None
+        device_name, dtype_name = to_arguments(args, device, dtype, paddle_device, paddle_dtype, torch_dtype)
         changed = False
         if dtype_name is not None:
             changed |= self._cast(dtype_name)
@@ -149,6 +136,32 @@ class PipelineDeviceMixin:
 
     def disable_xformers_memory_efficient_attention(self) -> None:
         _no_effect("disable_xformers_memory_efficient_attention", _NO_XFORMERS)
+
+
+def to_arguments(
+    args: tuple[Any, ...],
+    device: Any = None,
+    dtype: Any = None,
+    paddle_device: Any = None,
+    paddle_dtype: Any = None,
+    torch_dtype: Any = None,
+) -> tuple[str | None, str | None]:
+    """``(Paddle device name, dtype name)`` that ``pipe.to(*args, ...)`` asks for (None: not
+    asked), read as diffusers and PPDiffusers read them; conflicting or extra ones are errors."""
+    dtypes = [a for a in args if looks_like_dtype(a)]
+    places = [a for a in args if not looks_like_dtype(a)]
+    if len(args) > 2 or len(dtypes) > 1 or len(places) > 1:
+        raise TypeError(f"pipe.to{tuple(args)!r}: pass at most one device and one dtype")
+    if (dtypes and dtype is not None) or (places and device is not None):
+        raise TypeError("pipe.to got the same thing as an argument and as a keyword; pass one")
+    given = {"device": places[0] if places else device, "paddle_device": paddle_device}
+    named = {k: devices.paddle_device(v) for k, v in given.items() if v is not None}
+    if len(set(named.values())) > 1:
+        raise ValueError(f"conflicting devices {named}: pass one of device=, paddle_device=")
+    dtype = dtypes[0] if dtypes else dtype
+    wants_dtype = any(d is not None for d in (dtype, paddle_dtype, torch_dtype))
+    dtype_name = dtype_argument(dtype, paddle_dtype, torch_dtype) if wants_dtype else None
+    return next(iter(named.values()), None), dtype_name
 
 
 def _no_effect(method: str, why: str) -> None:

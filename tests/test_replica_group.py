@@ -199,6 +199,24 @@ def test_the_call_takes_exactly_the_single_pipelines_arguments():
         pipe("a cat", guidance=3.0)
 
 
+def test_to_asks_for_the_groups_own_device_and_dtype_or_says_how_to_build_another():
+    class Group:
+        spec = ReplicaSpec(model="m", device="gpu", dtype="float16", cfg=2)
+
+    pipe = ParallelStableDiffusion3Pipeline(group=Group())
+    assert pipe.device == "gpu"
+    for args, kwargs in [(("cuda",), {}), (("gpu:0", "float16"), {}), ((), {"torch_dtype": "torch.float16"}),
+                         ((), {"paddle_device": "gpu", "silence_dtype_warnings": True})]:  # fmt: skip
+        assert pipe.to(*args, **kwargs) is pipe
+    for args in [("cpu",), ("cuda", "bfloat16")]:
+        with pytest.raises(
+            ValueError, match=r"compute on gpu in float16, fixed when it is built; close\(\) it"
+        ):
+            pipe.to(*args)
+    with pytest.raises(ValueError, match="device='mps' is not a device here"):
+        pipe.to("mps")
+
+
 def test_the_lora_methods_are_the_single_pipelines_each_forwarded_to_every_rank():
     import inspect
 
@@ -212,7 +230,7 @@ def test_the_lora_methods_are_the_single_pipelines_each_forwarded_to_every_rank(
     public = {
         n for n, v in vars(ParallelStableDiffusion3Pipeline).items() if callable(v) and not n.startswith("_")
     }
-    assert public - {"from_pretrained", "close"} == set(LORA_METHODS)
+    assert public - {"from_pretrained", "close", "to"} == set(LORA_METHODS)
     assert "save_lora_weights" not in LORA_METHODS  # a rank holds slices, not the whole adapter
     pipe = ParallelStableDiffusion3Pipeline(group=Group())
     for name in LORA_METHODS:
