@@ -95,7 +95,7 @@ def _ours(folder: str, inputs_file: str, repeats: int, out_prefix: str) -> dict:
             times = []
             for _ in range(repeats + 2):  # the first calls export/load the program and warm up
                 start = time.perf_counter()
-                out = run(*tensors).numpy()
+                out = run(*tensors, return_dict=False)[0].numpy()
                 times.append(time.perf_counter() - start)
             np.save(f"{out_prefix}-{i}.npy", out)
             results[name] = times[2:]

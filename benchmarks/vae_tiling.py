@@ -107,7 +107,7 @@ def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str 
         rng = np.random.default_rng(0)
         if vae_path:
             vae = AutoencoderKL.from_pretrained(vae_path)
-            z = vae.encode(paddle.to_tensor(_shapes(size, rng))).mode()
+            z = vae.encode(paddle.to_tensor(_shapes(size, rng))).latent_dist.mode()
         else:
             vae = AutoencoderKL(**SD3_VAE)
             _initialise(vae, init, rng)
@@ -125,7 +125,7 @@ def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str 
         latent = size // vae.scale_factor
         before = _rss_mib()
         start, cpu_start = time.perf_counter(), time.process_time()
-        image = vae.decode(z)
+        image = vae.decode(z).sample
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
         result = {
@@ -136,7 +136,9 @@ def measure(size: int, tile: int | None, threads: int, init: str, vae_path: str 
         }
         if tile is None:
             nudged = z * (1 + 1e-6 * paddle.to_tensor(rng.standard_normal(z.shape).astype(np.float32)))
-            result["sensitivity"] = float(np.abs(vae.decode(nudged).numpy() - image.numpy()).max() * 127.5)
+            result["sensitivity"] = float(
+                np.abs(vae.decode(nudged).sample.numpy() - image.numpy()).max() * 127.5
+            )
         else:
             tiles = len(range(0, latent, vae_tiling.tile_plan(tile, tile // 8, 0.25, 8, True).step)) ** 2
             result["passes"] = len(passes) // tiles

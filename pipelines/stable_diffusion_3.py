@@ -375,7 +375,7 @@ class StableDiffusion3Pipeline(
                     if skip_guidance_layers is not None and slg_active:
                         skipped = self._velocity(latents, cond_embeds, cond_pooled, t, skip_guidance_layers)
                         noise_pred = noise_pred + (text - skipped) * skip_layer_guidance_scale
-                latents = self.scheduler.step(noise_pred, t, latents, step_index=i)
+                latents = self.scheduler.step(noise_pred, t, latents, step_index=i, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     values = {"latents": latents, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled_all}
                     wanted = {k: values[k] for k in callback_on_step_end_tensor_inputs}
@@ -411,15 +411,15 @@ class StableDiffusion3Pipeline(
         transformer = self.transformer_program or self.transformer
         velocity = transformer(
             latents.astype(self.transformer.dtype), embeds, pooled,
-            paddle.expand(t, [latents.shape[0]]), skip_layers=skip_layers,
-        )  # fmt: skip
+            paddle.expand(t, [latents.shape[0]]), skip_layers=skip_layers, return_dict=False,
+        )[0]  # fmt: skip
         return velocity.astype("float32")
 
     def decode_latents(self, latents: paddle.Tensor, output_type: str = "np") -> Any:
         """Latents -> NHWC float images in [0, 1] ("np") or PIL images ("pil")."""
         config = self.vae.config
         z = latents.astype(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        decoded = self.vae.decode(z)
+        decoded = self.vae.decode(z, return_dict=False)[0]
         images = paddle.clip(decoded.astype("float32") / 2 + 0.5, 0.0, 1.0)
         array = images.transpose([0, 2, 3, 1]).numpy()
         if output_type == "np":

@@ -41,6 +41,7 @@ from sd3_core.batched_transformer import BatchedSD3Transformer
 from sd3_core.dtypes import compute_dtype, resolve_dtype
 from sd3_core.embeddings import timestep_sinusoid
 from sd3_core.lora import lora_layers
+from sd3_core.outputs import Transformer2DModelOutput, component_return
 from sd3_core.torch_state import tensor_to_numpy
 from sd3_core.transformer import SD3Transformer2DModel
 
@@ -297,8 +298,11 @@ class TransformerProgram:
         pooled_projections: paddle.Tensor,
         timestep: paddle.Tensor | float,
         skip_layers: Sequence[int] | None = None,
-    ) -> paddle.Tensor:
-        """Velocity ``[B, C, H, W]`` in ``hidden_states``' dtype, as ``SD3Transformer2DModel``."""
+        *,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple:
+        """Velocity ``[B, C, H, W]`` in ``hidden_states``' dtype, returned as
+        ``SD3Transformer2DModel`` returns it."""
         timestep = self.model._check_inputs(
             hidden_states, encoder_hidden_states, pooled_projections, timestep
         )
@@ -317,4 +321,5 @@ class TransformerProgram:
             timestep_sinusoid(timestep),
         ]
         (out,) = predictor.run(inputs)
-        return out if out.dtype == hidden_states.dtype else out.astype(hidden_states.dtype)
+        out = out if out.dtype == hidden_states.dtype else out.astype(hidden_states.dtype)
+        return component_return(Transformer2DModelOutput(out), return_dict)

@@ -1,8 +1,9 @@
 """diffusers' output objects and its ``return_dict`` convention for the components.
 
-A component call returns its value itself (a tensor, or the VAE's posterior) unless the caller
-passes ``return_dict`` as diffusers code does: ``True`` gives diffusers' output object
-(``.sample``, ``.latent_dist``, ``.prev_sample``), ``False`` its one-element tuple.
+A component call returns what diffusers' returns: by default (``return_dict=True``) diffusers'
+output object (``.sample``, ``.latent_dist``, ``.prev_sample``), with ``return_dict=False`` its
+tuple, so ``vae.decode(z).sample`` and ``vae.decode(z, return_dict=False)[0]`` both read as in
+diffusers. Code here takes the second form, as diffusers' own pipelines do.
 """
 
 from __future__ import annotations
@@ -68,11 +69,8 @@ class FlowMatchEulerDiscreteSchedulerOutput(BaseOutput):
     prev_sample: Any
 
 
-def component_return(output: BaseOutput, return_dict: bool | None) -> Any:
-    """``output``'s value for ``return_dict=None`` (not given), the object for True, its tuple for
-    False (see the module docstring)."""
-    if return_dict is None:
-        return output.to_tuple()[0]
+def component_return(output: BaseOutput, return_dict: bool) -> Any:
+    """``output`` for ``return_dict=True``, its tuple for False (see the module docstring)."""
     if not isinstance(return_dict, bool):
         raise TypeError(f"return_dict={return_dict!r} must be True or False")
     return output if return_dict else output.to_tuple()

@@ -296,16 +296,16 @@ class FlowMatchEulerDiscreteScheduler:
         step_index: int | None = None,
         *,
         noise: paddle.Tensor | None = None,
-        return_dict: bool | None = None,
+        return_dict: bool = True,
         generator: Any = None,
-    ) -> paddle.Tensor | Any:
-        """One Euler step from `timestep` to the next sigma; returns the new sample.
+    ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
+        """One Euler step from `timestep` to the next sigma: the new sample, as ``.prev_sample``.
 
         Pure: `step_index` (the loop position) is used when given, otherwise looked up from
         `timestep`. Math is float32; the result has `model_output`'s dtype. With
         `stochastic_sampling` the step re-noises the predicted x0 with `noise` (drawn with
-        paddle.randn when not given). `return_dict` as diffusers passes it (``.prev_sample``, see
-        ``sd3_core.outputs``); diffusers' `generator` is refused: pass `noise`.
+        paddle.randn when not given). `return_dict` as in diffusers (see ``sd3_core.outputs``);
+        diffusers' `generator` is refused: pass `noise`.
         """
         if generator is not None:
             raise ValueError("step: generator= is not supported; pass the re-noising draw as noise=")

@@ -7,7 +7,7 @@ One training step, in the order the reference scripts take it:
     timesteps = timesteps_from_density(u, scheduler)            # fresh training schedule
     sigmas = scheduler.sigmas_for_timesteps(timesteps)
     noisy = add_noise(latents, noise, sigmas)                   # (1 - s) x0 + s noise
-    pred = transformer(noisy, ..., timesteps)
+    pred = transformer(noisy, ..., timesteps).sample
     loss = flow_matching_loss(pred, latents, noise, noisy, sigmas, ...)
 
 Two reference bugs are avoided (sd3-reference.md section 7): latents get the shift factor, and
@@ -225,11 +225,11 @@ def flow_matching_loss(
 def encode_latents(
     vae, pixels: paddle.Tensor, noise: paddle.Tensor | np.ndarray | None = None, generator=None
 ) -> paddle.Tensor:
-    """``(vae.encode(x).sample() - shift_factor) * scaling_factor``; pixels in [-1, 1], NCHW.
+    """``(vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor``; pixels in [-1, 1], NCHW.
 
     ``noise``/``generator`` go to the posterior's sample (see ``DiagonalGaussian.sample``).
     """
     config = vae.config
-    latents = vae.encode(pixels.astype(vae.dtype)).sample(noise=noise, generator=generator)
+    latents = vae.encode(pixels.astype(vae.dtype)).latent_dist.sample(noise=noise, generator=generator)
     shift = config.get("shift_factor") or 0.0
     return (latents - shift) * config.scaling_factor

@@ -171,14 +171,14 @@ class SD3Transformer2DModel(ModelMixin):
         *,
         joint_attention_kwargs: dict | None = None,
         block_controlnet_hidden_states: Any = None,
-        return_dict: bool | None = None,
-    ) -> paddle.Tensor | Any:
-        """Velocity ``[B, out_channels, H, W]`` in ``hidden_states``' dtype.
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple:
+        """Velocity ``[B, out_channels, H, W]`` in ``hidden_states``' dtype, as ``.sample``.
 
         ``timestep`` is ``sigma * 1000`` (float, ``[B]`` or a scalar). Math runs in the weights'
         dtype, or float32 when the device has no half-precision kernels (CPU).
         diffusers' keywords: ``joint_attention_kwargs={"scale": s}`` scales the LoRA adapters for
-        this call; ``return_dict`` as in ``sd3_core.outputs`` (``.sample``).
+        this call; ``return_dict`` as in ``sd3_core.outputs``.
         """
         if block_controlnet_hidden_states is not None:
             raise ValueError("block_controlnet_hidden_states: SD3 ControlNets are not supported")

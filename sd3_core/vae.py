@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
-from typing import Any
 
 import numpy as np
 import paddle
@@ -46,11 +45,6 @@ class DiagonalGaussian:
         self.logvar = paddle.clip(logvar, -30.0, 20.0)
         self.std = paddle.exp(0.5 * self.logvar)
         self.var = paddle.exp(self.logvar)
-
-    @property
-    def latent_dist(self) -> DiagonalGaussian:
-        """Itself, so diffusers' ``vae.encode(x).latent_dist.sample()`` reads the same here."""
-        return self
 
     def sample(
         self,
@@ -295,27 +289,27 @@ class AutoencoderKL(ModelMixin):
         h = self.decoder.low_res(z if self.post_quant_conv is None else self.post_quant_conv(z))
         return self._tiled(h, self.decoder) if tiled else self.decoder.high_res(h)
 
-    # ``return_dict`` as diffusers passes it (sd3_core.outputs): ``.latent_dist`` / ``.sample``.
-    def encode(self, x: paddle.Tensor, return_dict: bool | None = None) -> DiagonalGaussian | Any:
+    # ``return_dict`` as in diffusers (sd3_core.outputs): ``.latent_dist`` / ``.sample`` by default.
+    def encode(self, x: paddle.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images in [-1, 1], ``[B, in_channels, H, W]`` -> posterior over ``[B, latent, H/8, W/8]``."""
         posterior = DiagonalGaussian(
             self._rows(self._input(x, self.config.in_channels, "encode"), self._encode)
         )
         return component_return(AutoencoderKLOutput(posterior), return_dict)
 
-    def decode(self, z: paddle.Tensor, return_dict: bool | None = None) -> paddle.Tensor | Any:
+    def decode(self, z: paddle.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """Latents (already ``/ scaling_factor + shift_factor``) -> images ``[B, out, 8h, 8w]``, ~[-1, 1]."""
         images = self._rows(self._input(z, self.config.latent_channels, "decode"), self._decode)
         return component_return(DecoderOutput(images), return_dict)
 
-    def tiled_encode(self, x: paddle.Tensor, return_dict: bool | None = None) -> DiagonalGaussian | Any:
+    def tiled_encode(self, x: paddle.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """``encode`` in tiles whatever ``use_tiling`` and the image size say (diffusers' method name)."""
         posterior = DiagonalGaussian(
             self._encode(self._input(x, self.config.in_channels, "tiled_encode"), True)
         )
         return component_return(AutoencoderKLOutput(posterior), return_dict)
 
-    def tiled_decode(self, z: paddle.Tensor, return_dict: bool | None = None) -> paddle.Tensor | Any:
+    def tiled_decode(self, z: paddle.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """``decode`` in tiles whatever ``use_tiling`` and the latent size say (diffusers' method name)."""
         images = self._decode(self._input(z, self.config.latent_channels, "tiled_decode"), True)
         return component_return(DecoderOutput(images), return_dict)
@@ -324,12 +318,14 @@ class AutoencoderKL(ModelMixin):
         self,
         sample: paddle.Tensor,
         sample_posterior: bool = False,
+        return_dict: bool = True,
         generator: np.random.Generator | None = None,
-    ) -> paddle.Tensor:
-        """Reconstruct: encode, take the posterior mode (or a sample), decode."""
-        posterior = self.encode(sample)
+    ) -> DecoderOutput | tuple:
+        """Reconstruct: encode, take the posterior mode (or a sample), decode (diffusers' order of
+        arguments)."""
+        posterior = self.encode(sample, return_dict=False)[0]
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
-        return self.decode(z)
+        return self.decode(z, return_dict=return_dict)
 
 
 def _is_int(value: object) -> bool:

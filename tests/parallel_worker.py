@@ -76,7 +76,7 @@ def run_shape(groups, spec: dict, prefix: str, arrays: dict, report: dict) -> No
         report[key] = {"param_bytes": parameter_bytes(transformer)}
         groups.counter.reset()
         with paddle.no_grad():
-            velocity = transformer(*(paddle.to_tensor(inputs[k]) for k in spec["input_names"]))
+            velocity = transformer(*(paddle.to_tensor(inputs[k]) for k in spec["input_names"])).sample
         report[key]["forward"] = groups.counter.snapshot()
         arrays[f"{key}/forward"] = velocity.numpy()
         share = spec["share_text_encoding"]

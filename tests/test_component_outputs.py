@@ -25,31 +25,42 @@ def pipe() -> StableDiffusion3Pipeline:
     return pipe
 
 
-def test_a_loop_written_for_diffusers_gives_the_pipelines_image(pipe):
-    """diffusers' own SD3 loop, its calls verbatim (return_dict=False, output objects)."""
-    call = dict(prompt="a red fox", height=64, width=64, num_inference_steps=3, guidance_scale=3.0, seed=[4])
-    expected = pipe(**call, output_type="np").images
+def _diffusers_loop(pipe, tuples: bool) -> np.ndarray:
+    """diffusers' own SD3 loop, its calls verbatim: in the pipeline's form (``return_dict=False``
+    and ``[0]``) or in the default form a custom loop writes (``.sample``, ``.prev_sample``)."""
     pos, neg, pooled, neg_pooled = pipe.encode_prompt("a red fox", do_classifier_free_guidance=True)
     prompt_embeds, pooled_prompt_embeds = paddle.concat([neg, pos]), paddle.concat([neg_pooled, pooled])
     latents = pipe.prepare_latents(1, 64, 64, seed=[4])
     pipe.scheduler.set_timesteps(3)
     for t in pipe.scheduler.timesteps:
         latent_model_input = paddle.concat([latents] * 2)
-        noise_pred = pipe.transformer(
+        call = dict(
             hidden_states=latent_model_input,
             timestep=t.expand([latent_model_input.shape[0]]),
             encoder_hidden_states=prompt_embeds,
             pooled_projections=pooled_prompt_embeds,
             joint_attention_kwargs=None,
-            return_dict=False,
-        )[0]
+        )
+        if tuples:
+            noise_pred = pipe.transformer(**call, return_dict=False)[0]
+        else:
+            noise_pred = pipe.transformer(**call).sample
         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
         noise_pred = noise_pred_uncond + 3.0 * (noise_pred_text - noise_pred_uncond)
-        latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if tuples:
+            latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        else:
+            latents = pipe.scheduler.step(noise_pred, t, latents).prev_sample
     latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents, return_dict=True).sample
-    image = np.clip(image.numpy().transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
-    np.testing.assert_allclose(image, expected, rtol=0, atol=1e-5)
+    image = pipe.vae.decode(latents, return_dict=False)[0] if tuples else pipe.vae.decode(latents).sample
+    return np.clip(image.numpy().transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+
+
+@pytest.mark.parametrize("tuples", [True, False], ids=["return_dict=False", "default"])
+def test_a_loop_written_for_diffusers_gives_the_pipelines_image(pipe, tuples):
+    call = dict(prompt="a red fox", height=64, width=64, num_inference_steps=3, guidance_scale=3.0, seed=[4])
+    expected = pipe(**call, output_type="np").images
+    np.testing.assert_allclose(_diffusers_loop(pipe, tuples), expected, rtol=0, atol=1e-5)
 
 
 def test_prompt_encoding_written_for_diffusers_gives_encode_prompts_embeddings(pipe):
@@ -84,33 +95,41 @@ def test_prompt_encoding_written_for_diffusers_gives_encode_prompts_embeddings(p
 
 
 def test_return_dict_forms_hold_the_same_value(pipe):
+    """The default (``return_dict=True``) is diffusers' output object; False is its tuple."""
     z = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 16, 4, 4)).astype(np.float32))
-    images = pipe.vae.decode(z)
-    decoded = pipe.vae.decode(z, return_dict=True)
+    decoded = pipe.vae.decode(z)
     assert isinstance(decoded, DecoderOutput) and decoded.keys() == ["sample"]
-    for same in (decoded.sample, decoded[0], decoded["sample"], pipe.vae.decode(z, return_dict=False)[0]):
-        np.testing.assert_array_equal(same.numpy(), images.numpy())
-    assert len(pipe.vae.decode(z, return_dict=False)) == 1
-    np.testing.assert_array_equal(pipe.vae.tiled_decode(z, return_dict=True).sample.numpy(),
-                                  pipe.vae.tiled_decode(z).numpy())  # fmt: skip
+    as_tuple = pipe.vae.decode(z, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    for same in (decoded[0], decoded["sample"], pipe.vae.decode(z, return_dict=True).sample, as_tuple[0]):
+        np.testing.assert_array_equal(same.numpy(), decoded.sample.numpy())
+    tiled = pipe.vae.tiled_decode(z)
+    assert isinstance(tiled, DecoderOutput)
+    np.testing.assert_array_equal(
+        tiled.sample.numpy(), pipe.vae.tiled_decode(z, return_dict=False)[0].numpy()
+    )
 
     x = paddle.to_tensor(np.random.default_rng(1).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32))
-    encoded = pipe.vae.encode(x, return_dict=True)
-    assert isinstance(encoded, AutoencoderKLOutput)
-    mean = pipe.vae.encode(x).mean.numpy()
-    for posterior in (
-        encoded.latent_dist,
-        pipe.vae.encode(x).latent_dist,
-        pipe.vae.encode(x, return_dict=False)[0],
-    ):
-        np.testing.assert_array_equal(posterior.mode().numpy(), mean)
+    encoded = pipe.vae.encode(x)
+    assert isinstance(encoded, AutoencoderKLOutput) and encoded.keys() == ["latent_dist"]
+    mean = encoded.latent_dist.mean.numpy()
+    for posterior in (pipe.vae.encode(x, return_dict=False)[0], pipe.vae.tiled_encode(x).latent_dist):
+        np.testing.assert_allclose(posterior.mode().numpy(), mean, rtol=0, atol=1e-5)
+    reconstructed = pipe.vae(x)  # diffusers' forward: encode, the posterior's mode, decode
+    assert isinstance(reconstructed, DecoderOutput)
+    np.testing.assert_array_equal(
+        reconstructed.sample.numpy(), pipe.vae.decode(encoded.latent_dist.mode()).sample.numpy()
+    )
+    np.testing.assert_array_equal(pipe.vae(x, return_dict=False)[0].numpy(), reconstructed.sample.numpy())
 
     sample = paddle.ones([1, 16, 4, 4])
     pipe.scheduler.set_timesteps(2)
     t = pipe.scheduler.timesteps[0]
-    stepped = pipe.scheduler.step(sample, t, sample, return_dict=True)
+    stepped = pipe.scheduler.step(sample, t, sample)
     assert isinstance(stepped, FlowMatchEulerDiscreteSchedulerOutput)
-    np.testing.assert_array_equal(stepped.prev_sample.numpy(), pipe.scheduler.step(sample, t, sample).numpy())
+    np.testing.assert_array_equal(
+        stepped.prev_sample.numpy(), pipe.scheduler.step(sample, t, sample, return_dict=False)[0].numpy()
+    )
 
     args = (
         paddle.ones([1, 16, 8, 8]),
@@ -118,9 +137,9 @@ def test_return_dict_forms_hold_the_same_value(pipe):
         paddle.ones([1, 80]),
         paddle.to_tensor([500.0]),
     )
-    out = pipe.transformer(*args, return_dict=True)
+    out = pipe.transformer(*args)
     assert isinstance(out, Transformer2DModelOutput)
-    np.testing.assert_array_equal(out.sample.numpy(), pipe.transformer(*args).numpy())
+    np.testing.assert_array_equal(out.sample.numpy(), pipe.transformer(*args, return_dict=False)[0].numpy())
 
 
 def test_pipeline_output_indexes_as_diffusers(pipe):
@@ -140,11 +159,11 @@ def test_transformer_joint_attention_scale_scales_the_adapters_for_the_call():
         paddle.ones([1, 80]),
         paddle.to_tensor([500.0]),
     )
-    full = pipe.transformer(*args).numpy()
-    scaled = pipe.transformer(*args, joint_attention_kwargs={"scale": 0.25}).numpy()
-    np.testing.assert_array_equal(pipe.transformer(*args).numpy(), full)  # for that call only
+    full = pipe.transformer(*args).sample.numpy()
+    scaled = pipe.transformer(*args, joint_attention_kwargs={"scale": 0.25}).sample.numpy()
+    np.testing.assert_array_equal(pipe.transformer(*args).sample.numpy(), full)  # for that call only
     lora.set_adapters(pipe.transformer, "a", 0.25)
-    np.testing.assert_allclose(scaled, pipe.transformer(*args).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scaled, pipe.transformer(*args).sample.numpy(), rtol=0, atol=1e-6)
     assert np.abs(scaled - full).max() > 1e-3
 
 

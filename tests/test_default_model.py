@@ -136,7 +136,11 @@ def test_vae_training_writes_a_folder_with_factors_from_its_latents(tmp_path):
     # SD3's recipe: the scaled latents have mean 0 and std 1 over the data
     pixels = train_vae.to_pixels(shapes_data.load_images(data)[0])
     with paddle.no_grad():
-        z = vae.encode(paddle.to_tensor(pixels)).sample(generator=np.random.default_rng([0, 99])).numpy()
+        z = (
+            vae.encode(paddle.to_tensor(pixels))
+            .latent_dist.sample(generator=np.random.default_rng([0, 99]))
+            .numpy()
+        )
     scaled = (z - vae.config.shift_factor) * vae.config.scaling_factor
     assert abs(scaled.mean()) < 1e-4 and scaled.std() == pytest.approx(1.0, abs=1e-4)
     # a second stage starts from the trained weights

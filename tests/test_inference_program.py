@@ -33,7 +33,7 @@ def test_batched_forward_equals_the_eager_forward(case, layout):
     model = fixture_model(case["fixture"])
     inputs, expected = case_inputs(case)
     skip = case["args"]["skip_layers"] or ()
-    eager = model(*inputs, skip_layers=skip).numpy()
+    eager = model(*inputs, skip_layers=skip).sample.numpy()
     batched = BatchedSD3Transformer(model, skip, layout)(*inputs[:3], _timestep(inputs)).numpy()
     np.testing.assert_allclose(batched, eager, rtol=0, atol=1e-5)
     np.testing.assert_allclose(batched, expected, rtol=0, atol=2e-5)  # diffusers' own output
@@ -46,7 +46,7 @@ def test_batched_forward_shares_unfused_weights_and_folds_lora():
     inject_lora(model, "a", rank=2)
     random_lora_weights(model, "a", seed=3)
     inputs, _ = case_inputs(CASES[0])
-    eager = model(*inputs).numpy()
+    eager = model(*inputs).sample.numpy()
     with_lora = BatchedSD3Transformer(model)(*inputs[:3], _timestep(inputs)).numpy()
     np.testing.assert_allclose(with_lora, eager, rtol=0, atol=1e-5)
     assert np.abs(with_lora - BatchedSD3Transformer(model.__class__.from_pretrained(
@@ -62,8 +62,8 @@ def program_cache(tmp_path_factory) -> str:
 def test_program_matches_diffusers_reference(case, program_cache):
     program = TransformerProgram(fixture_model(case["fixture"]), cache_dir=program_cache)
     inputs, expected = case_inputs(case)
-    out = program(*inputs, skip_layers=case["args"]["skip_layers"]).numpy()
-    eager = fixture_model(case["fixture"])(*inputs, skip_layers=case["args"]["skip_layers"]).numpy()
+    out = program(*inputs, skip_layers=case["args"]["skip_layers"]).sample.numpy()
+    eager = fixture_model(case["fixture"])(*inputs, skip_layers=case["args"]["skip_layers"]).sample.numpy()
     np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)  # the issue's bound; measured ~1e-5
     np.testing.assert_allclose(out, expected, rtol=0, atol=5e-5)
 
@@ -80,7 +80,7 @@ def test_programs_are_exported_once_and_reused_from_disk(tmp_path):
     assert meta["key"]["hidden_states"] == list(inputs[0].shape)
     assert meta["key"]["paddle"] == paddle.__version__
     second = TransformerProgram(model, cache_dir=str(tmp_path))  # another process, same node
-    np.testing.assert_allclose(second(*inputs).numpy(), expected, rtol=0, atol=5e-5)
+    np.testing.assert_allclose(second(*inputs).sample.numpy(), expected, rtol=0, atol=5e-5)
     assert second.exports == 0
     other_shape = case_inputs(CASES[1])[0]
     second(*other_shape)
@@ -101,7 +101,7 @@ def test_a_corrupt_cache_entry_is_rebuilt_not_trusted(tmp_path, damage):
     else:
         (entry / "meta.json").write_text("{not json")
     program = TransformerProgram(model, cache_dir=str(tmp_path))
-    np.testing.assert_allclose(program(*inputs).numpy(), expected, rtol=0, atol=5e-5)
+    np.testing.assert_allclose(program(*inputs).sample.numpy(), expected, rtol=0, atol=5e-5)
     assert program.exports == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]  # no half-written entry
 
@@ -110,16 +110,18 @@ def test_lora_changes_select_another_program(tmp_path):
     model = SD3Transformer2DModel.from_pretrained(FIXTURES / "sd3-tiny", subfolder="transformer")
     program = TransformerProgram(model, cache_dir=str(tmp_path))
     inputs, _ = case_inputs(CASES[0])
-    base = program(*inputs).numpy()
+    base = program(*inputs).sample.numpy()
     inject_lora(model, "a", rank=2)
     random_lora_weights(model, "a", seed=3)
-    with_lora = program(*inputs).numpy()
-    np.testing.assert_allclose(with_lora, model(*inputs).numpy(), rtol=0, atol=1e-4)
+    with_lora = program(*inputs).sample.numpy()
+    np.testing.assert_allclose(with_lora, model(*inputs).sample.numpy(), rtol=0, atol=1e-4)
     assert np.abs(with_lora - base).max() > 1e-3
     from sd3_core.lora import enable_lora
 
     enable_lora(model, False)
-    np.testing.assert_allclose(program(*inputs).numpy(), base, rtol=0, atol=1e-6)  # the first entry again
+    np.testing.assert_allclose(
+        program(*inputs).sample.numpy(), base, rtol=0, atol=1e-6
+    )  # the first entry again
     assert program.exports == 2
 
 
@@ -130,9 +132,9 @@ def test_cpu_programs_run_the_fused_attention_kernel_in_both_precisions(tmp_path
     f32 = TransformerProgram(model, "float32", str(tmp_path))
     bf16 = TransformerProgram(model, "bfloat16", str(tmp_path))
     assert f32.attention_layout == bf16.attention_layout == "cpu_fused"
-    out = bf16(*inputs).numpy()
+    out = bf16(*inputs).sample.numpy()
     assert 0 < np.abs(out - expected).max() < 0.1  # bfloat16 math, near the float32 reference
-    np.testing.assert_allclose(f32(*inputs).numpy(), expected, rtol=0, atol=5e-5)
+    np.testing.assert_allclose(f32(*inputs).sample.numpy(), expected, rtol=0, atol=5e-5)
     # One exported float32 program serves both: bfloat16 is the predictor's oneDNN pass.
     assert (f32.exports, bf16.exports) == (0, 1)
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]

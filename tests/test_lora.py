@@ -44,7 +44,7 @@ def case_data(case: dict) -> dict[str, np.ndarray]:
 def run(model: SD3Transformer2DModel, data: dict[str, np.ndarray]) -> np.ndarray:
     keys = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
     with paddle.no_grad():
-        return model(*(paddle.to_tensor(data[f"in_{k}"]) for k in keys)).numpy()
+        return model(*(paddle.to_tensor(data[f"in_{k}"]) for k in keys)).sample.numpy()
 
 
 def tiny_inputs(seed: int = 0) -> dict[str, np.ndarray]:
@@ -428,7 +428,7 @@ def test_only_lora_parameters_get_gradients_when_the_base_is_frozen():
             paddle.to_tensor(data[f"in_{k}"])
             for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
         )
-    )
+    ).sample
     out.square().mean().backward()
     no_grad = [name for name, layer in lora.lora_layers(model) if layer.lora_A["default"].weight.grad is None]
     # the last block's context queries are never computed (its context output is discarded)

@@ -165,7 +165,7 @@ def single_process(tiny_pipelines, inputs) -> dict[str, np.ndarray]:
         with paddle.no_grad():
             ref[f"{name}/forward"] = pipe.transformer(
                 *(paddle.to_tensor(data[k]) for k in INPUT_NAMES)
-            ).numpy()
+            ).sample.numpy()
         ref[f"{name}/bytes"] = parameter_bytes(pipe.transformer)
         for case, case_args in CASES.items():
             with case_arguments(pipe, folder, case_args) as args:

@@ -98,7 +98,7 @@ def test_tiled_vae_decodes_the_pipelines_images():
     pipe.vae.tile_sample_min_size = 32  # 96 px: 4 x 4 tiles
     tiled = pipe(**kwargs, output_type="np").images
     z = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    expected = np.clip(pipe.vae.decode(z).numpy().transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    expected = np.clip(pipe.vae.decode(z).sample.numpy().transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
     np.testing.assert_allclose(tiled, expected, rtol=0, atol=1e-6)
     assert np.abs(tiled - untiled).max() > 1e-2  # the tiled path was taken
 
@@ -180,11 +180,11 @@ def manual_latents(pipe: StableDiffusion3Pipeline, plan) -> np.ndarray:
         guidance, embeds, pooled = plan(i, embeds, pooled)
         t = timesteps[i : i + 1]
         if guidance > 1:
-            v = pipe.transformer(paddle.concat([x, x]), embeds, pooled, paddle.concat([t, t]))
+            v = pipe.transformer(paddle.concat([x, x]), embeds, pooled, paddle.concat([t, t])).sample
             uncond, text = paddle.chunk(v, 2)
             v = uncond + guidance * (text - uncond)
         else:
-            v = pipe.transformer(x, embeds[1:], pooled[1:], t)
+            v = pipe.transformer(x, embeds[1:], pooled[1:], t).sample
         x = x + float(sigmas[i + 1] - sigmas[i]) * v
     return x.numpy()
 

@@ -162,7 +162,7 @@ def test_step_matches_diffusers(case):
         v, x, want = _t(ref["in_model_output"][k]), _t(ref["in_sample"][k]), ref["out_prev_sample"][k]
         t = ref["in_timesteps"][k]
         for timestep, step_index in ((_t(t), None), (_t(t.reshape(1)), None), (float(t), None), (_t(t), i)):
-            out = s.step(v, timestep, x, step_index=step_index)
+            out = s.step(v, timestep, x, step_index=step_index).prev_sample
             np.testing.assert_array_equal(out.numpy(), want)
 
 
@@ -174,12 +174,12 @@ def test_step_is_pure_and_keeps_the_model_output_dtype():
         _t(rng.standard_normal((1, 4, 2, 2), np.float32)),
         _t(rng.standard_normal((1, 4, 2, 2), np.float32)),
     )
-    late = s.step(v, s.timesteps[2], x).numpy()
+    late = s.step(v, s.timesteps[2], x).prev_sample.numpy()
     s.step(v, s.timesteps[0], x)
-    np.testing.assert_array_equal(s.step(v, s.timesteps[2], x).numpy(), late)
+    np.testing.assert_array_equal(s.step(v, s.timesteps[2], x).prev_sample.numpy(), late)
     sig = s.sigmas.numpy()
     np.testing.assert_allclose(late, x.numpy() + (sig[3] - sig[2]) * v.numpy(), rtol=1e-6)
-    half = s.step(v.astype("float16"), s.timesteps[1], x.astype("float16"))
+    half = s.step(v.astype("float16"), s.timesteps[1], x.astype("float16")).prev_sample
     assert half.dtype == paddle.float16
 
 
@@ -188,7 +188,7 @@ def test_stochastic_step_renoises_the_predicted_x0():
     s.set_timesteps(4)
     x, v, n = (_t(np.full((1, 2, 2, 2), a, np.float32)) for a in (1.0, 0.5, -1.0))
     sig = s.sigmas.numpy()
-    out = s.step(v, s.timesteps[1], x, noise=n).numpy()
+    out = s.step(v, s.timesteps[1], x, noise=n).prev_sample.numpy()
     x0 = 1.0 - sig[1] * 0.5
     np.testing.assert_allclose(out, (1 - sig[2]) * x0 + sig[2] * -1.0, rtol=1e-6)
 

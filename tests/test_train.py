@@ -103,8 +103,8 @@ def test_lora_training_lowers_the_fixed_evaluation_loss(instance_dir, tmp_path):
               for s in ([1, 16, 4, 4], [1, 16, 128], [1, 80])]  # fmt: skip
     t = paddle.to_tensor([500.0])
     with paddle.no_grad():
-        ours = trainer.models.transformer(*inputs, t).numpy()
-        loaded = fresh(*inputs, t).numpy()
+        ours = trainer.models.transformer(*inputs, t).sample.numpy()
+        loaded = fresh(*inputs, t).sample.numpy()
     np.testing.assert_allclose(loaded, ours, atol=1e-4)
 
 
@@ -156,7 +156,7 @@ def test_a_trained_lora_file_gives_diffusers_our_fused_output(instance_dir, tmp_
     inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
     np.savez(tmp_path / "in.npz", **inputs)
     with paddle.no_grad():
-        ours = model(*(paddle.to_tensor(inputs[k]) for k in "hept")).numpy()
+        ours = model(*(paddle.to_tensor(inputs[k]) for k in "hept")).sample.numpy()
     subprocess.run([str(REPO / ".refvenv/bin/python"), "-c", _DIFFUSERS_OUTPUT, MODEL, result.weights,
                     str(tmp_path / "in.npz"), str(tmp_path / "out.npy")], check=True, capture_output=True)  # fmt: skip
     theirs = np.load(tmp_path / "out.npy")

@@ -57,7 +57,7 @@ def tiny_copy(tmp_path) -> Path:
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_matches_diffusers_reference(case):
     inputs, expected = case_inputs(case)
-    out = fixture_model(case["fixture"])(*inputs, skip_layers=case["args"]["skip_layers"])
+    out = fixture_model(case["fixture"])(*inputs, skip_layers=case["args"]["skip_layers"]).sample
     assert out.shape == list(expected.shape)
     assert np.abs(out.numpy() - expected).max() < 1e-4
 
@@ -217,7 +217,9 @@ def test_scalar_timestep_is_broadcast():
     model = fixture_model("sd3-tiny")
     (x, ctx, pooled, t), _ = case_inputs(CASES[0])
     same = paddle.full([2], 500.0)
-    np.testing.assert_array_equal(model(x, ctx, pooled, 500.0).numpy(), model(x, ctx, pooled, same).numpy())
+    np.testing.assert_array_equal(
+        model(x, ctx, pooled, 500.0).sample.numpy(), model(x, ctx, pooled, same).sample.numpy()
+    )
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -317,7 +319,9 @@ def test_save_then_load_is_exact(tmp_path):
         np.testing.assert_array_equal(written.get(k), saved[k])
     again = SD3Transformer2DModel.from_pretrained(tmp_path / "t")
     (x, ctx, pooled, t), _ = case_inputs(CASES[0])
-    np.testing.assert_array_equal(again(x, ctx, pooled, t).numpy(), model(x, ctx, pooled, t).numpy())
+    np.testing.assert_array_equal(
+        again(x, ctx, pooled, t).sample.numpy(), model(x, ctx, pooled, t).sample.numpy()
+    )
 
 
 @pytest.mark.parametrize(("dtype", "np_dtype"), [("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)])
@@ -333,6 +337,6 @@ def test_half_precision_loads_and_runs(tmp_path, dtype, np_dtype):
     for k, v in torch_state_from(reloaded).items():
         np.testing.assert_array_equal(v, expected[k].astype(np.float32))
     inputs, reference = case_inputs(CASES[0])
-    out = model(*inputs)
+    out = model(*inputs).sample
     assert out.dtype == paddle.float32  # output follows the input's dtype
     assert np.abs(out.numpy() - reference).max() < 0.1 * np.abs(reference).max()

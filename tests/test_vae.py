@@ -74,15 +74,15 @@ def test_matches_diffusers_float32(case):
     ref = _reference(case)
     vae = _vae(case["fixture"])
     if case["args"]["op"] == "encode":
-        posterior = vae.encode(paddle.to_tensor(ref["in_image"]))
+        posterior = vae.encode(paddle.to_tensor(ref["in_image"])).latent_dist
         for name in ("mean", "logvar", "std"):
             assert _max_diff(getattr(posterior, name), ref[f"out_{name}"]) < TOLERANCE, name
     else:
-        assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])), ref["out_sample"]) < TOLERANCE
+        assert _max_diff(vae.decode(paddle.to_tensor(ref["in_z"])).sample, ref["out_sample"]) < TOLERANCE
 
 
 def _tiled_and_whole(vae: AutoencoderKL, op: str, x: paddle.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    code = (lambda t: vae.encode(t).mean) if op == "encode" else vae.decode
+    code = (lambda t: vae.encode(t).latent_dist.mean) if op == "encode" else (lambda t: vae.decode(t).sample)
     vae.disable_tiling()
     whole = code(x).numpy()
     vae.enable_tiling()
@@ -140,7 +140,7 @@ def test_tiled_encode_and_decode_methods_tile_without_the_switch(case):
     op = case["args"]["op"]
     x = paddle.to_tensor(ref["in_image"] if op == "encode" else ref["in_z"])
     tiled, _ = _tiled_and_whole(vae, op, x)
-    method = vae.tiled_encode(x).mean if op == "encode" else vae.tiled_decode(x)
+    method = vae.tiled_encode(x).latent_dist.mean if op == "encode" else vae.tiled_decode(x).sample
     assert not vae.use_tiling
     np.testing.assert_array_equal(method.numpy(), tiled)
     if op == "decode":
@@ -161,11 +161,11 @@ def test_statistics_passes_stop_once_settled_and_never_exceed_one_per_group_norm
     assert len(calls) % tiles == 0 and 2 * tiles <= len(calls) <= (norms + 1) * tiles
     calls.clear()
     vae.tile_tolerance = float("inf")  # settled after the first
-    fast = vae.tiled_decode(z).numpy()
+    fast = vae.tiled_decode(z).sample.numpy()
     assert len(calls) == 2 * tiles
     calls.clear()
     vae.tile_tolerance = 0.0  # every pass
-    exact = vae.tiled_decode(z).numpy()
+    exact = vae.tiled_decode(z).sample.numpy()
     assert len(calls) == (norms + 1) * tiles
     assert np.abs(fast - exact).max() > 1e-4  # the first stitched pass is not yet exact
 
@@ -184,10 +184,10 @@ def test_slicing_gives_the_same_results_as_whole_batches():
         for tiling in (False, True):
             vae.use_tiling, vae.tile_sample_min_size = tiling, 32
             vae.disable_slicing()
-            whole_image, whole_mean = vae.decode(z).numpy(), vae.encode(x).mean.numpy()
+            whole_image, whole_mean = vae.decode(z).sample.numpy(), vae.encode(x).latent_dist.mean.numpy()
             vae.enable_slicing()
-            np.testing.assert_allclose(vae.decode(z).numpy(), whole_image, rtol=0, atol=1e-5)
-            np.testing.assert_allclose(vae.encode(x).mean.numpy(), whole_mean, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(vae.decode(z).sample.numpy(), whole_image, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(vae.encode(x).latent_dist.mean.numpy(), whole_mean, rtol=0, atol=1e-5)
     finally:
         vae.disable_slicing()
         vae.disable_tiling()
@@ -243,7 +243,7 @@ def test_half_precision_weights_load_and_stay_close(dtype):
     ref = _reference(case)
     vae = _vae("sd3-tiny", dtype)
     assert vae.dtype == getattr(paddle, dtype)
-    out = vae.decode(paddle.to_tensor(ref["in_z"]))
+    out = vae.decode(paddle.to_tensor(ref["in_z"])).sample
     assert _max_diff(out, ref["out_sample"]) < (0.02 if dtype == "float16" else 0.1)
 
 
@@ -297,9 +297,9 @@ def test_attention_in_query_blocks_equals_full_attention(monkeypatch):
     ref = _reference(next(c.values[0] for c in _cases() if c.values[0]["args"]["op"] == "encode"))
     vae = _vae("sd3-tiny")
     x = paddle.to_tensor(ref["in_image"][:1])
-    full = vae.encode(x).mean.numpy()
+    full = vae.encode(x).latent_dist.mean.numpy()
     monkeypatch.setattr(vae_blocks, "_ATTENTION_CHUNK_ELEMENTS", 20)  # 64 tokens -> blocks of 1 query
-    np.testing.assert_allclose(vae.encode(x).mean.numpy(), full, atol=1e-6)
+    np.testing.assert_allclose(vae.encode(x).latent_dist.mean.numpy(), full, atol=1e-6)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 5, 3)).astype(np.float32) for _ in range(3))
     s = q @ k.transpose(0, 2, 1) / np.sqrt(3)
@@ -315,15 +315,15 @@ def test_convolution_in_row_bands_equals_one_call(monkeypatch):
     ref = _reference(case)
     vae = _vae("sd3-tiny")
     z = paddle.to_tensor(ref["in_z"])
-    whole = vae.decode(z).numpy()
+    whole = vae.decode(z).sample.numpy()
     monkeypatch.setattr(vae_blocks, "_IM2COL_ELEMENTS", 5000)  # bands of 1-2 rows (some uneven)
-    banded = vae.decode(z)
+    banded = vae.decode(z).sample
     np.testing.assert_allclose(banded.numpy(), whole, atol=1e-5)
     assert _max_diff(banded, ref["out_sample"]) < TOLERANCE
     image = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (1, 3, 40, 24)).astype(np.float32))
-    banded_mean = vae.encode(image).mean.numpy()  # stride-2 (0, 1, 0, 1)-padded convs too
+    banded_mean = vae.encode(image).latent_dist.mean.numpy()  # stride-2 (0, 1, 0, 1)-padded convs too
     monkeypatch.setattr(vae_blocks, "_IM2COL_ELEMENTS", 1 << 30)
-    np.testing.assert_allclose(banded_mean, vae.encode(image).mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(banded_mean, vae.encode(image).latent_dist.mean.numpy(), atol=1e-5)
 
 
 def test_group_norm_is_accurate_for_offset_activations():
@@ -343,8 +343,8 @@ def test_odd_sizes_downsample_like_diffusers_padding():
         up_block_types=["UpDecoderBlock2D"] * 3,
     )
     # pad one row/column at the bottom/right, 3x3 stride 2: out = (n - 2) // 2 + 1
-    assert vae.encode(paddle.zeros([1, 3, 37, 20])).mean.shape == [1, 4, 9, 5]
-    assert vae.decode(paddle.zeros([1, 4, 3, 5])).shape == [1, 3, 12, 20]
+    assert vae.encode(paddle.zeros([1, 3, 37, 20])).latent_dist.mean.shape == [1, 4, 9, 5]
+    assert vae.decode(paddle.zeros([1, 4, 3, 5])).sample.shape == [1, 3, 12, 20]
 
 
 @paddle.no_grad()
@@ -364,10 +364,14 @@ def test_quant_convs_exist_only_when_enabled_and_are_applied():
         conv.bias.set_value(paddle.zeros([n]))
     quant.set_state_dict({**quant.state_dict(), **plain.state_dict()})
     x = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32))
-    np.testing.assert_allclose(quant.encode(x).mean.numpy(), plain.encode(x).mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        quant.encode(x).latent_dist.mean.numpy(), plain.encode(x).latent_dist.mean.numpy(), atol=1e-6
+    )
     z = paddle.to_tensor(np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32))
-    np.testing.assert_allclose(quant.decode(z).numpy(), plain.decode(z).numpy(), atol=1e-6)
-    np.testing.assert_allclose(quant(x).numpy(), quant.decode(quant.encode(x).mode()).numpy(), atol=1e-6)
+    np.testing.assert_allclose(quant.decode(z).sample.numpy(), plain.decode(z).sample.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        quant(x).sample.numpy(), quant.decode(quant.encode(x).latent_dist.mode()).sample.numpy(), atol=1e-6
+    )
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class SampleEncoder:
                 if todo:
                     posterior = vae.encode(
                         paddle.to_tensor(np.stack([e.pixels for _, _, e in todo])).astype(vae.dtype)
-                    )
+                    ).latent_dist
                     for j, (k, i, _) in enumerate(todo):
                         self.latent_cache[(k, i)] = (
                             posterior.mean[j].astype("float32"),

@@ -53,7 +53,7 @@ def batch_loss(
     sigmas = models.noise_scheduler.sigmas_for_timesteps(timesteps, n_dim=4)
     noisy = training.add_noise(x0, noise, sigmas)
     with models.autocast():
-        pred = models.transformer(noisy, embeds, pooled, timesteps)
+        pred = models.transformer(noisy, embeds, pooled, timesteps, return_dict=False)[0]
     return training.flow_matching_loss(
         pred, x0, noise, noisy, sigmas, weighting, c.precondition_outputs,
         c.with_prior_preservation, c.prior_loss_weight,
@@ -88,7 +88,7 @@ def evaluation_loss(
     losses = []
     with paddle.no_grad():
         pixels = paddle.to_tensor(np.stack([e.pixels for e in entries]))
-        mean = vae.encode(pixels.astype(vae.dtype)).mean.astype("float32")
+        mean = vae.encode(pixels.astype(vae.dtype)).latent_dist.mean.astype("float32")
         x0 = (mean - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
         embeds, pooled = encoder.text([e.prompt for e in entries])
         for s in sigmas:
@@ -96,6 +96,6 @@ def evaluation_loss(
             sig = paddle.full([x0.shape[0], 1, 1, 1], s, "float32")
             noisy = training.add_noise(x0, noise, sig)
             t = paddle.full([x0.shape[0]], s * 1000.0, "float32")
-            pred = models.transformer(noisy, embeds, pooled, t)
+            pred = models.transformer(noisy, embeds, pooled, t, return_dict=False)[0]
             losses.append(float(training.flow_matching_loss(pred, x0, noise, noisy, sig).loss))
     return float(np.mean(losses))

@@ -3,7 +3,7 @@
 One step, ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` samples each:
 
     positions -> entries (seeded order) -> pixels, prompt      (data.py)
-    latents = (vae.encode(x).sample(noise) - shift) * scaling  (encodings.py; cached posterior with --cache_latents)
+    latents = (vae.encode(x).latent_dist.sample(noise) - shift) * scaling  (encodings.py; cached posterior with --cache_latents)
     text embeddings at T5 length max_sequence_length           (cached with --cache_text_embeddings)
     u ~ density, t = schedule[u * 1000], x_t = (1 - s) x0 + s n
     loss = flow_matching_loss(...) / accumulation, backward on loss * loss_scale   (loss.py)

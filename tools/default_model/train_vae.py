@@ -66,7 +66,7 @@ def latent_factors(vae: AutoencoderKL, pixels: np.ndarray, seed: int, batch: int
     values = []
     with paddle.no_grad():
         for i in range(0, len(pixels), batch):
-            posterior = vae.encode(paddle.to_tensor(pixels[i : i + batch]))
+            posterior = vae.encode(paddle.to_tensor(pixels[i : i + batch])).latent_dist
             values.append(posterior.sample(generator=rng).numpy().astype(np.float64).ravel())
     z = np.concatenate(values)
     shift = float(z.mean())
@@ -82,7 +82,7 @@ def reconstruction_adherence(vae: AutoencoderKL, count: int = 200, seed: int = 4
     samples = shapes_data.generate(count, seed)
     pixels = to_pixels(np.stack([np.asarray(image) for _, image in samples]))
     with paddle.no_grad():
-        rec = vae.decode(vae.encode(paddle.to_tensor(pixels)).mode()).numpy()
+        rec = vae.decode(vae.encode(paddle.to_tensor(pixels)).latent_dist.mode()).sample.numpy()
     images = ((rec.transpose(0, 2, 3, 1) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
     readings = [classify(image) for image in images]
     out = {
@@ -168,9 +168,9 @@ def train(
     for step in range(1, steps + 1):
         x = paddle.to_tensor(pixels[rng.integers(0, len(pixels), batch_size)])
         with paddle.set_grad_enabled(not decoder_only):
-            posterior = vae.encode(x)
+            posterior = vae.encode(x).latent_dist
         noise = rng.standard_normal(posterior.mean.shape, dtype=np.float32)
-        rec = vae.decode(posterior.sample(noise=noise))
+        rec = vae.decode(posterior.sample(noise=noise)).sample
         mse = paddle.mean((rec - x) ** 2)
         kl = paddle.mean(posterior.kl()) / float(np.prod(posterior.mean.shape[1:]))
         if edge_weight:
