@@ -120,6 +120,10 @@ class PipelineDeviceMixin:
         """Refused: offloading is not supported (see the message)."""
         raise NotImplementedError(f"enable_sequential_cpu_offload is not supported: {_LESS_MEMORY}")
 
+    def enable_group_offload(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: offloading is not supported (see the message)."""
+        raise NotImplementedError(f"enable_group_offload is not supported: {_LESS_MEMORY}")
+
     def maybe_free_model_hooks(self) -> None:
         """Nothing to free: no offload hooks are ever installed (diffusers calls it after a run)."""
 

@@ -40,6 +40,10 @@ __all__ = [
     "generator_seeds",
 ]
 
+_NO_IP_ADAPTER = (
+    "IP-Adapters (image prompts) are not implemented for SD3 here; describe the image in the prompt"
+)
+
 # What `callback_on_step_end` may ask for (`callback_on_step_end_tensor_inputs`), as in diffusers.
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
@@ -131,6 +135,10 @@ class StableDiffusion3Pipeline(
             stacklevel=3,
         )
         getattr(self.vae, vae_method)()
+
+    def load_ip_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: image prompts are not supported (see the message)."""
+        raise NotImplementedError(f"load_ip_adapter is not supported: {_NO_IP_ADAPTER}")
 
     def folder_defaults(
         self, guidance_scale: float | None = None, max_sequence_length: int | None = None
@@ -271,6 +279,8 @@ class StableDiffusion3Pipeline(
         negative_prompt_embeds: paddle.Tensor | None = None,
         pooled_prompt_embeds: paddle.Tensor | None = None,
         negative_pooled_prompt_embeds: paddle.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
         joint_attention_kwargs: dict[str, Any] | None = None,
@@ -300,6 +310,12 @@ class StableDiffusion3Pipeline(
             prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
             negative_pooled_prompt_embeds, output_type,
         )  # fmt: skip
+        for name, value in (
+            ("ip_adapter_image", ip_adapter_image),
+            ("ip_adapter_image_embeds", ip_adapter_image_embeds),
+        ):
+            if value is not None:
+                raise ValueError(f"{name}: {_NO_IP_ADAPTER}")
         if skip_guidance_layers is not None:
             n_layers = self.transformer.config.num_layers
             bad = [i for i in skip_guidance_layers if not 0 <= int(i) < n_layers]
@@ -422,9 +438,14 @@ class StableDiffusion3Pipeline(
         decoded = self.vae.decode(z, return_dict=False)[0]
         images = paddle.clip(decoded.astype("float32") / 2 + 0.5, 0.0, 1.0)
         array = images.transpose([0, 2, 3, 1]).numpy()
-        if output_type == "np":
-            return array
-        return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
+        """NHWC (or one HWC) float images in [0, 1] -> PIL images, 1 channel as "L" (diffusers' helper)."""
+        images = images[None] if images.ndim == 3 else images
+        pixels = (images * 255).round().astype(np.uint8)
+        return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in pixels]
 
 
 def _guidance_rows(

@@ -65,6 +65,20 @@ class ModelMixin(paddle.nn.Layer):
         """Where the weights are: ``"cpu"``, ``"gpu:N"`` or ``"npu:N"`` (diffusers' ``model.device``)."""
         return layer_device(self)
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """How many parameter values the model has (diffusers' method): only trainable ones
+        (``stop_gradient`` False) and without ``paddle.nn.Embedding`` weights when asked."""
+        embeddings = (
+            {id(layer.weight) for layer in self.sublayers() if isinstance(layer, paddle.nn.Embedding)}
+            if exclude_embeddings
+            else set()
+        )
+        return sum(
+            math.prod(p.shape)
+            for p in self.parameters()
+            if id(p) not in embeddings and not (only_trainable and p.stop_gradient)
+        )
+
     @classmethod
     def _init_keys(cls) -> list[str]:
         params = inspect.signature(cls.__init__).parameters

@@ -13,7 +13,8 @@ modulation fuses into LayerNorm's affine step (one pass instead of three).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paddle
@@ -93,6 +94,7 @@ class SD3Transformer2DModel(ModelMixin):
         )
         self.norm_out = AdaLNModulation(self.inner_dim, 2, shards)  # AdaLayerNormContinuous: (scale, shift)
         self.proj_out = Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        self.gradient_checkpointing = False  # diffusers' attribute; see enable_gradient_checkpointing
 
     @classmethod
     def from_single_file(
@@ -108,6 +110,35 @@ class SD3Transformer2DModel(ModelMixin):
         diffusers pipeline or transformer folder, ``subfolder`` inside it) supplies what keys lack.
         """
         return single_file.load_model(cls, single_file.TRANSFORMER, path_or_url, config, subfolder, dtype)
+
+    # ---- diffusers' switches
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each joint block's activations in backward instead of keeping them
+        (diffusers' method; used while gradients are recorded, so inference is unchanged)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Keep the blocks' activations for backward again."""
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
+
+    def fuse_qkv_projections(self) -> None:
+        """No effect here; warns. The optimised path already runs q, k and v as one GEMM per stream."""
+        _no_effect("fuse_qkv_projections")
+
+    def unfuse_qkv_projections(self) -> None:
+        """No effect here (see ``fuse_qkv_projections``); warns."""
+        _no_effect("unfuse_qkv_projections")
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Refused: torch attention processors do not apply to this model."""
+        raise NotImplementedError(
+            "set_attn_processor is not supported: attention here is Paddle's, fused on accelerators; "
+            "for the fused CPU/GPU programs load with inference_optimize=True"
+        )
 
     #: How a tensor-parallel subclass sums its out projections' partial outputs (None: whole).
     reduce_partial_sums: ReducePartialSums | None = None
@@ -209,9 +240,12 @@ class SD3Transformer2DModel(ModelMixin):
         modulations = self.modulations(temb_act)
         skip = set(skip_layers or ())
         xs, cs = [x[i] for i in range(b)], [c[i] for i in range(b)]  # see the module docstring
+        recompute = _recompute() if self.gradient_checkpointing and paddle.is_grad_enabled() else None
         for j, block in enumerate(self.transformer_blocks):
-            if j not in skip:
-                xs, cs = block(xs, cs, modulations[2 * j], modulations[2 * j + 1], self.reduce_partial_sums)
+            if j in skip:
+                continue
+            args = (xs, cs, modulations[2 * j], modulations[2 * j + 1], self.reduce_partial_sums)
+            xs, cs = block(*args) if recompute is None else recompute(block, *args, use_reentrant=False)
         tokens = [
             self.proj_out(modulated_norm(x_i, m.shift_msa, m.scale_msa))
             for x_i, m in zip(xs, self.norm_out.per_sample(modulations[-1]), strict=True)
@@ -221,3 +255,20 @@ class SD3Transformer2DModel(ModelMixin):
         x = x.reshape([b, h // p, w // p, p, p, self.out_channels]).transpose([0, 5, 1, 3, 2, 4])
         x = x.reshape([b, self.out_channels, h, w])
         return x if x.dtype == out_dtype else x.astype(out_dtype)
+
+
+def _recompute() -> Callable:
+    """Paddle's non-reentrant activation recompute (imported only when asked for: it loads
+    paddle.distributed). It takes the blocks' list arguments as they are."""
+    from paddle.distributed.fleet.utils import recompute
+
+    return recompute
+
+
+def _no_effect(method: str) -> None:
+    warnings.warn(
+        f"{method}() has no effect here: the eager forward keeps q, k and v apart; the optimised "
+        "path (inference_optimize=True) already runs them as one GEMM per stream",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import paddle
 import pytest
+from safetensors import safe_open
 
 from pipelines import StableDiffusion3Pipeline
 from sd3_core import lora
@@ -188,3 +191,91 @@ def test_diffusers_arguments_we_lack_are_refused_by_name(pipe, call, error, mess
     pipe.scheduler.set_timesteps(2)
     with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")):
         call(pipe, args)
+
+
+def _block_calls(transformer) -> list[int]:
+    calls = []
+    for block in transformer.transformer_blocks:
+        block.register_forward_pre_hook(lambda layer, inputs: calls.append(1))
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_with_the_same_gradients():
+    """diffusers' ``transformer.enable_gradient_checkpointing()``: blocks run again in backward."""
+    grads = []
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in ([2, 16, 8, 8], [2, 12, 128], [2, 80])]
+    for checkpointing in (False, True):
+        pipe = StableDiffusion3Pipeline.from_pretrained(fixture_path("sd3-tiny"))
+        transformer = pipe.transformer
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        assert transformer.is_gradient_checkpointing is checkpointing
+        calls = _block_calls(transformer)
+        out = transformer(*(paddle.to_tensor(a) for a in inputs), paddle.to_tensor([300.0, 700.0])).sample
+        forward_calls = len(calls)
+        out.square().mean().backward()
+        assert len(calls) == forward_calls * (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({n: p.grad.numpy() for n, p in transformer.named_parameters() if p.grad is not None})
+        with paddle.no_grad():  # no gradients recorded: nothing to recompute
+            del calls[:]
+            transformer(*(paddle.to_tensor(a) for a in inputs), paddle.to_tensor([300.0, 700.0]))
+            assert len(calls) == forward_calls
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        np.testing.assert_allclose(grads[1][name], grads[0][name], rtol=0, atol=1e-6, err_msg=name)
+    transformer.disable_gradient_checkpointing()
+    assert not transformer.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae"])
+def test_num_parameters_counts_the_checkpoints_parameters(pipe, component):
+    """As diffusers counts: every tensor of the files but the transformer's position table (a buffer)."""
+    total = 0
+    for file in sorted((Path(fixture_path("sd3-tiny")) / component).glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:
+            total += sum(
+                int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k != "pos_embed.pos_embed"
+            )
+    model = getattr(pipe, component)
+    assert model.num_parameters() == total
+    assert model.num_parameters(exclude_embeddings=True) == total  # no embedding tables
+
+
+@pytest.mark.parametrize("method", ["fuse_qkv_projections", "unfuse_qkv_projections"])
+def test_qkv_fusion_switches_warn_that_they_change_nothing(pipe, method):
+    args = (
+        paddle.ones([1, 16, 8, 8]),
+        paddle.ones([1, 12, 128]),
+        paddle.ones([1, 80]),
+        paddle.to_tensor([500.0]),
+    )
+    before = pipe.transformer(*args).sample.numpy()
+    with pytest.warns(UserWarning, match=rf"{method}\(\) has no effect here: .*inference_optimize=True"):
+        getattr(pipe.transformer, method)()
+    np.testing.assert_array_equal(pipe.transformer(*args).sample.numpy(), before)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p: p.transformer.set_attn_processor(object()), "set_attn_processor is not supported"),
+        (lambda p: p.load_ip_adapter("h94/IP-Adapter"), "load_ip_adapter is not supported: IP-Adapters"),
+        (lambda p: p("a cat", ip_adapter_image=np.zeros((8, 8, 3))), "ip_adapter_image: IP-Adapters"),
+        (lambda p: p("a cat", ip_adapter_image_embeds=[paddle.ones([1, 4])]), "ip_adapter_image_embeds: IP"),
+    ],
+)
+def test_what_we_lack_of_diffusers_pipeline_api_is_refused_by_name(pipe, call, message):
+    with pytest.raises((NotImplementedError, ValueError), match=message):
+        call(pipe)
+
+
+def test_numpy_to_pil_is_the_pipelines_own_conversion(pipe):
+    call = dict(prompt="a cat", height=64, width=64, num_inference_steps=2, seed=[3])
+    images = pipe(**call, output_type="np").images
+    expected = pipe(**call).images
+    converted = pipe.numpy_to_pil(images)
+    assert [np.asarray(a).tolist() for a in converted] == [np.asarray(b).tolist() for b in expected]
+    assert np.asarray(pipe.numpy_to_pil(images[0])[0]).shape == (64, 64, 3)  # one HWC image
+    grey = pipe.numpy_to_pil(np.full((1, 4, 4, 1), 0.5))[0]
+    assert grey.mode == "L" and np.asarray(grey).tolist() == [[128] * 4] * 4

@@ -67,6 +67,17 @@ def test_config_is_a_dict_with_attribute_access():
         _ = c.zzz
 
 
+def test_num_parameters_counts_as_diffusers_does():
+    model, state = Toy(), torch_layout(np.random.default_rng(0))
+    sizes = {name: value.size for name, value in state.items() if name != "table"}  # a buffer
+    assert model.num_parameters() == sum(sizes.values())
+    assert model.num_parameters(exclude_embeddings=True) == sum(sizes.values()) - sizes["embed.weight"]
+    model.square.weight.stop_gradient = model.square.bias.stop_gradient = True
+    frozen = sizes["square.weight"] + sizes["square.bias"]
+    assert model.num_parameters(only_trainable=True) == sum(sizes.values()) - frozen
+    assert model.num_parameters(True, True) == sum(sizes.values()) - frozen - sizes["embed.weight"]
+
+
 def test_the_outermost_decorated_init_records_the_config_with_defaults_filled_in():
     class Wider(Toy):
         @register_to_config

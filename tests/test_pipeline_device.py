@@ -138,7 +138,9 @@ def test_to_a_dtype_rebuilds_the_inference_program_for_it(tmp_path):
     assert rebuilt.precision == program_precision(paddle.bfloat16)
 
 
-@pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+@pytest.mark.parametrize(
+    "method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload"]
+)
 def test_offloading_is_refused_with_what_to_do_instead(method):
     with pytest.raises(NotImplementedError, match=rf"{method} is not supported: .*dtype='float16'.*--mp 2"):
         getattr(load(), method)()

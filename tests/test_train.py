@@ -25,7 +25,6 @@ from pipelines.training import checkpoints
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import SampleOrder, build_entries, read_parquet_table
 from pipelines.training.loss import sample_prompts
-from pipelines.training.model import enable_gradient_checkpointing
 from pipelines.training.optim import LossScaler, LRSchedule
 from pipelines.training.trainer import Trainer
 from sd3_core import lora, lora_file
@@ -273,8 +272,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(instance_dir, tmp_path,
         grads.append({n: p.grad.numpy() for n, p in t.models.params.items() if p.grad is not None})
     assert any(n.startswith("transformer_blocks.1.") for n in grads[1])  # recomputed blocks get gradients
     assert max_diff(*grads) <= 1e-6
-    enable_gradient_checkpointing(t.models.transformer)  # idempotent
-    assert all(b._checkpointed for b in t.models.transformer.transformer_blocks)
+    assert t.models.transformer.is_gradient_checkpointing
 
 
 def test_cached_latents_and_text_embeddings_change_nothing_and_t5_runs_at_max_sequence_length(

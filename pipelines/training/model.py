@@ -117,7 +117,7 @@ def load_models(config: TrainConfig, model_path: str, seed: int) -> TrainModels:
             p.stop_gradient = False
     transformer.train()
     if c.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
+        transformer.enable_gradient_checkpointing()
     params = {n: p for n, p in transformer.named_parameters() if not p.stop_gradient}
     return TrainModels(
         pipe, transformer, noise_scheduler, params, c.mode, weight_dtype, on_accelerator, lora_modules
@@ -134,27 +134,6 @@ def init_lora_deterministically(model: paddle.nn.Layer, seed: int, adapter: str 
             a.set_value(paddle.to_tensor(values).astype(a.dtype))
             b = layer.lora_B[adapter].weight
             b.set_value(paddle.zeros(b.shape, b.dtype))
-
-
-def enable_gradient_checkpointing(transformer: SD3Transformer2DModel) -> None:
-    """Recompute each joint block's activations in backward instead of keeping them.
-
-    Wraps every block's ``forward`` from outside (the model code is unchanged); parameter names
-    stay as they are. Paddle's non-reentrant recompute takes the blocks' list arguments as is."""
-    from paddle.distributed.fleet.utils import recompute  # paddle.distributed: only when asked for
-
-    for block in transformer.transformer_blocks:
-        if getattr(block, "_checkpointed", False):
-            continue
-        original = block.forward
-
-        def forward(*args, _original=original, **kwargs):
-            if not paddle.is_grad_enabled():
-                return _original(*args, **kwargs)
-            return recompute(_original, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-        block._checkpointed = True
 
 
 def _csv(value: str | None) -> list[str] | None:
