@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import paddle
 import ray
-from PIL import Image
 
 from actors.replica import RenderRequest, ReplicaLost, ReplicaSpec, render_request
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
@@ -114,8 +113,8 @@ class ParallelStableDiffusion3Pipeline:
         output_type = call["output_type"]
         if output_type == "latent":
             images = paddle.to_tensor(images)
-        elif output_type == "pil":
-            images = [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
+        else:
+            images = StableDiffusion3Pipeline.images_as(images, output_type)
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
 
     # diffusers' LoRA methods (``SD3LoraLoaderMixin``, same signatures): each runs on every rank,

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
+from pipelines.stable_diffusion_3 import OUTPUT_TYPES, StableDiffusion3Pipeline
 from sd3_core.collectives import DeviceGroups
 
 __all__ = ["RankPipeline", "call_arguments", "generate_on_rank"]
@@ -225,11 +225,13 @@ class RankPipeline(StableDiffusion3Pipeline):
 def generate_on_rank(rank: RankPipeline, args: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """This rank's part of ``pipe(**args)``: ``(images, stats)``; images only on rank 0, else None.
 
-    Images are an NHWC float array in [0, 1] for ``output_type`` "np" and "pil" (the caller makes
-    the PIL images) or the float32 latents as a NumPy array ("latent").
+    Images are an NHWC float array in [0, 1] for every ``output_type`` but "latent" (the caller
+    makes them PIL images or tensors: ``StableDiffusion3Pipeline.images_as``), for which they are
+    the float32 latents as a NumPy array.
     """
-    output_type = args.get("output_type", "pil")
-    call = {**args, "output_type": "np" if output_type == "pil" else output_type, "return_dict": False}
+    wanted = args.get("output_type", "pil")
+    computed = wanted if wanted == "latent" or wanted not in OUTPUT_TYPES else "np"  # else: refused
+    call = {**args, "output_type": computed, "return_dict": False}
     (images,) = rank(**call)
     if rank.groups.rank != 0:
         return None, rank.last_stats

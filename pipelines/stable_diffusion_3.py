@@ -38,11 +38,15 @@ __all__ = [
     "StableDiffusion3Pipeline",
     "StableDiffusion3PipelineOutput",
     "generator_seeds",
+    "OUTPUT_TYPES",
 ]
 
 _NO_IP_ADAPTER = (
     "IP-Adapters (image prompts) are not implemented for SD3 here; describe the image in the prompt"
 )
+
+# What `output_type` may be: PIL images, NHWC floats, NCHW Paddle tensors, the latents.
+OUTPUT_TYPES = ("pil", "np", "pd", "latent")
 
 # What `callback_on_step_end` may ask for (`callback_on_step_end_tensor_inputs`), as in diffusers.
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
@@ -227,8 +231,15 @@ class StableDiffusion3Pipeline(
             raise ValueError(
                 f"max_sequence_length={max_sequence_length!r} must be an integer in [1, {MAX_T5_LENGTH}]"
             )
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type={output_type!r} must be one of 'pil', 'np', 'latent'")
+        if output_type == "pt":
+            raise ValueError(
+                "output_type='pt' (torch tensors) is not supported: write output_type='pd' for Paddle "
+                "tensors (NCHW in [0, 1], as PPDiffusers) or 'np'"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type={output_type!r} must be one of {', '.join(map(repr, OUTPUT_TYPES))}"
+            )
         check_prompt_inputs(
             prompt, prompt_embeds, pooled_prompt_embeds,
             negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds,
@@ -432,13 +443,22 @@ class StableDiffusion3Pipeline(
         return velocity.astype("float32")
 
     def decode_latents(self, latents: paddle.Tensor, output_type: str = "np") -> Any:
-        """Latents -> NHWC float images in [0, 1] ("np") or PIL images ("pil")."""
+        """Latents -> images as ``output_type`` says (see :meth:`images_as`)."""
         config = self.vae.config
         z = latents.astype(self.vae.dtype) / config.scaling_factor + config.shift_factor
         decoded = self.vae.decode(z, return_dict=False)[0]
         images = paddle.clip(decoded.astype("float32") / 2 + 0.5, 0.0, 1.0)
-        array = images.transpose([0, 2, 3, 1]).numpy()
-        return array if output_type == "np" else self.numpy_to_pil(array)
+        return self.images_as(images.transpose([0, 2, 3, 1]).numpy(), output_type)
+
+    @classmethod
+    def images_as(cls, images: np.ndarray, output_type: str) -> Any:
+        """NHWC float images in [0, 1] as the pipeline returns them: that array ("np"), a float32
+        Paddle tensor ``[B, 3, H, W]`` in [0, 1] ("pd", PPDiffusers' form) or PIL images ("pil")."""
+        if output_type == "np":
+            return images
+        if output_type == "pd":
+            return paddle.to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        return cls.numpy_to_pil(images)
 
     @staticmethod
     def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:

@@ -123,6 +123,20 @@ def test_pil_output_and_seed_reproducibility():
     assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
 
 
+def test_pd_output_is_the_np_images_as_an_nchw_paddle_tensor():
+    """PPDiffusers' ``output_type="pd"``: float32 ``[B, 3, H, W]`` in [0, 1]."""
+    pipe = pipeline("sd3-tiny")
+    kwargs = dict(prompt=["a red fox", "a cat"], height=64, width=96, num_inference_steps=2, seed=[7, 8])
+    array = pipe(**kwargs, output_type="np").images
+    tensor = pipe(**kwargs, output_type="pd").images
+    assert (
+        isinstance(tensor, paddle.Tensor)
+        and tensor.dtype == paddle.float32
+        and tensor.shape == [2, 3, 64, 96]
+    )
+    np.testing.assert_array_equal(tensor.numpy().transpose(0, 2, 3, 1), array)
+
+
 def test_per_image_seeds_do_not_depend_on_batch_composition():
     pipe = pipeline("sd3-tiny")
     kwargs = dict(height=64, width=64, num_inference_steps=2, guidance_scale=1.0, output_type="np")
@@ -259,6 +273,7 @@ def test_callback_switching_guidance_on_mid_call_is_refused():
         (dict(prompt=["a", "b"], prompt_2=["x", "y", "z"]), "`prompt_2` has 3 entries"),
         (dict(prompt=None), "`prompt` is required"),
         (dict(output_type="jpeg"), "output_type='jpeg'"),
+        (dict(output_type="pt"), "output_type='pt' (torch tensors) is not supported: write output_type='pd'"),
         (dict(latents=np.zeros((1, 16, 4, 4), np.float32)), "`latents` has shape [1, 16, 4, 4]"),
         (dict(seed=[1, 2]), "got 2 seeds/generators for a batch of 1"),
         (dict(skip_guidance_layers=[7]), "skip_guidance_layers [7]"),

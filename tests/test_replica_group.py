@@ -18,11 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import paddle
 import pytest
 
 from actors.parallel_pipeline import ParallelStableDiffusion3Pipeline
 from actors.replica import ReplicaSpec
 from actors.replica_group import ReplicaGroup, ReplicaGroupBroken
+from pipelines.stable_diffusion_3 import OUTPUT_TYPES, StableDiffusion3Pipeline
 from sd3_core.inference_program import PROGRAM_CACHE_ENV
 from tests import test_parallel
 from tests.parallel_worker import case_arguments
@@ -73,7 +75,7 @@ def _render_all(pipe: ParallelStableDiffusion3Pipeline, folders: dict) -> dict:
 
 def _error_of(pipe: ParallelStableDiffusion3Pipeline, **overrides) -> Exception | None:
     try:
-        pipe(**{**CASES["no_negatives"], **overrides}, output_type="np")
+        pipe(**{**CASES["no_negatives"], "output_type": "np", **overrides})
     except Exception as e:
         return e
     return None
@@ -97,6 +99,10 @@ def runs(ray_cluster, tiny_pipelines) -> dict[tuple[int, int], dict]:
                 f.result()
             if launch is LAUNCHES[0]:
                 results["bad_argument"] = _error_of(pipes[0], height=70)  # before the renders below
+                results["pt"] = _error_of(pipes[0], output_type="pt")
+                results["output_types"] = {
+                    kind: pipes[0](**CASES["no_negatives"], output_type=kind).images for kind in OUTPUT_TYPES
+                }
             with ThreadPoolExecutor(len(pipes)) as pool:  # the launch's groups render concurrently
                 outs = pool.map(_render_all, pipes, [tiny_pipelines] * len(pipes))
                 for pipe, out in zip(pipes, outs, strict=True):
@@ -162,6 +168,20 @@ def test_an_error_every_rank_raises_reaches_the_caller_and_the_group_stays_usabl
     error = runs["bad_argument"]
     assert isinstance(error, ValueError) and "height=70 is not a multiple of 16" in str(error)
     assert (1, 2) in runs  # the same group rendered every case afterwards
+
+
+def test_every_output_type_comes_back_in_the_single_pipelines_form(runs):
+    error, images = runs["pt"], runs["output_types"]
+    assert isinstance(error, ValueError) and "write output_type='pd'" in str(error)
+    array = images["np"]
+    assert (
+        images["pd"].shape == [array.shape[0], 3, *array.shape[1:3]] and images["pd"].dtype == paddle.float32
+    )
+    np.testing.assert_array_equal(images["pd"].numpy().transpose(0, 2, 3, 1), array)
+    assert [np.asarray(p).tolist() for p in images["pil"]] == [
+        np.asarray(p).tolist() for p in StableDiffusion3Pipeline.numpy_to_pil(array)
+    ]
+    assert images["latent"].shape == [array.shape[0], 16, array.shape[1] // 8, array.shape[2] // 8]
 
 
 def test_a_dead_rank_breaks_the_group_instead_of_hanging_its_peers(runs):
