@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-__all__ = ["generator_seeds", "initial_latents"]
+__all__ = ["generator_seeds", "initial_latents", "standard_normal_draws"]
 
 
 def _is_framework_generator(value: Any) -> bool:
@@ -65,7 +65,6 @@ def initial_latents(
     """Float32 latents of ``shape`` ``[B, C, h, w]``: ``latents`` checked and cast, else standard
     normal draws from ``seed`` / ``generator`` (one value: one draw for the batch; a list: one per
     image)."""
-    batch_size = shape[0]
     if latents is not None:
         if isinstance(latents, np.ndarray):
             latents = paddle.to_tensor(latents)
@@ -76,6 +75,16 @@ def initial_latents(
         if list(latents.shape) != shape:
             raise ValueError(f"`latents` has shape {list(latents.shape)}, expected {shape}")
         return latents.astype("float32")
+    return standard_normal_draws(shape, generator, seed)[0]
+
+
+def standard_normal_draws(
+    shape: list[int], generator: Any = None, seed: int | Sequence[int] | None = None, count: int = 1
+) -> list[paddle.Tensor]:
+    """``count`` float32 standard-normal tensors of ``shape`` ``[B, ...]``, drawn one after the other
+    from ``seed`` / ``generator`` (one value: for the whole batch; a list: one per image). The first
+    is what :func:`initial_latents` draws."""
+    batch_size = shape[0]
     if generator is not None and seed is not None:
         raise ValueError("pass either `generator` or `seed`, not both")
     name = "generator" if generator is not None else "seed"
@@ -87,7 +96,9 @@ def initial_latents(
                 "(batch = len(prompt) x num_images_per_prompt)"
             )
         rngs = [_numpy_rng(s, f"{name}[{i}]") for i, s in enumerate(source)]
-        array = np.stack([rng.standard_normal(shape[1:], dtype=np.float32) for rng in rngs])
+        per_image = [[rng.standard_normal(shape[1:], dtype=np.float32) for _ in range(count)] for rng in rngs]
+        arrays = [np.stack([draws[k] for draws in per_image]) for k in range(count)]
     else:
-        array = _numpy_rng(source, name).standard_normal(shape, dtype=np.float32)
-    return paddle.to_tensor(array)
+        rng = _numpy_rng(source, name)
+        arrays = [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+    return [paddle.to_tensor(array) for array in arrays]

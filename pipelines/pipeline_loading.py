@@ -251,6 +251,25 @@ class PipelineLoadingMixin:
         return cls._assemble(loaded, index, index_file, inference_optimize)
 
     @classmethod
+    def from_pipe(cls, pipeline: Any, **components: Any) -> Self:
+        """A ``cls`` pipeline sharing ``pipeline``'s models, not copying them (diffusers' method,
+        e.g. ``StableDiffusion3Img2ImgPipeline.from_pipe(pipe)``); ``components`` given replace its
+        own. The folder defaults, the progress-bar setting and, for the same transformer, the
+        inference-optimize program come along."""
+        unknown = sorted(set(components) - set(LIBRARY_CLASSES))
+        if unknown:
+            raise TypeError(
+                f"from_pipe: {unknown} are not components (those are {', '.join(LIBRARY_CLASSES)})"
+            )
+        pipe = cls(**{**pipeline.components, **components})
+        pipe.default_max_sequence_length = pipeline.default_max_sequence_length
+        pipe.default_guidance_scale = pipeline.default_guidance_scale
+        pipe.set_progress_bar_config(**pipeline._progress_bar_config)
+        if pipe.transformer is pipeline.transformer:
+            pipe.transformer_program = pipeline.transformer_program
+        return pipe
+
+    @classmethod
     def from_single_file(
         cls,
         path_or_url: str | os.PathLike,

@@ -365,17 +365,12 @@ class StableDiffusion3Pipeline(
             pooled_all = paddle.concat([negative_pooled.astype(model_dtype), cond_pooled])
         else:
             embeds, pooled_all = cond_embeds, cond_pooled
-        # 3. prepare latents
-        latents = self.prepare_latents(cond_embeds.shape[0], height, width, generator, seed, latents)
-        # 4. timesteps
-        if mu is None and self.scheduler.config.get("use_dynamic_shifting"):
-            tokens = (latents.shape[2] // self.patch_size) * (latents.shape[3] // self.patch_size)
-            mu = self.scheduler.mu_for_image_seq_len(tokens)
-        if sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, mu=mu)
-        timesteps = self.scheduler.timesteps
+        # 3-4. the schedule, and the latents the loop starts from at its position `start` in it
+        batch = cond_embeds.shape[0]
+        latents, start = self._start(
+            batch, height, width, generator, seed, latents, num_inference_steps, sigmas, mu
+        )
+        timesteps = self.scheduler.timesteps[start:]
         num_steps = self._num_timesteps = int(timesteps.shape[0])
         # 5. denoising loop
         if self.stage_timer is not None:
@@ -402,7 +397,9 @@ class StableDiffusion3Pipeline(
                     if skip_guidance_layers is not None and slg_active:
                         skipped = self._velocity(latents, cond_embeds, cond_pooled, t, skip_guidance_layers)
                         noise_pred = noise_pred + (text - skipped) * skip_layer_guidance_scale
-                latents = self.scheduler.step(noise_pred, t, latents, step_index=i, return_dict=False)[0]
+                latents = self.scheduler.step(
+                    noise_pred, t, latents, step_index=start + i, return_dict=False
+                )[0]
                 if callback_on_step_end is not None:
                     values = {"latents": latents, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled_all}
                     wanted = {k: values[k] for k in callback_on_step_end_tensor_inputs}
@@ -418,6 +415,35 @@ class StableDiffusion3Pipeline(
             with self._stage("vae_decode"):
                 images = self.decode_latents(latents, output_type)
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
+
+    def _start(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: Any,
+        seed: int | Sequence[int] | None,
+        latents: Any,
+        num_inference_steps: int,
+        sigmas: list[float] | None,
+        mu: float | None,
+    ) -> tuple[paddle.Tensor, int]:
+        """Set the scheduler's timesteps; return the loop's first latents and the position in the
+        timesteps it starts at. Text to image: noise (or ``latents``) from the first step."""
+        self._set_timesteps(height, width, num_inference_steps, sigmas, mu)
+        return self.prepare_latents(batch, height, width, generator, seed, latents), 0
+
+    def _set_timesteps(
+        self, height: int, width: int, num_inference_steps: int, sigmas: list[float] | None, mu: float | None
+    ) -> None:
+        """The scheduler's schedule for a call (``mu`` from the image size under dynamic shifting)."""
+        if mu is None and self.scheduler.config.get("use_dynamic_shifting"):
+            side = self.vae_scale_factor * self.patch_size
+            mu = self.scheduler.mu_for_image_seq_len((height // side) * (width // side))
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, mu=mu)
 
     def _stage(self, name: str) -> AbstractContextManager:
         """Times stage `name` of a call into `stage_timer` (a no-op without one)."""

@@ -126,6 +126,7 @@ def write_references(out: Path, dirs: dict[str, Path]) -> list[dict]:
         rc.transformer_cases(pipes),
         rc.vae_cases(pipes),
         rc.pipeline_cases(pipes),
+        rc.img2img_cases(pipes),
         rc.single_file_cases(dirs),
         rc.float8_cases(),
     ]

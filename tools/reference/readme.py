@@ -98,6 +98,11 @@ Kinds:
 - `pipeline`: `pipe(**args, latents=in_latents, output_type="np")` -> `out_images` (NHWC in
   [0, 1]) and `output_type="latent"` -> `out_latents` (final latents before the VAE). Keys of
   `args` that are not pipeline arguments: `drop_t5`, `note`.
+- `img2img`: diffusers' `StableDiffusion3Img2ImgPipeline(**pipe.components)(**args, image=...)`
+  with `image` = `in_image` as PIL images (uint8 NHWC, one per prompt) and its two random draws
+  replaced: the VAE posterior sample is `mean + std * in_posterior_noise`, the start noise
+  `in_noise` -> `out_images` (`output_type="np"`) and `out_latents` (`"latent"`). `args.note`
+  is not a pipeline argument.
 - `single_file`: diffusers' `SD3Transformer2DModel` / `AutoencoderKL.from_single_file(args.file,
   config=args.config, subfolder=args.subfolder, local_files_only=True)` on the original-layout
   files in `single-file/` (written by our `sd3 convert --to single-file`, see its README), then

@@ -782,3 +782,102 @@ def pipeline_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case]
                 "out_images": np.asarray(images, dtype=np.float32),
             },
         )
+
+
+# ---------------------------------------------------------------- image-to-image
+
+IMG2IMG_PLAN = [
+    # (name, fixture, call kwargs); one image for the batch, or one per prompt (num_images_per_prompt 1:
+    # diffusers repeats the image batch whole, not per prompt, so with more it pairs them differently).
+    (
+        "img2img_sd3_strength06_cfg",
+        "sd3-tiny",
+        dict(
+            prompt="a red fox in the snow",
+            negative_prompt="blurry",
+            height=64,
+            width=64,
+            strength=0.6,
+            num_inference_steps=5,
+            guidance_scale=3.0,
+            max_sequence_length=32,
+        ),
+    ),
+    (
+        "img2img_sd35_two_images_strength03",
+        "sd35-tiny",
+        dict(
+            prompt=["a lighthouse at dusk", "a bowl of ramen"],
+            height=64,
+            width=96,
+            strength=0.3,
+            num_inference_steps=4,
+            guidance_scale=4.0,
+            max_sequence_length=32,
+        ),
+    ),
+]
+
+
+def img2img_pixels(rng: np.random.Generator, count: int, height: int, width: int) -> np.ndarray:
+    """``count`` smooth RGB test pictures, uint8 NHWC (blocky gradients plus noise)."""
+    coarse = rng.uniform(0, 255, (count, height // 16, width // 16, 3))
+    smooth = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)
+    return np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).round().astype(np.uint8)
+
+
+@contextmanager
+def img2img_draws(noise: np.ndarray, posterior_noise: np.ndarray):
+    """diffusers' img2img with its two random draws replaced by given arrays: the posterior sample
+    ``mean + std * posterior_noise`` and the start noise ``noise``."""
+    import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img as module
+
+    saved = module.randn_tensor, module.retrieve_latents
+
+    def retrieve_latents(encoder_output, generator=None):
+        dist = encoder_output.latent_dist
+        return dist.mean + dist.std * torch.from_numpy(posterior_noise).to(dist.mean.dtype)
+
+    module.randn_tensor = lambda shape, **kw: torch.from_numpy(noise).to(kw.get("dtype") or torch.float32)
+    module.retrieve_latents = retrieve_latents
+    try:
+        yield
+    finally:
+        module.randn_tensor, module.retrieve_latents = saved
+
+
+def img2img_images(pipe: StableDiffusion3Pipeline, kwargs: dict, arrays: dict) -> dict[str, np.ndarray]:
+    """Run diffusers' StableDiffusion3Img2ImgPipeline on ``pipe``'s components with a case's inputs."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    img2img = StableDiffusion3Img2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    images = [Image.fromarray(a) for a in arrays["in_image"]]
+    with img2img_draws(arrays["in_noise"], arrays["in_posterior_noise"]):
+        out = img2img(**kwargs, image=images, output_type="np").images
+    with img2img_draws(arrays["in_noise"], arrays["in_posterior_noise"]):
+        final = img2img(**kwargs, image=images, output_type="latent").images
+    return {"out_images": np.asarray(out, dtype=np.float32), "out_latents": _np(final)}
+
+
+@torch.no_grad()
+def img2img_cases(pipes: dict[str, StableDiffusion3Pipeline]) -> Iterator[Case]:
+    for name, fixture, kwargs in IMG2IMG_PLAN:
+        rng = _rng(name)
+        prompts = [kwargs["prompt"]] if isinstance(kwargs["prompt"], str) else kwargs["prompt"]
+        h, w = kwargs["height"], kwargs["width"]
+        arrays = {
+            "in_image": img2img_pixels(rng, len(prompts), h, w),
+            "in_noise": _randn(rng, len(prompts), 16, h // 8, w // 8),
+            "in_posterior_noise": _randn(rng, len(prompts), 16, h // 8, w // 8),
+        }
+        arrays |= img2img_images(pipes[fixture], kwargs, arrays)
+        args = {
+            "max_sequence_length": 256,
+            **kwargs,
+            "note": "image = in_image as PIL images (uint8 NHWC); diffusers' two draws replaced: the VAE "
+            "posterior sample is mean + std * in_posterior_noise, the start noise is in_noise; out_images = "
+            "output_type='np', out_latents = output_type='latent'",
+        }
+        yield Case(name, "img2img", fixture, args, arrays)

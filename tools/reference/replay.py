@@ -120,6 +120,8 @@ def _replay(
         latents = pipe(**kwargs, latents=_t(arrays["in_latents"]), output_type="latent").images
         images = pipe(**kwargs, latents=_t(arrays["in_latents"]), output_type="np").images
         return {"out_latents": latents.numpy(), "out_images": np.asarray(images)}
+    if kind == "img2img":
+        return rc.img2img_images(pipe, _call_args(args), arrays)
     if kind == "single_file":
         model = rc.load_single_file(fixtures, args)
         if args["component"] == "pipeline":
