@@ -13,17 +13,20 @@ whole, pairing the second image with the first prompt's second copy).
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any
 
 import numpy as np
 import paddle
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipelines.latents import initial_latents, standard_normal_draws
 from pipelines.pipeline_output import StableDiffusion3PipelineOutput
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
+from sd3_core.storage import read_bytes
 
 __all__ = ["StableDiffusion3Img2ImgPipeline"]
 
@@ -49,7 +52,7 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
     ) -> StableDiffusion3PipelineOutput | tuple:
         """Redraw ``image`` to fit the prompt; ``strength`` in (0, 1] is how much (1: from noise).
 
-        ``image``: a PIL image, a NumPy array (HWC or NHWC; float in [0, 1] or uint8) or a Paddle
+        ``image``: a PIL image, a picture file's path or fsspec URL, a NumPy array (HWC or NHWC; float in [0, 1] or uint8) or a Paddle
         tensor (CHW or NCHW in [0, 1], or in [-1, 1] when it has negative values), or a list of them;
         one for every image, one per prompt or one per image of the batch. A 16-channel array or
         tensor is taken as latents already scaled. ``height`` / ``width`` default to the image's
@@ -124,6 +127,7 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if not items:
             raise ValueError("image is an empty list")
+        items = [_read_image(i, n) if isinstance(i, (str, os.PathLike)) else i for n, i in enumerate(items)]
         pil = [isinstance(i, Image.Image) for i in items]
         if any(pil) and not all(pil):
             raise TypeError("image: a list mixing PIL images and arrays/tensors; pass one kind")
@@ -147,6 +151,16 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
                 f"{height}x{width}: resize it first, or pass PIL images (resized to fit)"
             )
         return tensor, height, width
+
+
+def _read_image(url: str | os.PathLike, index: int) -> Image.Image:
+    """A picture file (PNG, JPEG, ...) at a path or fsspec URL, as diffusers' ``load_image`` reads it."""
+    try:
+        picture = Image.open(io.BytesIO(read_bytes(os.fspath(url))))
+        picture.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image[{index}]: cannot read {os.fspath(url)!r}: {type(e).__name__}: {e}") from None
+    return ImageOps.exif_transpose(picture).convert("RGB")
 
 
 def _nchw(item: Any, index: int) -> paddle.Tensor:
@@ -179,5 +193,5 @@ def _nchw(item: Any, index: int) -> paddle.Tensor:
             raise ValueError(f"{name}: float pixels must be in [0, 1] (uint8 in [0, 255])")
         return paddle.to_tensor(np.ascontiguousarray(scaled.transpose(0, 3, 1, 2)) * 2.0 - 1.0)
     raise TypeError(
-        f"{name}: expected a PIL image, a numpy array or a paddle Tensor, got {type(item).__name__}"
+        f"{name}: expected a PIL image, a path or URL, a numpy array or a paddle Tensor, got {type(item).__name__}"
     )

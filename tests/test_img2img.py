@@ -12,7 +12,9 @@ from PIL import Image
 
 from pipelines import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 from pipelines import stable_diffusion_3_img2img as img2img_module
+from sd3_core.storage import write_bytes_atomic
 from tests.reference_cases import arrays, cases, fixture_path
+from tests.s3_server import make_bucket
 
 IMAGE_TOL = 2e-3
 CALL = dict(prompt="a red fox", height=64, width=64, num_inference_steps=4, guidance_scale=3.0)
@@ -104,6 +106,26 @@ def test_latents_as_image_are_noised_from_the_cut_schedule():
     np.testing.assert_allclose(out.numpy(), latents.numpy(), rtol=0, atol=1e-5)
 
 
+def test_a_picture_file_is_read_from_a_path_or_url_as_diffusers_load_image_reads_it(tmp_path, s3_endpoint):
+    pipe = pipeline()
+    pixels = picture(9)
+    Image.fromarray(pixels).save(tmp_path / "start.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bucket = make_bucket(s3_endpoint)
+    write_bytes_atomic(f"s3://{bucket}/in/start.png", (tmp_path / "start.png").read_bytes())
+    expected = pipe(**CALL, image=Image.fromarray(pixels), seed=[1], output_type="np").images
+    urls = (
+        str(tmp_path / "start.png"),
+        tmp_path / "start.png",
+        f"file://{tmp_path}/start.png",
+        f"s3://{bucket}/in/start.png",
+    )
+    for image in urls:
+        np.testing.assert_array_equal(pipe(**CALL, image=image, seed=[1], output_type="np").images, expected)
+    with pytest.raises(ValueError, match=r"image\[1\]: cannot read '.*broken.png': UnidentifiedImageError"):
+        pipe(**CALL, image=[Image.fromarray(pixels), str(tmp_path / "broken.png")], seed=[1])
+
+
 def test_a_pil_image_of_another_size_is_resized_to_the_models_multiple():
     pipe = pipeline()
     big = Image.fromarray(picture(5, 80, 96)).resize((99, 75))  # 99 x 75: not multiples of 16
@@ -142,7 +164,8 @@ def test_image_i_goes_with_prompt_i_and_per_image_seeds_hold():
         (dict(image=np.zeros((64, 64, 4), np.uint8)), ValueError, "image[0]: an array must be RGB pixels"),
         (dict(image=np.full((64, 64, 3), 2.0)), ValueError, "image[0]: float pixels must be in [0, 1]"),
         (dict(image=paddle.zeros([1, 5, 64, 64])), ValueError, "image[0]: a tensor must have 3 (RGB) or 16"),
-        (dict(image="fox.png"), TypeError, "image[0]: expected a PIL image, a numpy array or a paddle Tensor"),
+        (dict(image=3), TypeError, "image[0]: expected a PIL image, a path or URL, a numpy array or a paddle Tensor"),
+        (dict(image="missing/fox.png"), ValueError, "image[0]: cannot read 'missing/fox.png': "),
         (dict(image=[Image.new("RGB", (64, 64)), np.zeros((64, 64, 3))]), TypeError, "mixing PIL images"),
     ],
 )  # fmt: skip
@@ -161,3 +184,13 @@ def test_from_pipe_shares_the_models_and_takes_replacements_by_name():
     assert other.text_encoder_3 is None and other.transformer is base.transformer
     with pytest.raises(TypeError, match=r"from_pipe: \['unet'\] are not components"):
         StableDiffusion3Img2ImgPipeline.from_pipe(base, unet=None)
+
+
+def test_the_optimised_transformer_draws_what_eager_draws(tmp_path):
+    eager = pipeline()
+    optimised = StableDiffusion3Img2ImgPipeline.from_pipe(eager)
+    optimised.enable_inference_optimize(cache_dir=str(tmp_path))
+    assert eager.transformer_program is None and optimised.transformer is eager.transformer
+    kwargs = dict(CALL, image=Image.fromarray(picture(8)), seed=[5], output_type="np")
+    np.testing.assert_allclose(optimised(**kwargs).images, eager(**kwargs).images, rtol=0, atol=2e-3)
+    assert StableDiffusion3Pipeline.from_pipe(optimised).transformer_program is optimised.transformer_program

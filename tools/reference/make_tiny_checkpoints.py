@@ -5,7 +5,8 @@ Run in the reference venv (torch + diffusers + transformers):
     .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --out tests/fixtures
     .refvenv/bin/python tools/reference/make_tiny_checkpoints.py --only-model out/tiny-seed7 --seed 7
 
-Everything is deterministic: same versions + same command = same files.
+Deterministic on one CPU: same versions + same command = same files (another CPU may round a
+few float outputs differently; see the fixtures README).
 """
 
 from __future__ import annotations
