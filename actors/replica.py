@@ -161,14 +161,34 @@ class ReplicaLost(SystemExit):
         return self.reason
 
 
-def render_request(pipe: Any, request: RenderRequest) -> list[np.ndarray]:
+def render_request(
+    pipe: Any, request: RenderRequest, image_to_image: Any = None, storage: StorageOptions | None = None
+) -> list[np.ndarray]:
     """`pipe(...)` (a `StableDiffusion3Pipeline` or anything taking its arguments) on one request:
-    uint8 HxWx3 images, one per image of the request, in order."""
+    uint8 HxWx3 images, one per image of the request, in order. A request with `init_image` (a
+    call's images all have one or none: `generation_fields.call_key`) is rendered by
+    `image_to_image` (a `StableDiffusion3Img2ImgPipeline`) from the pictures read with `storage`."""
     arguments = {
         f.name: getattr(request, f.name) if f.shared else list(getattr(request, f.name))
         for f in image_fields()
     }
     arguments["seed"] = [int(s) for s in arguments["seed"]]
+    init_images, strength = arguments.pop("init_image"), arguments.pop("strength")
+    if init_images[0] is not None:
+        if image_to_image is None:
+            raise ValueError(
+                "init_image: image to image does not run on parallel replica groups (--cfg 2 / --mp 2); "
+                "render these rows with a 1 x 1 replica"
+            )
+        from pipelines.stable_diffusion_3_img2img import read_picture
+
+        try:
+            arguments["image"] = [read_picture(url, storage) for url in init_images]
+        except ValueError as e:
+            raise ValueError(f"init_image: {e}") from None
+        if strength is not None:
+            arguments["strength"] = strength
+        pipe = image_to_image
     images = pipe(**arguments, output_type="np").images
     # The same rounding as the pipeline's PIL output, so PNGs match `output_type="pil"`.
     return list((images * 255).round().astype(np.uint8))
@@ -225,7 +245,12 @@ class LocalReplica:
                 threads=max(1, int(spec.cpus)) if spec.device == "cpu" else None
             )
         configure_vae(self.pipe, spec)
+        from pipelines import StableDiffusion3Img2ImgPipeline
+
+        self.image_to_image = StableDiffusion3Img2ImgPipeline.from_pipe(self.pipe)  # the same models
+        self.image_to_image.stage_timer = self.pipe.stage_timer
+        self.storage = spec.storage
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def render(self, request: RenderRequest) -> list[np.ndarray]:
-        return render_request(self.pipe, request)
+        return render_request(self.pipe, request, self.image_to_image, self.storage)

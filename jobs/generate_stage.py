@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from actors.replica import LocalReplica, RenderRequest, Replica, ReplicaSpec
 from jobs.work_rows import WORK_ROW_SCHEMA
-from sd3_core.generation_fields import image_fields, rendered_value, shared_fields
+from sd3_core.generation_fields import call_key, image_fields, rendered_value
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
-GROUP_COLUMNS = shared_fields()
-
 
 def make_replica(spec: ReplicaSpec) -> Replica:
     """The replica for `spec`: in this process for 1 x 1, else a group of cfg x mp actors."""
@@ -78,10 +76,6 @@ def make_replica(spec: ReplicaSpec) -> Replica:
 
 def _rows_of(batch: pa.Table) -> list[dict[str, Any]]:
     return batch.to_pylist()
-
-
-def _group_key(row: dict[str, Any]) -> tuple:
-    return tuple(row[c] for c in GROUP_COLUMNS)
 
 
 class GenerateStage:
@@ -110,7 +104,7 @@ class GenerateStage:
             row.update(image=None, seconds=None, replica=None, model=self.replica.model)
             row.update(lora=self.replica.lora, lora_scale=self.lora_scale, _benchmark=None)
             if row["status"] == "todo":
-                groups.setdefault(_group_key(row), []).append(row)
+                groups.setdefault(call_key(row), []).append(row)
             else:
                 out.append(row)
         for members in groups.values():

@@ -106,6 +106,9 @@ def check_config(config: JobConfig) -> None:
         raise JobError(f"--dtype {config.dtype!r} must be one of {', '.join(DTYPES)}")
     if config.inference_optimize and config.device == "npu":
         raise JobError("--inference-optimize runs on CPU and GPU; --device npu runs eagerly")
+    if config.defaults.init_image is not None and (config.mp > 1 or config.cfg_parallel):
+        raise JobError("--init-image: image to image does not run on parallel replica groups "
+                       "(--cfg-parallel / --mp 2); drop those flags")  # fmt: skip
     if config.inference_optimize and config.mp > 1:
         raise JobError(f"--inference-optimize runs whole transformers; --mp {config.mp} shards run eagerly "
                        "(use --mp 1; --cfg-parallel works with it)")  # fmt: skip

@@ -21,13 +21,13 @@ import pyarrow as pa
 
 from actors.pool_placement import PoolPlacementGroups
 from jobs import manifest
-from jobs.generate_stage import GROUP_COLUMNS, ITEM_SCHEMA, RESULT_SCHEMA, GenerateStage
+from jobs.generate_stage import ITEM_SCHEMA, RESULT_SCHEMA, GenerateStage
 from jobs.job_config import IMAGE_FORMATS, JobConfig
 from jobs.job_preflight import JobPlan
 from jobs.prompt_table import ReadUnit, read_unit
 from jobs.work_rows import WORK_ROW_SCHEMA, JobDefaults, WorkRow, resolve_rows
 from sd3_core.folder_defaults import DEFAULT_T5_LENGTH
-from sd3_core.generation_fields import MAX_SEED
+from sd3_core.generation_fields import MAX_SEED, call_key
 from sd3_core.storage import StorageOptions, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def items_of_rows(rows: Sequence[WorkRow], done: frozenset, errors: frozenset) -
     out.sort(
         key=lambda it: (
             it["status"] != "todo",
-            tuple(it[c] or 0 for c in GROUP_COLUMNS),
+            tuple(0 if v is None else v for v in call_key(it)),
             it["position"],
             it["k"],
         )

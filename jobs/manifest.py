@@ -57,7 +57,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 # Columns added after parts were first written: an older part without them reads them as null.
-ADDED_COLUMNS = ("lora", "lora_scale")
+ADDED_COLUMNS = ("lora", "lora_scale", "init_image", "strength")
 _PART_COLUMN = "_part"  # added by `read_parts`
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.prompt_table import INT_COLUMNS, KNOWN_COLUMNS, POSITION_COLUMN, plan_read_units, read_unit
-from sd3_core.generation_fields import GENERATION_FIELDS, MAX_SEED, shared_fields
+from sd3_core.generation_fields import GENERATION_FIELDS, MAX_SEED, call_key
 from sd3_core.storage import StorageOptions
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -54,8 +54,8 @@ def _image_seeds(self) -> list[int]:
 
 
 def _shape_key(self) -> tuple:
-    """Rows with equal keys can share one pipeline call (their shared generation fields agree)."""
-    return tuple(getattr(self, name) for name in shared_fields())
+    """Rows with equal keys can share one pipeline call (``generation_fields.call_key``)."""
+    return call_key(vars(self))
 
 
 #: One validated input row: what a replica renders (or an ``error`` saying why it cannot):
@@ -189,6 +189,12 @@ def _resolve_one(data: dict, i: int, position: str, others: list[str], d: JobDef
             if problem:
                 problems.append(problem)
         values[f.name] = v
+
+    for f in GENERATION_FIELDS:  # a field meaningless without another: refused, or left out
+        if f.needs and values[f.needs] is None:
+            if get(f.name) is not None:
+                problems.append(f"{f.name}: given without {f.needs}")
+            values[f.name] = None
 
     seed, num_images = values["seed"], values["num_images"]
     if seed is None and not any(p.startswith("seed:") for p in problems):

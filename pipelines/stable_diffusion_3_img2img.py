@@ -26,9 +26,9 @@ from PIL import Image, ImageOps
 from pipelines.latents import initial_latents, standard_normal_draws
 from pipelines.pipeline_output import StableDiffusion3PipelineOutput
 from pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
-from sd3_core.storage import read_bytes
+from sd3_core.storage import StorageOptions, read_bytes
 
-__all__ = ["StableDiffusion3Img2ImgPipeline"]
+__all__ = ["StableDiffusion3Img2ImgPipeline", "read_picture"]
 
 
 class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
@@ -127,7 +127,7 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if not items:
             raise ValueError("image is an empty list")
-        items = [_read_image(i, n) if isinstance(i, (str, os.PathLike)) else i for n, i in enumerate(items)]
+        items = [_read_item(i, n) if isinstance(i, (str, os.PathLike)) else i for n, i in enumerate(items)]
         pil = [isinstance(i, Image.Image) for i in items]
         if any(pil) and not all(pil):
             raise TypeError("image: a list mixing PIL images and arrays/tensors; pass one kind")
@@ -153,14 +153,22 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
         return tensor, height, width
 
 
-def _read_image(url: str | os.PathLike, index: int) -> Image.Image:
-    """A picture file (PNG, JPEG, ...) at a path or fsspec URL, as diffusers' ``load_image`` reads it."""
+def read_picture(url: str | os.PathLike, options: StorageOptions | None = None) -> Image.Image:
+    """The RGB picture in a file (PNG, JPEG, ...) at a path or fsspec URL, turned upright by its
+    EXIF orientation as diffusers' ``load_image`` does; ValueError naming the URL if it cannot."""
     try:
-        picture = Image.open(io.BytesIO(read_bytes(os.fspath(url))))
+        picture = Image.open(io.BytesIO(read_bytes(os.fspath(url), options)))
         picture.load()
     except (OSError, ValueError) as e:
-        raise ValueError(f"image[{index}]: cannot read {os.fspath(url)!r}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read {os.fspath(url)!r}: {type(e).__name__}: {e}") from None
     return ImageOps.exif_transpose(picture).convert("RGB")
+
+
+def _read_item(url: str | os.PathLike, index: int) -> Image.Image:
+    try:
+        return read_picture(url)
+    except ValueError as e:
+        raise ValueError(f"image[{index}]: {e}") from None
 
 
 def _nchw(item: Any, index: int) -> paddle.Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_SEED",
     "SIZE_MULTIPLE",
     "GenerationField",
+    "call_key",
     "field_names",
     "image_fields",
     "rendered_value",
@@ -44,7 +45,10 @@ class GenerationField:
     inclusive limits and ``multiple_of`` a step, checked for every row (``maximum_from``: the
     name of a job limit, e.g. ``max_size``, that caps it too); ``fallback`` the fields whose value
     is used, in order, when this one is null when rendering (``""`` last: the empty string);
-    ``shared``: one pipeline call renders only images that agree on it; ``per_row``: a count the
+    ``shared``: one pipeline call renders only images that agree on it; ``splits_calls``: one
+    call's images all have it or all lack it (its value varies per image); ``nonempty``: a text
+    that may be null but not blank; ``above``: a float's
+    exclusive lower limit; ``needs``: the field it is meaningless without; ``per_row``: a count the
     job expands into images, not an input of one (not a pipeline argument, not a manifest
     column); ``flags``: its ``sd3 generate`` spellings (none: not a job-level flag)."""
 
@@ -59,13 +63,25 @@ class GenerationField:
     maximum_from: str | None = None
     fallback: tuple[str, ...] = ()
     shared: bool = False
+    splits_calls: bool = False
+    nonempty: bool = False
+    above: float | None = None
+    needs: str | None = None
     per_row: bool = False
     flags: tuple[str, ...] = ()
 
     def problem(self, value: Any, limits: dict[str, int]) -> str | None:
         """Why ``value`` (already parsed, not None) is not allowed, as ``"name: reason"``; or None."""
         if self.kind == "float":
-            return None if math.isfinite(value) else f"{self.name}: {value} is not finite"
+            if not math.isfinite(value):
+                return f"{self.name}: {value} is not finite"
+            if self.above is not None and not value > self.above:
+                return f"{self.name}: {value} is not > {self.above:g}"
+            if self.maximum is not None and value > self.maximum:
+                return f"{self.name}: {value} exceeds {self.maximum:g}"
+            return None
+        if self.kind == "text":
+            return f"{self.name}: empty" if self.nonempty and not value.strip() else None
         if self.kind != "int":
             return None
         if self.multiple_of is not None and (value < self.multiple_of or value % self.multiple_of):
@@ -103,6 +119,8 @@ GENERATION_FIELDS: tuple[GenerationField, ...] = (
     GenerationField("num_inference_steps", "int", pa.int32(), "denoising steps (default 28)", default=28, minimum=1, maximum=_INT32_MAX, shared=True, flags=("--steps", "--num-inference-steps", "--num_inference_steps")),
     GenerationField("guidance_scale", "float", pa.float64(), "classifier-free guidance (default: the model folder's _guidance_scale, else 7.0)", shared=True, flags=("--guidance-scale",)),
     GenerationField("max_sequence_length", "int", pa.int32(), f"T5 tokens (<= {MAX_T5_LENGTH}; default: the model folder's _max_sequence_length, else 256)", minimum=1, maximum=MAX_T5_LENGTH, shared=True, flags=("--max-sequence-length",)),
+    GenerationField("init_image", "text", pa.string(), "picture to start from, a path or fsspec URL (image to image; default: none, text to image)", splits_calls=True, nonempty=True, flags=("--init-image",)),
+    GenerationField("strength", "float", pa.float64(), "how much of init_image is redrawn, in (0, 1] (default 0.6)", above=0.0, maximum=1, needs="init_image", shared=True, flags=("--strength",)),
     GenerationField("num_images", "int", pa.int32(), "images per prompt (default 1)", default=1, minimum=1, maximum_from="max_num_images", per_row=True, flags=("--num-images",)),
 )
 # fmt: on
@@ -132,3 +150,10 @@ def rendered_value(values: Mapping[str, Any], f: GenerationField) -> Any:
 def shared_fields() -> tuple[str, ...]:
     """The fields one pipeline call's images share (the rest vary per image)."""
     return tuple(f.name for f in GENERATION_FIELDS if f.shared)
+
+
+def call_key(values: Mapping[str, Any]) -> tuple:
+    """Images with equal keys can share one pipeline call: their ``shared`` fields agree and each
+    ``splits_calls`` field is given for all or for none."""
+    shared = tuple(values[f.name] for f in GENERATION_FIELDS if f.shared)
+    return shared + tuple(values[f.name] is not None for f in GENERATION_FIELDS if f.splits_calls)

@@ -32,7 +32,7 @@ from jobs.cli import main
 from jobs.job_config import DEFAULT_MODEL, JobConfig, JobError, JobFailed
 from jobs.work_rows import JobDefaults
 from sd3_core.lora_registry import publish
-from sd3_core.storage import StorageOptions, get_fs, read_bytes
+from sd3_core.storage import StorageOptions, get_fs, read_bytes, write_bytes_atomic
 from tests.reference_cases import fixture_path
 from tests.s3_server import PausableProxy, make_bucket, s3_client, storage_options
 
@@ -414,6 +414,8 @@ def malformed_cases(tmp_path, s3_endpoint):
         ("missing bucket", ["--prompts", good, "--output", "s3://no-such-bucket-here/out"], "--output s3://no-such-bucket-here/out"),
         ("missing model", ["--prompts", good, "--model", str(tmp_path / "nomodel")], "not a diffusers SD3 folder"),
         ("bad default size", ["--prompts", good, "--height", "70"], "--height 70 is not a positive multiple of 16"),
+        ("bad default strength", ["--prompts", good, "--init-image", "a.png", "--strength", "1.5"], "--strength 1.5 exceeds 1"),
+        ("init image on a group", ["--prompts", good, "--init-image", "a.png", "--cfg-parallel"], "--init-image: image to image does not run on parallel"),
     ]  # fmt: skip
 
 
@@ -652,3 +654,74 @@ def test_bad_lora_fails_before_any_work(lora_jobs, capsys):
         err = capsys.readouterr().err
         assert message in err and "--lora" in err and "Traceback" not in err, (args, err)
         assert not out.exists(), args  # not even the write probe: the adapter is checked first
+
+
+# --------------------------------------------------------------------------- image to image
+
+
+def test_init_image_rows_render_image_to_image_beside_text_rows(ray_address, s3_endpoint, tmp_path):
+    """A table mixing text-to-image rows and `init_image` rows (a local path and an S3 URL), with
+    per-row `strength`; a bad picture and a strength without init_image are reported per row."""
+    from pipelines import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    bucket = make_bucket(s3_endpoint)
+    storage = storage_options(s3_endpoint)
+    rng = np.random.default_rng(0)
+    start = np.repeat(np.repeat(rng.uniform(0, 255, (4, 4, 3)), 16, 0), 16, 1).round().astype(np.uint8)
+    Image.fromarray(start).save(tmp_path / "start.png")
+    s3_picture = f"s3://{bucket}/pictures/start.png"
+    write_bytes_atomic(s3_picture, (tmp_path / "start.png").read_bytes(), storage)
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    rows = [
+        {"id": "text", "prompt": "a red fox", "init_image": None, "strength": None},
+        {"id": "local", "prompt": "a red fox", "init_image": str(tmp_path / "start.png"), "strength": None},
+        {"id": "s3", "prompt": "a cat", "init_image": s3_picture, "strength": 0.4},
+        {"id": "broken", "prompt": "a dog", "init_image": str(tmp_path / "broken.png"), "strength": None},
+        {"id": "stray", "prompt": "a dog", "init_image": None, "strength": 0.5},
+        {"id": "zero", "prompt": "a dog", "init_image": s3_picture, "strength": 0.0},
+    ]
+    table = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(
+        [("id", pa.string()), ("prompt", pa.string()), ("init_image", pa.string()), ("strength", pa.float64())]
+    )), table)  # fmt: skip
+    output = str(tmp_path / "out")
+    run_job(_job(output, str(table), storage, defaults=dataclasses.replace(SMALL, num_inference_steps=4)))
+    got = {r["id"]: r for r in manifest.read_manifest(output, storage).to_pylist()}
+    assert {i: r["status"] for i, r in got.items()} == {
+        "text": "ok", "local": "ok", "s3": "ok", "broken": "error", "stray": "error", "zero": "error"
+    }  # fmt: skip
+    assert "init_image: cannot read" in got["broken"]["error"] and "broken.png" in got["broken"]["error"]
+    assert "strength: given without init_image" in got["stray"]["error"]
+    assert "strength: 0.0 is not > 0" in got["zero"]["error"]
+    assert (got["local"]["init_image"], got["local"]["strength"]) == (str(tmp_path / "start.png"), None)
+    assert (got["s3"]["init_image"], got["s3"]["strength"]) == (s3_picture, 0.4)
+    assert got["text"]["init_image"] is None
+
+    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(height=64, width=64, num_inference_steps=4, guidance_scale=5.0, image=Image.fromarray(start))
+    text_to_image = StableDiffusion3Pipeline.from_pipe(pipe)
+    expected = {
+        "local": pipe("a red fox", **call, seed=[got["local"]["seed"]]).images[0],
+        "s3": pipe("a cat", **call, strength=0.4, seed=[got["s3"]["seed"]]).images[0],
+        "text": text_to_image("a red fox", **{k: v for k, v in call.items() if k != "image"},
+                              seed=[got["text"]["seed"]]).images[0],
+    }  # fmt: skip
+    for name, picture in expected.items():
+        image = np.asarray(Image.open(io.BytesIO(read_bytes(got[name]["image"], storage))), dtype=np.int16)
+        assert np.abs(image - np.asarray(picture, dtype=np.int16)).max() <= 1, name
+
+
+def test_a_replica_without_an_image_to_image_pipeline_refuses_init_image_rows_by_name():
+    """A parallel group's replica (`GroupReplica` renders with no image-to-image pipeline)."""
+    from actors.replica import RenderRequest, render_request
+    from sd3_core.generation_fields import image_fields
+
+    values = {"prompt": "a fox", "seed": 1, "init_image": "start.png", "strength": None}
+    request = RenderRequest(
+        **{f.name: values.get(f.name) if f.shared else [values.get(f.name)] for f in image_fields()}
+    )
+    with pytest.raises(
+        ValueError, match=r"init_image: image to image does not run on parallel replica groups"
+    ):
+        render_request(None, request)

@@ -127,7 +127,7 @@ def test_row_values_override_defaults(tmp_path):
         1,
         4.0,
     )
-    assert a.shape_key() == (128, 32, 4, 1.5, 77)
+    assert a.shape_key() == (128, 32, 4, 1.5, 77, None, False)  # strength (shared), has init_image
     assert a.passthrough == {}
 
 
